@@ -1,0 +1,1 @@
+"""Everything that talks to models; knows nothing about the apps."""

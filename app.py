@@ -1,0 +1,141 @@
+"""Application factory.
+
+`create_app(test_config)` builds one Flask app (flask-openapi3's `OpenAPI`) from
+Settings; `test_config` is a plain dict of setting overrides. `gunicorn app:app`
+uses the module-level `app`, built lazily on first access so that importing this
+module (tests, CLI) starts nothing. `python app.py` runs the development server.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask_cors import CORS
+from flask_openapi3 import Info, OpenAPI
+
+from config import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> OpenAPI:
+    settings = load_settings(test_config)
+    app = OpenAPI(
+        __name__,
+        info=Info(title="Creativity apps server", version="0.1.0",
+                  description="storybook, ideation (StepIdeator), refinement (InsPilot/Refinity), storyteller"),
+        doc_prefix="/docs",
+        doc_url="/openapi.json",
+        validation_error_status=422,
+    )
+    init_config(app, settings)
+    init_logging(app, settings)
+    init_errors(app)
+    init_cors(app, settings)
+    services = init_services(app, settings)
+    init_routes(app, settings)
+    init_cli(app)
+    services.jobs.start()
+    return app
+
+
+def init_config(app: OpenAPI, settings: Settings) -> None:
+    app.config.update(
+        SETTINGS=settings,
+        MAX_CONTENT_LENGTH=settings.MAX_CONTENT_LENGTH,
+        PROMPTS_DIR=str(settings.PROMPTS_DIR),
+        JSON_SORT_KEYS=False,
+        SECRET_KEY=settings.SECRET_KEY or "dev-only-not-secret",
+    )
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.json.ensure_ascii = False  # type: ignore[attr-defined]
+    from apps.core.errors import validation_error_response
+
+    app.validation_error_callback = validation_error_response
+
+
+def init_logging(app: OpenAPI, settings: Settings) -> None:
+    from apps.core.logs import configure_logging
+
+    configure_logging(app, settings)
+
+
+def init_errors(app: OpenAPI) -> None:
+    from apps.core.errors import register_error_handlers
+
+    register_error_handlers(app)
+
+
+def init_cors(app: OpenAPI, settings: Settings) -> None:
+    origins = settings.CORS_ORIGINS or ["*"]
+    # credentials can't be combined with "*"; echo the origin instead when everything is allowed
+    CORS(app, origins=origins if origins != ["*"] else r".*", supports_credentials=True,
+         expose_headers=["Content-Type", "ETag", "Retry-After", "X-Request-ID"], max_age=600)
+
+
+def init_services(app: OpenAPI, settings: Settings) -> Any:
+    from agent.prompts import PromptLibrary
+
+    from agent.factory import build_image_provider, build_llm
+    from agent.records import create_generation_indexes
+    from apps.core.context import Services
+    from apps.core.db import connect, create_indexes
+    from apps.core.jobs import JobManager
+    from apps.core.sse import JobWatcher
+    from apps.core.storage import ImageStore
+
+    client, db = connect(settings)
+    create_indexes(db)
+    create_generation_indexes(db)
+    store = ImageStore(db, max_bytes=settings.MAX_IMAGE_BYTES, max_side=settings.MAX_IMAGE_SIDE)
+    prompts = PromptLibrary(settings.PROMPTS_DIR)
+    jobs = JobManager(db, workers=settings.JOB_WORKERS, lease_s=settings.JOB_LEASE_S)
+    services = Services(
+        settings=settings, client=client, db=db, images=store, jobs=jobs,
+        watcher=JobWatcher(jobs, poll_s=settings.SSE_POLL_S),
+        llm=build_llm(settings, db, prompts),
+        image_provider=build_image_provider(settings, db, store.save),
+        prompts=prompts,
+    )
+    app.extensions["services"] = services
+    return services
+
+
+def init_routes(app: OpenAPI, settings: Settings) -> None:
+    from apps.core.routes import core_bp, register_doc_routes
+    from apps.routes import register_apps
+
+    app.register_api(core_bp)
+    register_doc_routes(app)
+    app.config["APPS_MOUNTED"] = register_apps(app, settings.ROOT_APP)
+
+
+def init_cli(app: OpenAPI) -> None:
+    from agent.prompts_cli import register as register_prompts
+
+    from apps.core.auth import register_cli as register_users
+    from apps.core.export import register_cli as register_export
+
+    register_prompts(app)
+    register_users(app)
+    register_export(app)
+
+
+_app: OpenAPI | None = None
+
+
+def __getattr__(name: str) -> Any:
+    """`app` is created on first access (gunicorn's `app:app`), not at import."""
+    global _app
+    if name == "app":
+        if _app is None:
+            _app = create_app()
+        return _app
+    raise AttributeError(name)
+
+
+if __name__ == "__main__":
+    settings = load_settings()
+    application = create_app()
+    application.run(host=settings.HOST, port=settings.PORT, threaded=True, use_reloader=False)

@@ -1,0 +1,1 @@
+"""Flask blueprints: one per app, plus shared plumbing in apps.core."""

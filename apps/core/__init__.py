@@ -1,0 +1,1 @@
+"""Shared plumbing: errors + envelope, validation, db, storage, jobs + SSE, auth."""

@@ -1,0 +1,282 @@
+"""Long jobs: documents in MongoDB, run by a bounded thread pool, watched from anywhere.
+
+A job document holds status (queued | working | done | failed | cancelled), progress,
+data, error, owner and timestamps; `job_events` is its append-only event log with a
+per-job sequence number (the SSE event id). Because both live in the database, any
+worker on any host can report or stream a job that runs elsewhere.
+
+The process that runs a job heartbeats its lease. A job whose lease ran out (its
+worker was killed) is marked failed by whoever notices first: the heartbeat thread
+of any live worker, a status read, or an SSE stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pymongo import ASCENDING, ReturnDocument
+from pymongo.database import Database
+from pymongo.errors import PyMongoError
+
+from agent.types import ModelError
+
+from .db import register_indexes
+from .errors import ApiError
+
+log = logging.getLogger(__name__)
+
+ACTIVE = ("queued", "working")
+TERMINAL = ("done", "failed", "cancelled")
+
+
+class JobCancelled(Exception):
+    """Raised inside a runner when its job was cancelled."""
+
+
+@register_indexes
+def _indexes(db: Database) -> None:
+    db.jobs.create_index([("status", ASCENDING), ("lease_until", ASCENDING)])
+    db.jobs.create_index([("owner", ASCENDING), ("app", ASCENDING), ("created_at", -1)])
+    db.jobs.create_index([("app", ASCENDING), ("legacy_id", ASCENDING)], sparse=True)
+    db.job_events.create_index([("job", ASCENDING), ("seq", ASCENDING)], unique=True)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_job_id() -> str:
+    return secrets.token_urlsafe(16)
+
+
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class JobContext:
+    """What a runner gets: report progress, append events, check for cancellation."""
+
+    manager: JobManager
+    job_id: str
+    input: dict[str, Any]
+    owner: str | None
+    _last_cancel_check: float = 0.0
+    _cancelled: bool = False
+
+    def event(self, type_: str, data: Any = None) -> int:
+        return self.manager.append_event(self.job_id, type_, data)
+
+    def progress(self, current: int, total: int, message: str | None = None) -> None:
+        self.manager.update(self.job_id, progress={"current": current, "total": total, "message": message})
+        self.event("progress", {"current": current, "total": total, "message": message})
+
+    def set_data(self, data: Any) -> None:
+        self.manager.update(self.job_id, data=data)
+
+    def cancelled(self) -> bool:
+        now = time.monotonic()
+        if not self._cancelled and now - self._last_cancel_check > 0.25:
+            self._last_cancel_check = now
+            doc = self.manager.db.jobs.find_one({"_id": self.job_id}, {"cancel_requested": 1})
+            self._cancelled = bool(doc and doc.get("cancel_requested"))
+        return self._cancelled
+
+    def check_cancelled(self) -> None:
+        if self.cancelled():
+            raise JobCancelled()
+
+
+Runner = Callable[[JobContext], Any]
+
+
+class JobManager:
+    """Create, run, watch, cancel and reap jobs for one process."""
+
+    def __init__(self, db: Database, *, workers: int = 4, lease_s: float = 30.0) -> None:
+        self.db = db
+        self.lease_s = lease_s
+        self.worker = worker_identity()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="job")
+        self._active: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    # ---- lifecycle
+    def start(self) -> None:
+        if self._heartbeat is None:
+            self._heartbeat = threading.Thread(target=self._beat, name="job-heartbeat", daemon=True)
+            self._heartbeat.start()
+
+    def shutdown(self, grace_s: float = 30.0) -> None:
+        """Stop taking work, let running jobs finish for up to grace_s, fail the rest."""
+        self._stop.set()
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._active:
+                    break
+            time.sleep(0.1)
+        with self._lock:
+            leftover = list(self._active)
+        for job_id in leftover:
+            self._finish(job_id, "failed", error={"code": "shutdown", "message": "the server shut down before the job finished; retry it"})
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- create and run
+    def submit(self, *, kind: str, app: str, runner: Runner, owner: str | None = None,
+               input: dict[str, Any] | None = None, job_id: str | None = None,
+               extra: dict[str, Any] | None = None, total: int | None = None) -> str:
+        """Store a queued job and hand it to the pool. Returns the job id."""
+        if self._stop.is_set():
+            raise ApiError(503, "server is shutting down; try again shortly")
+        job_id = job_id or new_job_id()
+        now = _now()
+        doc = {
+            "_id": job_id, "kind": kind, "app": app, "owner": owner, "status": "queued",
+            "input": input or {}, "progress": {"current": 0, "total": total, "message": None},
+            "data": None, "result": None, "error": None, "seq": 0, "cancel_requested": False,
+            "runner": self.worker, "lease_until": now + timedelta(seconds=self.lease_s),
+            "created_at": now, "started_at": None, "finished_at": None, **(extra or {}),
+        }
+        self.db.jobs.insert_one(doc)
+        with self._lock:
+            self._active.add(job_id)
+        self.append_event(job_id, "status", {"status": "queued"})
+        self._pool.submit(self._run, job_id, runner)
+        return job_id
+
+    def _run(self, job_id: str, runner: Runner) -> None:
+        try:
+            doc = self.db.jobs.find_one_and_update(
+                {"_id": job_id, "status": "queued"},
+                {"$set": {"status": "working", "started_at": _now(), "runner": self.worker,
+                          "lease_until": _now() + timedelta(seconds=self.lease_s)}},
+                return_document=ReturnDocument.AFTER,
+            )
+            if doc is None:  # cancelled while queued
+                return
+            self.append_event(job_id, "status", {"status": "working"})
+            ctx = JobContext(self, job_id, doc.get("input") or {}, doc.get("owner"))
+            try:
+                result = runner(ctx)
+            except JobCancelled:
+                self._finish(job_id, "cancelled", error={"code": "cancelled", "message": "the job was cancelled"})
+            except ModelError as exc:
+                log.warning("job %s failed on a model call: %s", job_id, exc.message)
+                self._finish(job_id, "failed", error={"code": "model_error", **exc.to_dict()})
+            except ApiError as exc:
+                self._finish(job_id, "failed", error={"code": exc.code, "message": exc.message})
+            except Exception as exc:  # noqa: BLE001 - any runner bug must end the job, not leave it working
+                log.exception("job %s crashed", job_id)
+                self._finish(job_id, "failed", error={"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"})
+            else:
+                self._finish(job_id, "done", result=result)
+        except PyMongoError:
+            log.exception("job %s: database error while running; the reaper will mark it failed", job_id)
+        finally:
+            with self._lock:
+                self._active.discard(job_id)
+
+    def _finish(self, job_id: str, status: str, *, result: Any = None, error: dict | None = None) -> bool:
+        update: dict[str, Any] = {"status": status, "finished_at": _now(), "error": error}
+        if result is not None:
+            update["result"] = result
+        done = self.db.jobs.update_one({"_id": job_id, "status": {"$in": list(ACTIVE)}}, {"$set": update})
+        if done.modified_count:
+            self.append_event(job_id, status, {"status": status, "error": error})
+            return True
+        return False
+
+    # ---- reads and writes
+    def update(self, job_id: str, **fields: Any) -> None:
+        self.db.jobs.update_one({"_id": job_id}, {"$set": fields})
+
+    def append_event(self, job_id: str, type_: str, data: Any = None) -> int:
+        doc = self.db.jobs.find_one_and_update(
+            {"_id": job_id}, {"$inc": {"seq": 1}}, projection={"seq": 1}, return_document=ReturnDocument.AFTER
+        )
+        if doc is None:
+            raise ApiError(404, f"no job {job_id}")
+        seq = doc["seq"]
+        self.db.job_events.insert_one({"job": job_id, "seq": seq, "type": type_, "data": data, "at": _now()})
+        return seq
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        doc = self.db.jobs.find_one({"_id": job_id})
+        if doc and doc["status"] in ACTIVE and doc.get("lease_until") and doc["lease_until"] < _now():
+            self._reap_one(doc)
+            doc = self.db.jobs.find_one({"_id": job_id})
+        return doc
+
+    def find_one(self, query: dict[str, Any]) -> dict[str, Any] | None:
+        doc = self.db.jobs.find_one(query)
+        return self.get(doc["_id"]) if doc else None
+
+    def events_after(self, job_id: str, seq: int, limit: int = 500) -> list[dict[str, Any]]:
+        return list(self.db.job_events.find({"job": job_id, "seq": {"$gt": seq}}, {"_id": 0}).sort("seq", 1).limit(limit))
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        doc = self.get(job_id)
+        if doc is None:
+            raise ApiError(404, f"no job {job_id}")
+        if doc["status"] in TERMINAL:
+            return doc
+        self.db.jobs.update_one({"_id": job_id}, {"$set": {"cancel_requested": True}})
+        if doc["status"] == "queued":
+            self._finish(job_id, "cancelled", error={"code": "cancelled", "message": "the job was cancelled before it started"})
+        return self.db.jobs.find_one({"_id": job_id}) or doc
+
+    # ---- liveness
+    def _beat(self) -> None:
+        interval = max(0.5, self.lease_s / 3)
+        while not self._stop.wait(interval):
+            try:
+                with self._lock:
+                    ids = list(self._active)
+                if ids:
+                    self.db.jobs.update_many(
+                        {"_id": {"$in": ids}, "status": {"$in": list(ACTIVE)}},
+                        {"$set": {"lease_until": _now() + timedelta(seconds=self.lease_s)}},
+                    )
+                self.reap()
+            except PyMongoError as exc:
+                log.warning("job heartbeat: database unavailable (%s); retrying", exc)
+
+    def reap(self) -> int:
+        """Fail every active job whose lease ran out (its worker died). Returns how many."""
+        count = 0
+        for doc in self.db.jobs.find({"status": {"$in": list(ACTIVE)}, "lease_until": {"$lt": _now()}}).limit(100):
+            count += self._reap_one(doc)
+        return count
+
+    def _reap_one(self, doc: dict[str, Any]) -> int:
+        return int(self._finish(doc["_id"], "failed", error={
+            "code": "runner_died",
+            "message": f"the worker running this job ({doc.get('runner')}) stopped responding; retry the job",
+        }))
+
+
+def public_job(doc: dict[str, Any]) -> dict[str, Any]:
+    """The JSON view of a job document."""
+    def iso(value: Any) -> Any:
+        return value.isoformat() if isinstance(value, datetime) else value
+
+    return {
+        "id": doc["_id"], "kind": doc.get("kind"), "app": doc.get("app"), "owner": doc.get("owner"),
+        "status": doc["status"], "progress": doc.get("progress"), "data": doc.get("data"),
+        "result": doc.get("result"), "error": doc.get("error"), "events": doc.get("seq", 0),
+        "created_at": iso(doc.get("created_at")), "started_at": iso(doc.get("started_at")),
+        "finished_at": iso(doc.get("finished_at")),
+    }

@@ -1,0 +1,122 @@
+"""Server-wide routes: ping, health, images, jobs (status, cancel, events), OpenAPI document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Response, current_app, jsonify, make_response, redirect, request
+from flask_openapi3 import APIBlueprint, Tag
+from pydantic import BaseModel, Field
+
+from .context import services
+from .db import ping as db_ping
+from .errors import ApiError
+from .jobs import public_job
+from .sse import job_event_stream, last_event_id, sse_response
+from .storage import ID_PATTERN
+
+core_bp = APIBlueprint("core", __name__, abp_tags=[Tag(name="server", description="Health, images and jobs")])
+
+
+class ImagePath(BaseModel):
+    image_id: str = Field(pattern=f"^{ID_PATTERN}$", description="id from an image URL")
+
+
+class JobPath(BaseModel):
+    job_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+
+
+@core_bp.route("/ping", methods=["GET", "POST"])
+def ping() -> Response:
+    """Liveness: plain text `pong` (the seeds' contract)."""
+    resp = make_response("pong")
+    resp.mimetype = "text/plain"
+    return resp
+
+
+@core_bp.get("/health")
+def health() -> Response:
+    """Database, language model and image service status."""
+    svc = services()
+    db = db_ping(svc.db)
+    llm = svc.llm.health()
+    images = svc.image_provider.health()
+    ok = bool(db.get("ok"))
+    body: dict[str, Any] = {
+        "status": "ok" if ok and llm.get("ok", False) and images.get("ok", False) else ("degraded" if ok else "down"),
+        "database": {**db, "embedded": not bool(svc.settings.MONGO_URI)},
+        "model": llm,
+        "images": images,
+        "apps": sorted(current_app.config.get("APPS_MOUNTED", [])),
+    }
+    resp = jsonify(body)
+    resp.status_code = 200 if ok else 503
+    return resp
+
+
+@core_bp.get("/images/<image_id>.png")
+def get_image(path: ImagePath) -> Response:
+    """An image by its unguessable id, with ETag and long-lived caching (images never change)."""
+    svc = services()
+    info = svc.images.info(path.image_id)
+    if info is None:
+        raise ApiError(404, f"no image {path.image_id}")
+    from .auth import check_owner
+
+    check_owner(info.metadata.get("user"))
+    etag = info.metadata.get("sha256", path.image_id)
+    if request.if_none_match and etag in request.if_none_match:
+        resp = Response(status=304)
+    else:
+        resp = Response(svc.images.load(path.image_id), mimetype=info.content_type)
+        resp.headers["Content-Length"] = str(info.length)
+    resp.set_etag(etag)
+    resp.headers["Cache-Control"] = "private, max-age=31536000, immutable"
+    return resp
+
+
+@core_bp.get("/jobs/<job_id>")
+def get_job(path: JobPath) -> Response:
+    """Snapshot of a job: status, progress, data, error."""
+    doc = _owned_job(path.job_id)
+    return jsonify(public_job(doc))
+
+
+@core_bp.delete("/jobs/<job_id>")
+def cancel_job(path: JobPath) -> Response:
+    """Cancel a queued or running job (running jobs stop at their next step)."""
+    _owned_job(path.job_id)
+    doc = services().jobs.cancel(path.job_id)
+    return jsonify(public_job(doc))
+
+
+@core_bp.get("/jobs/<job_id>/events")
+def job_events(path: JobPath) -> Response:
+    """Server-Sent Events of a job; resumable with Last-Event-ID; heartbeat comments."""
+    svc = services()
+    _owned_job(path.job_id)
+    stream = job_event_stream(svc.jobs, svc.watcher, path.job_id, after=last_event_id(),
+                              heartbeat_s=svc.settings.SSE_HEARTBEAT_S)
+    return sse_response(stream)
+
+
+def _owned_job(job_id: str) -> dict[str, Any]:
+    from .auth import check_owner
+
+    doc = services().jobs.get(job_id)
+    if doc is None:
+        raise ApiError(404, f"no job {job_id}")
+    check_owner(doc.get("owner"))
+    return doc
+
+
+def register_doc_routes(app: Any) -> None:
+    """`/openapi.json` and `/docs` at the root (flask-openapi3 serves them under /docs/)."""
+
+    @app.get("/openapi.json", doc_ui=False)
+    def openapi_json() -> Response:
+        return jsonify(app.api_doc)
+
+    @app.get("/docs", doc_ui=False)
+    def docs_root() -> Response:
+        return redirect("/docs/swagger", code=302)

@@ -1,0 +1,147 @@
+"""Images in GridFS, served by unguessable URL.
+
+Bytes are checked by content (Pillow), not by name or declared type, and limited
+in size and dimensions. Ids are random tokens so a URL cannot be guessed from
+another one. `/images/<id>.png` ends in `.png` because StepIdeator's frontend only
+renders URLs that end in an image extension.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import gridfs
+from PIL import Image, UnidentifiedImageError
+from pymongo.database import Database
+
+from .db import register_indexes
+from .errors import ApiError
+
+ALLOWED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]+)?(;[\w=.-]+)*;base64,", re.IGNORECASE)
+ID_PATTERN = r"[A-Za-z0-9_-]{16,40}"
+
+
+@dataclass
+class StoredImage:
+    id: str
+    content_type: str
+    length: int
+    md5: str
+    metadata: dict[str, Any]
+    uploaded: datetime
+
+
+@register_indexes
+def _indexes(db: Database) -> None:
+    db["images.files"].create_index([("metadata.app", 1), ("metadata.user", 1), ("uploadDate", -1)])
+    db["images.files"].create_index("metadata.job")
+
+
+def decode_base64_image(value: str, *, field: str = "image") -> bytes:
+    """Accept raw base64 or a data URL; raise a 422 ApiError on garbage."""
+    if not isinstance(value, str) or not value.strip():
+        raise ApiError(422, f"{field}: empty image")
+    text = _DATA_URL.sub("", value.strip(), count=1)
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=False)
+    except (binascii.Error, ValueError) as exc:
+        raise ApiError(422, f"{field}: not valid base64 ({exc})") from exc
+
+
+def to_base64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def to_data_url(data: bytes, content_type: str = "image/png") -> str:
+    return f"data:{content_type};base64,{to_base64(data)}"
+
+
+def inspect_image(data: bytes, *, max_bytes: int, max_side: int, field: str = "image") -> tuple[str, int, int]:
+    """Return (content_type, width, height) or raise 413/415/422."""
+    if not data:
+        raise ApiError(422, f"{field}: empty image")
+    if len(data) > max_bytes:
+        raise ApiError(413, f"{field}: image too large ({len(data)} bytes, limit {max_bytes})")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format or ""
+            width, height = img.size
+            img.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ApiError(415, f"{field}: not a PNG, JPEG or WebP image") from exc
+    if fmt not in ALLOWED_FORMATS:
+        raise ApiError(415, f"{field}: unsupported image format {fmt or 'unknown'} (PNG, JPEG or WebP)")
+    if width > max_side or height > max_side or width < 1 or height < 1:
+        raise ApiError(422, f"{field}: image {width}x{height} exceeds {max_side}px per side")
+    return ALLOWED_FORMATS[fmt], width, height
+
+
+class ImageStore:
+    """Save and load images; callers never touch GridFS directly."""
+
+    def __init__(self, db: Database, *, max_bytes: int, max_side: int) -> None:
+        self.db = db
+        self.bucket = gridfs.GridFSBucket(db, bucket_name="images")
+        self.max_bytes = max_bytes
+        self.max_side = max_side
+
+    def save(self, data: bytes, *, app: str, user: str | None = None, kind: str = "generated",
+             job: str | None = None, **metadata: Any) -> str:
+        content_type, width, height = inspect_image(data, max_bytes=self.max_bytes, max_side=self.max_side)
+        image_id = secrets.token_urlsafe(18)
+        meta = {
+            "app": app,
+            "user": user,
+            "kind": kind,
+            "job": job,
+            "contentType": content_type,
+            "width": width,
+            "height": height,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            **{k: v for k, v in metadata.items() if v is not None},
+        }
+        self.bucket.upload_from_stream_with_id(
+            image_id, f"{image_id}.{EXTENSIONS[content_type]}", io.BytesIO(data), metadata=meta
+        )
+        return image_id
+
+    def info(self, image_id: str) -> StoredImage | None:
+        doc = self.db["images.files"].find_one({"_id": image_id})
+        if not doc:
+            return None
+        meta = doc.get("metadata") or {}
+        return StoredImage(
+            id=image_id,
+            content_type=meta.get("contentType", "image/png"),
+            length=doc["length"],
+            md5=meta.get("sha256", "")[:32],
+            metadata=meta,
+            uploaded=doc.get("uploadDate") or datetime.now(UTC),
+        )
+
+    def load(self, image_id: str) -> bytes:
+        try:
+            return self.bucket.open_download_stream(image_id).read()
+        except gridfs.errors.NoFile as exc:
+            raise ApiError(404, f"no image {image_id}") from exc
+
+    def delete(self, image_id: str) -> None:
+        try:
+            self.bucket.delete(image_id)
+        except gridfs.errors.NoFile:
+            return
+
+
+def image_path(image_id: str) -> str:
+    """The server-relative URL of an image."""
+    return f"/images/{image_id}.png"

@@ -1,0 +1,1 @@
+"""The ideation app (see docs/apps.md)."""

@@ -1,0 +1,1 @@
+"""The refinement app (see docs/apps.md)."""

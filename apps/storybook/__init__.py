@@ -1,0 +1,1 @@
+"""The storybook app (see docs/apps.md)."""

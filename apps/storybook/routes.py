@@ -1,0 +1,7 @@
+"""HTTP routes of the storybook app (thin: validate, call the service, shape the reply)."""
+
+from __future__ import annotations
+
+from flask_openapi3 import APIBlueprint, Tag
+
+bp = APIBlueprint("storybook", __name__, abp_tags=[Tag(name="storybook")])

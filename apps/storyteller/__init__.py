@@ -1,0 +1,1 @@
+"""The storyteller app (see docs/apps.md)."""

@@ -1,0 +1,57 @@
+"""gunicorn settings: gthread workers so SSE streams and websockets aren't killed by the sync timeout.
+
+The master starts the embedded MongoDB once for the host (when MONGO_URI is unset)
+and hands its URI to the workers through the environment; it stops it on exit.
+Workers drain their running jobs for up to `graceful_timeout` on shutdown.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+bind = os.environ.get("GUNICORN_BIND", f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '5000')}")
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+worker_class = "gthread"
+threads = int(os.environ.get("GUNICORN_THREADS", "32"))  # each open SSE stream / websocket holds a thread
+timeout = 120  # gthread: heartbeat-based, long streams are fine
+graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "30"))
+keepalive = 5
+accesslog = os.environ.get("GUNICORN_ACCESSLOG") or None
+max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", "0"))
+
+_started_mongo = False
+
+
+def on_starting(server) -> None:  # noqa: ANN001 - gunicorn hook signature
+    global _started_mongo
+    if os.environ.get("MONGO_URI"):
+        return
+    from apps.core.embedded_mongo import ensure_embedded_mongo
+    from config import load_settings
+
+    settings = load_settings()
+    mongo = ensure_embedded_mongo(settings.DATA_DIR, settings.EMBEDDED_MONGO_PORT)
+    os.environ["MONGO_URI"] = mongo.uri
+    _started_mongo = mongo.owner
+    server.log.info("embedded MongoDB at %s (%s)", mongo.uri, "started" if mongo.owner else "shared")
+
+
+def on_exit(server) -> None:  # noqa: ANN001
+    if _started_mongo:
+        from apps.core.embedded_mongo import stop_embedded_mongo
+        from config import load_settings
+
+        stop_embedded_mongo(load_settings().DATA_DIR)
+
+
+def worker_exit(server, worker) -> None:  # noqa: ANN001
+    """Drain this worker's jobs (up to graceful_timeout), failing any that can't finish."""
+    import app as app_module
+
+    application = getattr(app_module, "_app", None)
+    if application is not None:
+        application.extensions["services"].jobs.shutdown(grace_s=max(0, graceful_timeout - 5))
