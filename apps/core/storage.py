@@ -145,3 +145,29 @@ class ImageStore:
 def image_path(image_id: str) -> str:
     """The server-relative URL of an image."""
     return f"/images/{image_id}.png"
+
+
+def absolute_image_url(image_id: str, base_url: str | None = None) -> str:
+    """An absolute URL (PUBLIC_BASE_URL, else the current request's host) ending in `.png`.
+
+    Frontends on another origin (StepIdeator's Next.js app) need absolute URLs; jobs running
+    outside a request pass `base_url` captured when the job was created.
+    """
+    from flask import has_request_context, request
+
+    from .context import services
+
+    base = base_url
+    if base is None:
+        configured = services().settings.PUBLIC_BASE_URL if has_request_context() else None
+        base = configured or (request.host_url if has_request_context() else "")
+    return base.rstrip("/") + image_path(image_id)
+
+
+def request_base_url() -> str:
+    """The base URL to capture when a job is created (PUBLIC_BASE_URL or the request's host)."""
+    from flask import request
+
+    from .context import services
+
+    return (services().settings.PUBLIC_BASE_URL or request.host_url).rstrip("/")
