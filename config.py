@@ -78,6 +78,18 @@ class Settings(BaseSettings):
     MAX_IMAGE_BYTES: int = 10 * 1024 * 1024
     MAX_IMAGE_SIDE: int = 4096
 
+    # --- apps
+    STORYBOOK_MAX_PAGES: int = 20
+    IDEATION_MAX_NUM: int = 8
+    IDEATION_CHECKPOINT_SKETCH: str = "realisticVisionV60B1_v60B1VAE"
+    IDEATION_CHECKPOINT_MODEL: str = "v2-1_512-ema-pruned"
+    IDEATION_CHECKPOINT_CONTROL: str = "v1-5-pruned-emaonly"
+    IDEATION_MULTIVIEW_CMD: str | None = None  # argv (shell-free) of a multi-view tool; {input} {output} placeholders
+    IDEATION_MULTIVIEW_TIMEOUT_S: float = 600.0
+    REFINEMENT_LANGUAGE: Literal["zh", "en"] = "zh"
+    STORYTELLER_MODEL: str | None = None  # e.g. the fine-tuned Ollama model name; None = provider default
+    STORYTELLER_MAX_WORDS: int = 5000
+
     # --- server
     ROOT_APP: Literal["storybook", "ideation", "refinement", "storyteller"] | None = None
     CORS_ORIGINS: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
