@@ -103,11 +103,13 @@ def init_services(app: OpenAPI, settings: Settings) -> Any:
 
 
 def init_routes(app: OpenAPI, settings: Settings) -> None:
+    from apps.core.metrics import init_metrics
     from apps.core.routes import core_bp, register_doc_routes
     from apps.routes import register_apps
 
     app.register_api(core_bp)
     register_doc_routes(app)
+    init_metrics(app)
     app.config["APPS_MOUNTED"] = register_apps(app, settings.ROOT_APP)
 
 

@@ -28,6 +28,7 @@ _started_mongo = False
 
 def on_starting(server) -> None:  # noqa: ANN001 - gunicorn hook signature
     global _started_mongo
+    _prepare_metrics_dir()
     if os.environ.get("MONGO_URI"):
         return
     from apps.core.embedded_mongo import ensure_embedded_mongo
@@ -38,6 +39,23 @@ def on_starting(server) -> None:  # noqa: ANN001 - gunicorn hook signature
     os.environ["MONGO_URI"] = mongo.uri
     _started_mongo = mongo.owner
     server.log.info("embedded MongoDB at %s (%s)", mongo.uri, "started" if mongo.owner else "shared")
+
+
+def _prepare_metrics_dir() -> None:
+    """prometheus_client multiprocess mode: one directory of per-worker files, emptied at start."""
+    import shutil
+    import tempfile
+
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="creativity-metrics-")
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+
+
+def child_exit(server, worker) -> None:  # noqa: ANN001
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
 
 
 def on_exit(server) -> None:  # noqa: ANN001

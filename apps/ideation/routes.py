@@ -1,7 +1,130 @@
-"""HTTP routes of the ideation app (thin: validate, call the service, shape the reply)."""
+"""HTTP routes of the ideation app (StepIdeator): thin — validate, call the service, shape the reply."""
 
 from __future__ import annotations
 
+from flask import Response, jsonify, make_response, request
 from flask_openapi3 import APIBlueprint, Tag
 
-bp = APIBlueprint("ideation", __name__, abp_tags=[Tag(name="ideation")])
+from apps.core.auth import check_owner, current_user_name
+from apps.core.context import services
+from apps.core.envelope import BusinessException, envelope
+from apps.core.errors import ApiError
+from apps.core.storage import request_base_url
+
+from . import labels as L
+from .schemas import GenerateBody, HistoryQuery, SaveBody, TimeRecordBody, UsernameBody, UserPath
+from .service import IdeationService
+
+bp = APIBlueprint("ideation", __name__, abp_tags=[Tag(name="ideation", description="StepIdeator")])
+
+
+def _service() -> IdeationService:
+    return IdeationService(services(), request_base_url())
+
+
+@bp.route("/ping", methods=["GET", "POST"])
+def ping() -> Response:
+    """Liveness: plain text `pong`."""
+    resp = make_response("pong")
+    resp.mimetype = "text/plain"
+    return resp
+
+
+@bp.post("/generate")
+def generate(body: GenerateBody) -> Response:
+    """Every AI button: dispatch on `selectedButtonInfo.aiStage` × `buttonText` (Chinese labels or English ids)."""
+    username = current_user_name(body.username) or ""
+    return envelope(_service().generate(body, username))
+
+
+def _uploaded_file(missing_message: str) -> tuple[bytes, str] | Response:
+    file = request.files.get("file")
+    if file is None:
+        return _upload_error(400, missing_message)
+    if not file.filename:
+        return _upload_error(400, "No selected file")
+    data = file.read()
+    if not data:
+        return _upload_error(400, "No file provided")
+    return data, file.filename
+
+
+def _upload_error(status: int, message: str) -> Response:
+    # the original answered {"error": ...}; `success`/`message` added for envelope-style clients
+    resp = jsonify({"success": False, "error": message, "message": message})
+    resp.status_code = status
+    return resp
+
+
+@bp.post("/upload")
+def upload() -> Response:
+    """Upload the selected canvas (multipart `file`); returns `{url}` ending in `.png`. Each upload is its own image."""
+    got = _uploaded_file("No file provided")
+    if isinstance(got, Response):
+        return got
+    data, name = got
+    username = current_user_name(request.form.get("username"))
+    try:
+        url = _service().upload(data, name, username, "canvas")
+    except ApiError as exc:
+        return _upload_error(exc.status, exc.message)
+    return jsonify({"url": url})
+
+
+@bp.post("/uploadImage")
+def upload_image() -> Response:
+    """Upload a user's own image (multipart `file`); returns `{success: true, url}`."""
+    got = _uploaded_file("No file part")
+    if isinstance(got, Response):
+        return got
+    data, name = got
+    username = current_user_name(request.form.get("username"))
+    try:
+        url = _service().upload(data, name, username, "upload")
+    except ApiError as exc:
+        return _upload_error(exc.status, exc.message)
+    return jsonify({"success": True, "url": url})
+
+
+@bp.post("/timeRecord")
+def time_record(body: TimeRecordBody) -> Response:
+    """Store a participant's stage timing records (appended, never overwritten)."""
+    body.username = current_user_name(body.username) or ""
+    _service().time_record(body)
+    return jsonify({"success": True, "message": "Timing records saved successfully"})
+
+
+@bp.post("/paint/start")
+def paint_start(body: UsernameBody) -> Response:
+    """Find or create the participant's saved workspace and return it."""
+    username = current_user_name(body.username)
+    if not username:
+        raise BusinessException(1, L.MSG_USER_EMPTY)
+    return envelope(_service().paint_start(username))
+
+
+@bp.post("/paint/save")
+def paint_save(body: SaveBody) -> Response:
+    """Save the participant's workspace (`data.designSchemes` keyed by stage label, designTask, currentStage)."""
+    username = current_user_name(body.username)
+    if not username or body.data is None:
+        raise BusinessException(1, "用户名字或数据为空")
+    _service().paint_save(username, body.data)
+    return envelope(None)
+
+
+@bp.get("/users/<username>")
+def user_state(path: UserPath) -> Response:
+    """A participant's saved workspace."""
+    check_owner(path.username)
+    doc = services().db.ideation_users.find_one({"username": path.username})
+    if doc is None:
+        raise BusinessException(1, "用户不存在", status=404)
+    return envelope(_service().paint_start(path.username))
+
+
+@bp.get("/users/<username>/history")
+def user_history(path: UserPath, query: HistoryQuery) -> Response:
+    """Everything a participant generated and saw (requests with inputs, outputs, image URLs) and their timings."""
+    check_owner(path.username)
+    return envelope(_service().history(path.username, query.limit))

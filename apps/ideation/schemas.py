@@ -1,0 +1,61 @@
+"""Request models of the ideation app (StepIdeator's frontend contract)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# letters/digits (incl. CJK), dot, dash, underscore; empty allowed (the original frontend may send "")
+USERNAME_PATTERN = r"^[\w.\-]{0,64}$"
+
+
+class ButtonInfo(BaseModel):
+    buttonText: str = Field(max_length=40, description="the pressed button's label (Chinese, or an English id)")
+    aiStage: str = Field(max_length=40, description="the AI stage the button belongs to (Chinese, or an English id)")
+
+
+class GenerateBody(BaseModel):
+    """`POST /generate`: every AI button of StepIdeator."""
+
+    model_config = ConfigDict(extra="allow")
+
+    username: str = Field(default="", pattern=USERNAME_PATTERN, description="participant id")
+    designTask: str = Field(default="", max_length=2000)
+    currentNum: int = Field(default=1, ge=0, le=64, description="how many outputs (bounded by IDEATION_MAX_NUM)")
+    currentAIStage: str | None = Field(default=None, max_length=40)
+    currentStage: str | None = Field(default=None, max_length=40)
+    selectedTexts: list[str] | None = Field(default=None, max_length=50)
+    selectedCanvasRecords: list[str] | None = Field(default=None, max_length=4,
+                                                     description="[] or one image: a URL from /upload or a data URL")
+    selectedButtonInfo: ButtonInfo
+
+
+class UsernameBody(BaseModel):
+    username: str | None = Field(default=None, pattern=USERNAME_PATTERN)
+
+
+class SaveBody(BaseModel):
+    username: str | None = Field(default=None, pattern=USERNAME_PATTERN)
+    data: dict[str, Any] | None = None
+
+
+class TimingEntry(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    startTime: float
+    duration: float | None = None
+
+
+class TimeRecordBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    username: str = Field(default="", pattern=USERNAME_PATTERN)
+    stageSwitchRecords: dict[str, list[TimingEntry]] = Field(default_factory=dict)
+    aiStageSwitchRecords: dict[str, list[TimingEntry]] = Field(default_factory=dict)
+
+
+class UserPath(BaseModel):
+    username: str = Field(pattern=r"^[\w.\-]{1,64}$")
+
+
+class HistoryQuery(BaseModel):
+    limit: int = Field(default=50, ge=1, le=500)
