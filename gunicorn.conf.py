@@ -24,17 +24,30 @@ accesslog = os.environ.get("GUNICORN_ACCESSLOG") or None
 max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", "0"))
 
 _started_mongo = False
+_started_llm = False
 
 
 def on_starting(server) -> None:  # noqa: ANN001 - gunicorn hook signature
-    global _started_mongo
+    global _started_mongo, _started_llm
     _prepare_metrics_dir()
-    if os.environ.get("MONGO_URI"):
-        return
-    from apps.core.embedded_mongo import ensure_embedded_mongo
     from config import load_settings
 
     settings = load_settings()
+    if settings.LLM_PROVIDER == "local" and (
+        settings.LOCAL_LLM_MODE == "server" or (settings.LOCAL_LLM_MODE == "auto" and server.cfg.workers > 1)
+    ):
+        # one model per host instead of one copy per worker
+        from agent.providers.local import ensure_local_llm_server
+
+        url = ensure_local_llm_server(settings.LOCAL_MODEL_PATH, settings.LOCAL_N_CTX,
+                                      settings.DATA_DIR / "local-llm", settings.LOCAL_THREADS)
+        os.environ["LOCAL_LLM_SHARED"] = "1"
+        _started_llm = True
+        server.log.info("shared local model server at %s", url)
+    if os.environ.get("MONGO_URI"):
+        return
+    from apps.core.embedded_mongo import ensure_embedded_mongo
+
     mongo = ensure_embedded_mongo(settings.DATA_DIR, settings.EMBEDDED_MONGO_PORT)
     os.environ["MONGO_URI"] = mongo.uri
     _started_mongo = mongo.owner
@@ -59,6 +72,11 @@ def child_exit(server, worker) -> None:  # noqa: ANN001
 
 
 def on_exit(server) -> None:  # noqa: ANN001
+    if _started_llm:
+        from agent.providers.local import stop_local_llm_server
+        from config import load_settings
+
+        stop_local_llm_server(load_settings().DATA_DIR / "local-llm")
     if _started_mongo:
         from apps.core.embedded_mongo import stop_embedded_mongo
         from config import load_settings
