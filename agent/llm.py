@@ -267,3 +267,16 @@ class LLM:
             return self.provider.health()
         except Exception as exc:  # noqa: BLE001 - health reports any failure as text
             return {"ok": False, "provider": self.provider.name, "error": str(exc)}
+
+
+def get_llm() -> LLM:
+    """The app's LLM inside an app context (CLI), else one built from settings (no records)."""
+    from flask import current_app, has_app_context
+
+    if has_app_context() and "services" in current_app.extensions:
+        return current_app.extensions["services"].llm
+    from agent.factory import build_llm
+    from agent.prompts import default_library
+    from config import load_settings
+
+    return build_llm(load_settings(), None, default_library())

@@ -49,7 +49,14 @@ def test_openapi_and_docs_served_offline(client: Any) -> None:
     # the UI's assets come from the installed package, not a CDN
     assert b"cdn." not in docs.data and b"unpkg" not in docs.data
     html = docs.data.decode()
-    assert "/docs/swagger" in html or "static" in html
+    import re
+
+    assets = re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', html)
+    assert assets, "the docs page references no scripts/styles"
+    for asset in assets:
+        assert not asset.startswith("http"), asset
+        got = client.get(asset if asset.startswith("/") else "/docs/" + asset)
+        assert got.status_code == 200 and len(got.data) > 1000, asset
 
 
 @pytest.mark.parametrize("path", ["/nope", "/storybook/nope", "/images/zzz"])

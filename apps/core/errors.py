@@ -139,6 +139,13 @@ def validation_error_response(exc: ValidationError) -> Response:
 
 
 def register_error_handlers(app: Flask) -> None:
+    @app.before_request
+    def _enforce_body_limit() -> None:
+        """Refuse oversized bodies up front, even on routes that never read the body."""
+        limit = app.config.get("MAX_CONTENT_LENGTH")
+        if limit and request.content_length is not None and request.content_length > limit:
+            raise RequestEntityTooLarge()
+
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> Response:
         return error_response(exc.status, exc.message, code=exc.code, detail=exc.detail, headers=exc.headers)
