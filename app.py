@@ -75,9 +75,8 @@ def init_cors(app: OpenAPI, settings: Settings) -> None:
 
 
 def init_services(app: OpenAPI, settings: Settings) -> Any:
-    from agent.prompts import PromptLibrary
-
     from agent.factory import build_image_provider, build_llm
+    from agent.prompts import PromptLibrary
     from agent.records import create_generation_indexes
     from apps.core.context import Services
     from apps.core.db import connect, create_indexes
@@ -115,7 +114,6 @@ def init_routes(app: OpenAPI, settings: Settings) -> None:
 
 def init_cli(app: OpenAPI) -> None:
     from agent.prompts_cli import register as register_prompts
-
     from apps.core.auth import register_cli as register_users
     from apps.core.export import register_cli as register_export
 

@@ -153,7 +153,9 @@ def _check_params(params: Any, where: str) -> dict[str, Any]:
     if params is None:
         return {}
     if not isinstance(params, dict):
-        raise PromptError(f"{where}: 'params' must be a mapping such as {{temperature: 0.7, max_tokens: 400}}")
+        raise PromptError(
+            f"{where}: 'params' must be a mapping such as {{temperature: 0.7, max_tokens: 400}}"
+        )
     for key, value in params.items():
         if not isinstance(key, str):
             raise PromptError(f"{where}: params key {key!r} must be a name")
@@ -162,7 +164,9 @@ def _check_params(params: Any, where: str) -> dict[str, Any]:
             kind = "a whole number" if types == (int,) else "a number"
             raise PromptError(f"{where}: params.{key} must be {kind}, not {value!r}")
         if key == "stop" and value is not None:
-            ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+            ok = isinstance(value, str) or (
+                isinstance(value, list) and all(isinstance(v, str) for v in value)
+            )
             if not ok:
                 raise PromptError(f"{where}: params.stop must be a string or a list of strings")
     return dict(params)
@@ -172,7 +176,7 @@ def _check_samples(samples: Any, where: str) -> dict[str, dict[str, Any]]:
     if not isinstance(samples, dict) or not samples:
         raise PromptError(
             f"{where}: 'samples' is required: at least one named set of example variables, "
-            "e.g. samples: {{default: {{topic: \"a cat\"}}}}"
+            'e.g. samples: {{default: {{topic: "a cat"}}}}'
         )
     out: dict[str, dict[str, Any]] = {}
     for key, value in samples.items():
@@ -191,7 +195,9 @@ def _optional_str(meta_: dict[str, Any], key: str, where: str) -> str | None:
     return value
 
 
-def _compile(env: jinja2.Environment, source: str, where: str, first_line: int) -> tuple[jinja2.Template, set[str]]:
+def _compile(
+    env: jinja2.Environment, source: str, where: str, first_line: int
+) -> tuple[jinja2.Template, set[str]]:
     try:
         ast = env.parse(source)
         compiled = env.from_string(source)
@@ -242,9 +248,13 @@ def parse_template(name: str, path: Path, data: bytes, env: jinja2.Environment) 
             jsonschema.validators.validator_for(schema).check_schema(schema)
         except jsonschema.SchemaError as exc:
             loc = "/".join(str(p) for p in exc.absolute_path) or "(top)"
-            raise PromptError(f"{where}: 'schema' is not a valid JSON Schema at {loc}: {exc.message}") from exc
+            raise PromptError(
+                f"{where}: 'schema' is not a valid JSON Schema at {loc}: {exc.message}"
+            ) from exc
     elif schema is not None:
-        raise PromptError(f"{where}: 'schema' is only used with response_format: json (add that line or drop schema)")
+        raise PromptError(
+            f"{where}: 'schema' is only used with response_format: json (add that line or drop schema)"
+        )
     samples = _check_samples(meta_.get("samples"), where)
 
     body_tpl, required = _compile(env, body, where, body_line)
@@ -267,8 +277,13 @@ def parse_template(name: str, path: Path, data: bytes, env: jinja2.Environment) 
         hash=hashlib.sha256(data).hexdigest()[:12],
         variables=tuple(sorted(required)),
     )
-    return _Entry(signature=(0, 0, 0, 0), template=template, body=body_tpl, system=system_tpl,
-                  required=frozenset(required))
+    return _Entry(
+        signature=(0, 0, 0, 0),
+        template=template,
+        body=body_tpl,
+        system=system_tpl,
+        required=frozenset(required),
+    )
 
 
 class PromptLibrary:
@@ -291,8 +306,11 @@ class PromptLibrary:
         """Every template as '<app>/<name>', sorted."""
         if not self.root.is_dir():
             return []
-        return sorted(p.relative_to(self.root).with_suffix("").as_posix() for p in self.root.rglob("*" + SUFFIX)
-                      if p.is_file())
+        return sorted(
+            p.relative_to(self.root).with_suffix("").as_posix()
+            for p in self.root.rglob("*" + SUFFIX)
+            if p.is_file()
+        )
 
     def _unknown(self, name: str) -> PromptError:
         close = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.6)
@@ -319,7 +337,8 @@ class PromptLibrary:
         try:
             entry = parse_template(name, path, data, self.env)
         except PromptError as exc:
-            entry = _Entry(signature=sig, error=exc)  # cache the error too: no re-parse until the file changes
+            # cache the error too: no re-parse until the file changes
+            entry = _Entry(signature=sig, error=exc)
         entry.signature = sig
         with self._lock:
             self._cache[name] = entry
@@ -334,8 +353,9 @@ class PromptLibrary:
         return entry.template
 
     # -- rendering ----------------------------------------------------------------------------------
-    def render(self, name: str, variables: dict[str, Any] | None = None, *,
-               sample: str | None = None) -> RenderedPrompt:
+    def render(
+        self, name: str, variables: dict[str, Any] | None = None, *, sample: str | None = None
+    ) -> RenderedPrompt:
         """Fill in a template. With `sample`, start from that sample's variables, then apply `variables`."""
         entry = self._entry(name)
         if entry.error is not None:
@@ -345,7 +365,9 @@ class PromptLibrary:
         values: dict[str, Any] = {}
         if sample is not None:
             if sample not in tpl.samples:
-                raise PromptError(f"template {name!r} has no sample {sample!r}; samples: {', '.join(tpl.samples)}")
+                raise PromptError(
+                    f"template {name!r} has no sample {sample!r}; samples: {', '.join(tpl.samples)}"
+                )
             values.update(copy.deepcopy(tpl.samples[sample]))
         values.update(variables or {})
         missing = sorted(entry.required - values.keys())
