@@ -20,9 +20,8 @@ from .sse import JobWatcher
 from .storage import ImageStore
 
 if TYPE_CHECKING:
-    from agent.prompts import PromptLibrary
-
     from agent.llm import LLM
+    from agent.prompts import PromptLibrary
     from agent.types import ImageProvider
 
 
