@@ -166,6 +166,7 @@ def test_job_runs_and_reports(openai_app: Any) -> None:
 
     job_id = jobs.submit(kind="test", app="core", runner=runner, input={"name": "x"}, owner="u")
     _wait(lambda: jobs.get(job_id)["status"] == "done")
+    _wait(lambda: jobs.events_after(job_id, 0)[-1]["type"] == "done")
     c = openai_app.test_client()
     snap = c.get(f"/jobs/{job_id}").get_json()
     assert snap["status"] == "done" and snap["result"] == {"ok": True}
@@ -182,6 +183,7 @@ def test_job_failure_is_recorded(openai_app: Any) -> None:
 
     job_id = jobs.submit(kind="test", app="core", runner=runner)
     _wait(lambda: jobs.get(job_id)["status"] == "failed")
+    _wait(lambda: jobs.events_after(job_id, 0)[-1]["type"] == "failed")
     doc = jobs.get(job_id)
     assert "boom" in doc["error"]["message"]
     assert jobs.events_after(job_id, 0)[-1]["type"] == "failed"

@@ -193,11 +193,17 @@ class JobManager:
         update: dict[str, Any] = {"status": status, "finished_at": _now(), "error": error}
         if result is not None:
             update["result"] = result
-        done = self.db.jobs.update_one({"_id": job_id, "status": {"$in": list(ACTIVE)}}, {"$set": update})
-        if done.modified_count:
-            self.append_event(job_id, status, {"status": status, "error": error})
-            return True
-        return False
+        # status and the terminal event's sequence number change in one update, so a reader never
+        # sees a finished job whose last event is still to come without also seeing a higher seq
+        doc = self.db.jobs.find_one_and_update(
+            {"_id": job_id, "status": {"$in": list(ACTIVE)}}, {"$set": update, "$inc": {"seq": 1}},
+            projection={"seq": 1}, return_document=ReturnDocument.AFTER,
+        )
+        if doc is None:
+            return False
+        self.db.job_events.insert_one({"job": job_id, "seq": doc["seq"], "type": status,
+                                       "data": {"status": status, "error": error}, "at": _now()})
+        return True
 
     # ---- reads and writes
     def update(self, job_id: str, **fields: Any) -> None:
