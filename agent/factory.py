@@ -62,6 +62,7 @@ def build_llm(settings: Settings, db: Database | None, prompts: Any) -> LLM:
         provider, prompts=prompts, recorder=GenerationRecorder(db), max_retries=settings.LLM_MAX_RETRIES,
         retry_base_s=settings.LLM_RETRY_BASE_S, max_concurrency=settings.LLM_MAX_CONCURRENCY,
         moderator=build_moderator(settings, provider),
+        db=db, global_concurrency=settings.LLM_GLOBAL_CONCURRENCY, slot_wait_s=settings.LLM_TIMEOUT_S,
     )
 
 

@@ -1,42 +1,67 @@
 """The `generations` collection: one document for every model call, failures included.
 
-This is the research data: app, user, session, job, template name + hash, the
-rendered messages, params, provider, instance, output (text or image ids), error,
-latency and token usage.
+This is the research data: app, user, session, job, step, template name + hash, the
+rendered messages (image data replaced by a marker), params, provider, model,
+instance, output (text, JSON or image ids), error, status, attempts, latency, token
+usage and timestamps. A record is never allowed to break the call it describes: a
+database problem is logged, and a document MongoDB refuses (odd keys, too large) is
+stored again in a reduced form rather than lost.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bson import ObjectId
+from bson.errors import BSONError
 from pymongo import ASCENDING, DESCENDING
 from pymongo.database import Database
-from pymongo.errors import PyMongoError
+from pymongo.errors import PyMongoError, WriteError
 
 log = logging.getLogger(__name__)
+
+MAX_STRING = 200_000  # characters kept of any one string (outputs are far smaller; this stops accidents)
+_REDUCIBLE = ("messages", "prompt", "params", "output", "data", "error", "repair", "retries")
 
 
 def create_generation_indexes(db: Database) -> None:
     db.generations.create_index([("app", ASCENDING), ("user", ASCENDING), ("created_at", DESCENDING)])
+    db.generations.create_index([("app", ASCENDING), ("created_at", DESCENDING)])
     db.generations.create_index([("job", ASCENDING)], sparse=True)
     db.generations.create_index([("session", ASCENDING)], sparse=True)
     db.generations.create_index([("template", ASCENDING), ("template_hash", ASCENDING)])
+    db.generations.create_index([("kind", ASCENDING), ("ok", ASCENDING), ("created_at", DESCENDING)])
 
 
-def _scrub(value: Any, limit: int = 4000) -> Any:
-    """Keep records small: replace long base64/data URLs inside messages by a marker."""
+def _scrub(value: Any) -> Any:
+    """Keep records small: image data (data URLs, base64 blobs) becomes a marker with its size."""
     if isinstance(value, str):
-        if value.startswith("data:image") and len(value) > 200:
-            return f"<data URL, {len(value)} chars>"
+        if value.startswith("data:") and ";base64," in value[:100] and len(value) > 200:
+            return f"<{value[5 : value.index(';')] or 'data'} data URL, {len(value)} chars>"
+        if len(value) > MAX_STRING:
+            return value[:MAX_STRING] + f"... <truncated, {len(value)} chars>"
         return value
-    if isinstance(value, list):
-        return [_scrub(v, limit) for v in value]
+    if isinstance(value, (bytes, bytearray)):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, (list, tuple)):
+        return [_scrub(v) for v in value]
     if isinstance(value, dict):
-        return {k: _scrub(v, limit) for k, v in value.items()}
+        return {str(k): _scrub(v) for k, v in value.items()}
     return value
+
+
+def _reduced(doc: dict[str, Any]) -> dict[str, Any]:
+    """A document MongoDB refused: the free-form fields become JSON text (keeps them, loses the nesting)."""
+    out = dict(doc)
+    for key in _REDUCIBLE:
+        if out.get(key) is not None and not isinstance(out[key], str):
+            text = json.dumps(out[key], ensure_ascii=False, default=str)
+            out[key] = text if len(text) <= MAX_STRING else text[:MAX_STRING] + "... <truncated>"
+    out["reduced"] = True
+    return out
 
 
 class GenerationRecorder:
@@ -45,23 +70,78 @@ class GenerationRecorder:
     def __init__(self, db: Database | None) -> None:
         self.db = db
 
-    def record(self, *, kind: str, provider: str, app: str | None = None, user: str | None = None,
-               session: str | None = None, job: str | None = None, template: str | None = None,
-               template_hash: str | None = None, messages: Any = None, prompt: Any = None,
-               params: dict[str, Any] | None = None, output: Any = None, error: dict[str, Any] | None = None,
-               latency_ms: float | None = None, usage: dict[str, Any] | None = None,
-               instance: str | None = None, model: str | None = None, extra: dict[str, Any] | None = None) -> str | None:
+    def record(
+        self,
+        *,
+        kind: str,
+        provider: str,
+        app: str | None = None,
+        user: str | None = None,
+        session: str | None = None,
+        job: str | None = None,
+        step: str | None = None,
+        template: str | None = None,
+        template_hash: str | None = None,
+        messages: Any = None,
+        prompt: Any = None,
+        params: dict[str, Any] | None = None,
+        output: Any = None,
+        error: dict[str, Any] | None = None,
+        status: str | None = None,
+        attempts: int | None = None,
+        latency_ms: float | None = None,
+        usage: dict[str, Any] | None = None,
+        instance: str | None = None,
+        model: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> str | None:
+        """Insert one record; returns its id (str), or None when there is no database or it failed.
+
+        status: "ok" | "failed" | "cancelled" (default: "ok" without error, else "failed").
+        """
         if self.db is None:
             return None
-        doc = {
-            "_id": ObjectId(), "kind": kind, "app": app, "user": user, "session": session, "job": job,
-            "template": template, "template_hash": template_hash, "messages": _scrub(messages),
-            "prompt": _scrub(prompt), "params": params or {}, "provider": provider, "model": model,
-            "instance": instance, "output": output, "error": error, "ok": error is None,
-            "latency_ms": latency_ms, "usage": usage or {}, "created_at": datetime.now(UTC), **(extra or {}),
+        now = datetime.now(UTC)
+        status = status or ("ok" if error is None else "failed")
+        doc: dict[str, Any] = {
+            "_id": ObjectId(),
+            "kind": kind,
+            "app": app,
+            "user": user,
+            "session": session,
+            "job": job,
+            "step": step,
+            "template": template,
+            "template_hash": template_hash,
+            "messages": _scrub(messages),
+            "prompt": _scrub(prompt),
+            "params": _scrub(params or {}),
+            "provider": provider,
+            "model": model,
+            "instance": instance,
+            "output": _scrub(output),
+            "error": _scrub(error),
+            "status": status,
+            "ok": status == "ok",
+            "attempts": attempts,
+            "latency_ms": latency_ms,
+            "usage": usage or {},
+            "started_at": now - timedelta(milliseconds=latency_ms) if latency_ms else now,
+            "created_at": now,
+            **_scrub(extra or {}),
         }
         try:
             self.db.generations.insert_one(doc)
+        except (
+            BSONError,
+            WriteError,
+        ) as exc:  # keys with '$'/'.', a document over 16 MB, an unencodable value
+            log.warning("a %s record was refused (%s); storing it reduced", kind, exc)
+            try:
+                self.db.generations.insert_one(_reduced(doc))
+            except (PyMongoError, BSONError) as exc2:
+                log.error("could not record a %s generation (%s): %s", kind, provider, exc2)
+                return None
         except PyMongoError as exc:
             log.error("could not record a %s generation (%s): %s", kind, provider, exc)
             return None
