@@ -32,9 +32,12 @@ def create_app(test_config: dict[str, Any] | None = None) -> OpenAPI:
     init_config(app, settings)
     init_logging(app, settings)
     init_errors(app)
+    init_resilience(app)
     init_cors(app, settings)
     services = init_services(app, settings)
     init_routes(app, settings)
+    init_auth(app)
+    init_ratelimit(app, settings)
     init_cli(app)
     services.jobs.start()
     return app
@@ -65,6 +68,24 @@ def init_errors(app: OpenAPI) -> None:
     from apps.core.errors import register_error_handlers
 
     register_error_handlers(app)
+
+
+def init_resilience(app: OpenAPI) -> None:
+    from apps.core.resilience import init_resilience as _init
+
+    _init(app)
+
+
+def init_auth(app: OpenAPI) -> None:
+    from apps.core.auth import init_auth as _init
+
+    _init(app)
+
+
+def init_ratelimit(app: OpenAPI, settings: Settings) -> None:
+    from apps.core.ratelimit import init_ratelimit as _init
+
+    _init(app, settings)
 
 
 def init_cors(app: OpenAPI, settings: Settings) -> None:

@@ -109,6 +109,16 @@ class Settings(BaseSettings):
     PORT: int = 5000
     PUBLIC_BASE_URL: str | None = None  # absolute base for image URLs; default: the request's host
 
+    # --- limits (apps/core/ratelimit.py, apps/core/spend.py) and stream tokens (apps/core/auth.py)
+    RATE_LIMIT_ENABLED: bool = True
+    RATE_LIMIT_DEFAULT: str = "600/minute"  # every request of one user (auth on) or client IP, all routes
+    RATE_LIMIT_GENERATE: str = "60/minute"  # requests that start model work (POST /storybook/..., .../generate)
+    RATE_LIMIT_STRATEGY: Literal["fixed-window", "moving-window"] = "fixed-window"
+    RATE_LIMIT_STORAGE_URI: str | None = None  # default: the MongoDB in use (shared by workers and hosts)
+    MODEL_DAILY_CALL_CAP: int = 1000  # model calls per user per UTC day (auth on, admins exempt); 0 = off
+    STREAM_TOKEN_TTL_S: int = 3600  # life of a `?token=` for EventSource URLs
+    PROXY_FIX_X_FOR: int = 0  # proxies in front whose X-Forwarded-For is trusted for the client IP
+
     @field_validator("SD_INSTANCES", "CORS_ORIGINS", mode="before")
     @classmethod
     def _csv(cls, value: Any) -> list[str]:
@@ -119,7 +129,8 @@ class Settings(BaseSettings):
     def _strip_slash(cls, value: list[str]) -> list[str]:
         return [v.rstrip("/") for v in value]
 
-    @field_validator("LLM_PROVIDER", "IMAGE_PROVIDER", "ROOT_APP", "MONGO_URI", mode="before")
+    @field_validator("LLM_PROVIDER", "IMAGE_PROVIDER", "ROOT_APP", "MONGO_URI", "RATE_LIMIT_STORAGE_URI",
+                     mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value

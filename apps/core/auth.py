@@ -6,6 +6,14 @@ create` (scrypt-hashed passwords), or the single BASIC_AUTH_USERNAME/PASSWORD pa
 (the storybook original's credentials). `apikey`: `X-API-Key: <key>` or
 `Authorization: Bearer <key>`; keys are stored hashed (sha256 of a random 32-byte
 token). When auth is on, a user sees only their own data; role `admin` sees all.
+
+Browsers' `EventSource` cannot send headers, so SSE URLs may carry `?token=`: a
+stream token from `POST /auth/stream-token {job_id}`, an HMAC-SHA256 (SECRET_KEY, or
+a random secret kept in MongoDB and shared by every worker and host when SECRET_KEY
+is unset) over the user, role, job id and expiry (STREAM_TOKEN_TTL_S). It is accepted
+only on GET requests whose URL names that job (a path parameter or query value) and
+only when no other credentials are sent; it is checked when a stream opens, so an
+open stream outlives it. `GET /auth/me` tells a frontend who it is.
 """
 
 from __future__ import annotations
@@ -13,13 +21,19 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import click
-from flask import Flask, g, request
+from flask import Flask, Response, current_app, g, jsonify, request
+from flask_openapi3 import APIBlueprint, Tag
+from pydantic import BaseModel, Field
 from pymongo.database import Database
+from pymongo.errors import DuplicateKeyError
 
 from .context import services
 from .db import register_indexes
@@ -83,12 +97,20 @@ def authenticate() -> User | None:
         return g.auth_user
     settings = services().settings
     user: User | None = None
-    if settings.AUTH_MODE == "basic":
+    if settings.AUTH_MODE != "none" and _stream_token_request():
+        user = _token_user()
+    elif settings.AUTH_MODE == "basic":
         user = _basic_user()
     elif settings.AUTH_MODE == "apikey":
         user = _apikey_user()
     g.auth_user = user
     return user
+
+
+def _stream_token_request() -> bool:
+    """A GET carrying `?token=` and no other credentials (headers always win)."""
+    return (request.method in ("GET", "HEAD") and bool(request.args.get(TOKEN_PARAM))
+            and not request.headers.get("Authorization") and not request.headers.get("X-API-Key"))
 
 
 def _basic_user() -> User:
@@ -121,6 +143,80 @@ def _apikey_user() -> User:
     return User(name=doc["name"], role=doc.get("role", "user"))
 
 
+# ---------------------------------------------------------------- stream tokens
+
+TOKEN_PARAM = "token"
+_TOKEN_CONTEXT = b"creativity-stream-token.v1."
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def token_secret(db: Database, configured: str | None) -> bytes:
+    """SECRET_KEY, else one random secret stored in MongoDB (the same for every worker and host)."""
+    if configured:
+        return configured.encode()
+    cache = current_app.extensions.setdefault("auth_secret", {})
+    if "value" not in cache:
+        doc = db.server_secrets.find_one({"_id": "stream_token"})
+        if doc is None:
+            try:
+                db.server_secrets.insert_one({"_id": "stream_token", "value": secrets.token_hex(32),
+                                              "created_at": datetime.now(UTC)})
+            except DuplicateKeyError:  # another worker created it first
+                pass
+            doc = db.server_secrets.find_one({"_id": "stream_token"})
+        cache["value"] = doc["value"].encode()
+    return cache["value"]
+
+
+def _sign(secret: bytes, body: str) -> str:
+    return _b64(hmac.new(secret, _TOKEN_CONTEXT + body.encode(), hashlib.sha256).digest())
+
+
+def make_stream_token(secret: bytes, user: User | None, job_id: str, ttl_s: int,
+                      now: float | None = None) -> tuple[str, int]:
+    """A signed token for one job's streams; returns (token, expiry as a UNIX time)."""
+    expires = int((now if now is not None else time.time()) + ttl_s)
+    payload = {"u": user.name if user else None, "r": user.role if user else None, "j": job_id, "exp": expires}
+    body = _b64(json.dumps(payload, separators=(",", ":")).encode())
+    return f"{body}.{_sign(secret, body)}", expires
+
+
+def read_stream_token(secret: bytes, token: str, now: float | None = None) -> dict[str, Any] | None:
+    """The payload of a valid, unexpired token, else None."""
+    body, _, signature = token.partition(".")
+    if not body or not signature or not hmac.compare_digest(_sign(secret, body), signature):
+        return None
+    try:
+        payload = json.loads(_unb64(body))
+    except ValueError:
+        return None
+    if not isinstance(payload, dict) or not isinstance(payload.get("exp"), int):
+        return None
+    if payload["exp"] < (now if now is not None else time.time()):
+        return None
+    return payload
+
+
+def _token_user() -> User:
+    svc = services()
+    payload = read_stream_token(token_secret(svc.db, svc.settings.SECRET_KEY), request.args.get(TOKEN_PARAM, ""))
+    if payload is None or not payload.get("u"):
+        raise _unauthorized("invalid or expired stream token; ask POST /auth/stream-token for a new one",
+                            basic=False)
+    named = {str(v) for v in (request.view_args or {}).values()}
+    named.update(v for k, v in request.args.items() if k != TOKEN_PARAM)
+    if payload.get("j") not in named:
+        raise _unauthorized("this stream token is for another job", basic=False)
+    return User(name=str(payload["u"]), role=str(payload.get("r") or "user"))
+
+
 def current_user_name(fallback: str | None = None) -> str | None:
     """The authenticated user's name, or (auth off) the name the request carries."""
     user = authenticate()
@@ -134,6 +230,68 @@ def check_owner(owner: str | None) -> None:
         return
     if owner != user.name:
         raise ApiError(404, "not found")
+
+
+# ---------------------------------------------------------------- routes
+
+auth_bp = APIBlueprint("auth", __name__, url_prefix="/auth",
+                       abp_tags=[Tag(name="auth", description="Who am I; stream tokens for EventSource URLs")])
+
+
+class Me(BaseModel):
+    auth_mode: str
+    authenticated: bool
+    user: str | None = None
+    role: str | None = None
+
+
+class StreamTokenBody(BaseModel):
+    job_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$",
+                        description="the job (or storybook book) to stream")
+
+
+class StreamToken(BaseModel):
+    token: str
+    job_id: str
+    expires_at: str
+    expires_in: int
+    stream_url: str = Field(description="server-relative SSE URL of the job with the token")
+
+
+@auth_bp.get("/me", responses={200: Me})
+def me() -> Response:
+    """The caller as the server sees it (auth off: anonymous)."""
+    user = authenticate()
+    mode = services().settings.AUTH_MODE
+    return jsonify({"auth_mode": mode, "authenticated": user is not None,
+                    "user": user.name if user else None, "role": user.role if user else None})
+
+
+@auth_bp.post("/stream-token", responses={200: StreamToken})
+def stream_token(body: StreamTokenBody) -> Response:
+    """A short-lived `?token=` for a job's SSE URLs (EventSource cannot send headers)."""
+    svc = services()
+    user = authenticate()
+    job = svc.jobs.get(body.job_id)
+    if job is None:
+        raise ApiError(404, f"no job {body.job_id}")
+    check_owner(job.get("owner"))
+    ttl = svc.settings.STREAM_TOKEN_TTL_S
+    token, expires = make_stream_token(token_secret(svc.db, svc.settings.SECRET_KEY), user, body.job_id, ttl)
+    return jsonify({
+        "token": token, "job_id": body.job_id, "expires_in": ttl,
+        "expires_at": datetime.fromtimestamp(expires, UTC).isoformat(),
+        "stream_url": f"/jobs/{body.job_id}/events?{TOKEN_PARAM}={token}",
+    })
+
+
+def init_auth(app: Any) -> None:
+    """Register /auth/me and /auth/stream-token; make sure the users' indexes exist.
+
+    (`register_indexes` functions run in init_services, before this module is first imported.)
+    """
+    app.register_api(auth_bp)
+    _indexes(app.extensions["services"].db)
 
 
 def register_cli(app: Flask) -> None:

@@ -22,6 +22,7 @@ from pymongo.errors import PyMongoError
 from .jobs import TERMINAL, JobManager
 
 EventFormatter = Callable[[dict[str, Any]], "str | None"]
+DB_RETRY_S = 5.0  # reconnect delay suggested to EventSource clients when the database is unavailable
 
 
 def format_sse(data: Any, *, event: str | None = None, id: int | str | None = None) -> str:
@@ -139,6 +140,10 @@ def job_event_stream(manager: JobManager, watcher: JobWatcher, job_id: str, *, a
                 yield ": keep-alive\n\n"
                 last_sent = time.monotonic()
             watcher.wait(job_id, seq, timeout=min(heartbeat_s, 2.0))
+    except PyMongoError:
+        # the database went away mid-stream: end cleanly and ask the browser to reconnect later
+        # (EventSource resumes from Last-Event-ID, so nothing is lost) instead of a broken chunk
+        yield f"retry: {int(DB_RETRY_S * 1000)}\n: database unavailable, reconnect shortly\n\n"
     finally:
         watcher.unsubscribe(job_id)
 

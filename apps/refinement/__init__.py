@@ -1,1 +1,1 @@
-"""The refinement app (see docs/apps.md)."""
+"""The refinement app: InsPilot (working title Refinity), the design-stimulus workflow (docs/refinement.md)."""

@@ -1,0 +1,577 @@
+"""The four stimulus pipelines of InsPilot, with the independent steps run concurrently.
+
+The original ran every chat call one after another and only fanned out the SD calls.
+Here a `Run` (one /generate call) owns a small thread pool: text steps that do not
+feed the images (concept texts, function texts) run while the image chain (scenes ->
+SD prompts -> images) proceeds, and every image of a chain goes to the image provider
+in one `generate_many`. Each model reply is structured JSON whose arrays are pinned to
+the exact count (minItems = maxItems = N), so "counts disagree" cannot happen silently:
+a wrong count is repaired once by agent.llm, else it is a ModelError.
+
+Every step is recorded with its template name + hash, generation id and timing (relative
+to the start of the run) so the stored stimuli carry their provenance.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent.llm import CallContext
+from agent.types import ImageRequest, ImageResult, ModelError
+from apps.core.context import Services
+from apps.core.errors import ApiError
+
+from . import labels as L
+
+log = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------ SD options (settings/refinement/sd_options.yaml)
+SD_KINDS = ("scene", "product", "img2img", "inpaint")
+SD_KEYS = {
+    "width",
+    "height",
+    "steps",
+    "cfg_scale",
+    "sampler_name",
+    "checkpoint",
+    "denoising_strength",
+    "extra",
+}
+SD_DEFAULTS: dict[str, Any] = {
+    "width": 1024,
+    "height": 576,
+    "steps": 30,
+    "cfg_scale": 5.0,
+    "sampler_name": "DPM++ 2M SDE Karras",
+    "checkpoint": None,
+    "extra": {},
+}
+_sd_cache: dict[Path, tuple[tuple[int, int], dict[str, dict[str, Any]]]] = {}
+_sd_lock = threading.Lock()
+
+
+def sd_options(settings_dir: Path, kind: str) -> dict[str, Any]:
+    """The SD settings of one image kind, re-read when the YAML file changes (designers edit it)."""
+    path = Path(settings_dir) / "refinement" / "sd_options.yaml"
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return {**SD_DEFAULTS, "denoising_strength": 0.75 if kind == "inpaint" else 0.6}
+    sig = (st.st_mtime_ns, st.st_size)
+    with _sd_lock:
+        cached = _sd_cache.get(path)
+    if cached is None or cached[0] != sig:
+        table = _parse_sd_options(path)
+        with _sd_lock:
+            _sd_cache[path] = (sig, table)
+    else:
+        table = cached[1]
+    return {**SD_DEFAULTS, "denoising_strength": 0.75 if kind == "inpaint" else 0.6, **table.get(kind, {})}
+
+
+def _parse_sd_options(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ApiError(500, f"{path}: not valid YAML ({exc})", code="settings_error") from exc
+    if not isinstance(raw, dict):
+        raise ApiError(500, f"{path}: expected 'kind: {{key: value}}' mappings", code="settings_error")
+    table: dict[str, dict[str, Any]] = {}
+    for kind, values in raw.items():
+        if kind not in SD_KINDS or not isinstance(values, dict) or set(values) - SD_KEYS:
+            raise ApiError(
+                500,
+                f"{path}: bad entry {kind!r} (kinds: {', '.join(SD_KINDS)}; keys: "
+                f"{', '.join(sorted(SD_KEYS))})",
+                code="settings_error",
+            )
+        table[kind] = values
+    return table
+
+
+# ------------------------------------------------------------------ schemas with exact counts
+def exact_counts(schema: dict[str, Any], counts: dict[str, int]) -> dict[str, Any]:
+    """Copy of a template's schema with arrays pinned: {"products": 6, "schemes[].scenes": 2}."""
+    out = copy.deepcopy(schema)
+    for path, n in counts.items():
+        node = out
+        for part in path.split("."):
+            many = part.endswith("[]")
+            node = node["properties"][part[:-2] if many else part]
+            if many:
+                node = node["items"]
+        node["minItems"] = node["maxItems"] = n
+    return out
+
+
+def clean(value: Any) -> Any:
+    """Trim every string of a model's JSON reply (the original kept stray spaces and empty pieces)."""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, list):
+        return [clean(v) for v in value]
+    if isinstance(value, dict):
+        return {k: clean(v) for k, v in value.items()}
+    return value
+
+
+# ------------------------------------------------------------------ one run
+@dataclass
+class GeneratedImage:
+    id: str
+    png: bytes
+    role: str  # "scene" | "product"
+    prompt: str  # the model-written SD prompt
+    positive: str  # after the positive wrapper template
+    negative: str
+    width: int
+    height: int
+    generation_id: str | None
+    instance: str | None
+    templates: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+class Run:
+    """One /generate call: its model calls (concurrent where independent) and their provenance."""
+
+    def __init__(
+        self,
+        svc: Services,
+        *,
+        request_id: str,
+        username: str | None,
+        session: str | None,
+        language: str,
+        settings_dir: Path,
+        max_workers: int = 4,
+    ) -> None:
+        self.svc = svc
+        self.request_id = request_id
+        self.username = username
+        self.session = session
+        self.language = language
+        self.settings_dir = settings_dir
+        self.started = time.perf_counter()
+        self.steps: list[dict[str, Any]] = []
+        self.image_ids: list[str] = []
+        self._lock = threading.Lock()
+        self._futures: list[Future[Any]] = []
+        self._pool = ThreadPoolExecutor(
+            max_workers=max_workers, thread_name_prefix=f"refine-{request_id[-6:]}"
+        )
+
+    # -- plumbing
+    def template(self, name: str) -> str:
+        return f"refinement/{self.language}/{name}"
+
+    def _offset(self) -> float:
+        return round((time.perf_counter() - self.started) * 1000, 1)
+
+    def _add_step(self, step: dict[str, Any]) -> None:
+        with self._lock:
+            self.steps.append(step)
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
+        future = self._pool.submit(fn, *args, **kwargs)
+        with self._lock:
+            self._futures.append(future)
+        return future
+
+    def close(self) -> None:
+        """Wait for every step still running (so nothing is stored after a failed run is cleaned up)."""
+        with self._lock:
+            futures = list(self._futures)
+        wait(futures)
+        self._pool.shutdown(wait=True)
+
+    def provenance(self) -> dict[str, dict[str, Any]]:
+        """step -> {template, hash, generation_id(s)} of every step of this run."""
+        out: dict[str, dict[str, Any]] = {}
+        for s in sorted(self.steps, key=lambda s: s["started_ms"]):
+            entry = {
+                k: s[k]
+                for k in ("kind", "template", "template_hash", "generation_id", "generation_ids")
+                if s.get(k) is not None
+            }
+            out[s["step"]] = entry
+        return out
+
+    # -- text
+    def chat(
+        self,
+        step: str,
+        name: str,
+        variables: dict[str, Any],
+        *,
+        counts: dict[str, int] | None = None,
+        adjust: Callable[[dict[str, Any]], None] | None = None,
+        images: list[str] | None = None,
+    ) -> Any:
+        """One templated JSON call; returns the cleaned, validated reply."""
+        template = self.template(name)
+        tpl = self.svc.prompts.get(template)
+        schema = None
+        if counts or adjust:
+            schema = exact_counts(tpl.schema or {"type": "object"}, counts or {})
+            if adjust:
+                adjust(schema)
+        started = self._offset()
+        result = self.svc.llm.chat(
+            template=template,
+            variables=variables,
+            schema=schema,
+            images=images or None,
+            context=CallContext(
+                app=L.APP, user=self.username, session=self.session, job=self.request_id, step=step
+            ),
+        )
+        data = clean(result.data)
+        self._add_step(
+            {
+                "step": step,
+                "kind": "chat",
+                "template": template,
+                "template_hash": tpl.hash,
+                "generation_id": result.generation_id,
+                "provider": result.provider,
+                "model": result.model,
+                "attempts": result.attempts,
+                "notes": result.notes,
+                "output": data,
+                "images_attached": len(images or []),
+                "started_ms": started,
+                "ended_ms": self._offset(),
+            }
+        )
+        return data
+
+    def wrap(self, name: str, variables: dict[str, Any]) -> tuple[str, dict[str, str]]:
+        """Render an SD wrapper template (never sent to a language model)."""
+        template = self.template(name)
+        rendered = self.svc.prompts.render(template, variables)
+        return rendered.messages[-1]["content"], {"template": template, "template_hash": rendered.hash}
+
+    # -- images
+    def images(self, step: str, role: str, prompts: list[str]) -> list[GeneratedImage]:
+        """Wrap every prompt, then submit all of them at once; results in order, none empty."""
+        opts = sd_options(self.settings_dir, role)
+        neg_text, neg_tpl = self.wrap(f"sd_{role}_negative", {})
+        requests: list[ImageRequest] = []
+        wrapped: list[tuple[str, dict[str, str]]] = []
+        for i, prompt in enumerate(prompts):
+            positive, pos_tpl = self.wrap(f"sd_{role}_positive", {"prompt": prompt})
+            wrapped.append((positive, pos_tpl))
+            requests.append(
+                ImageRequest(
+                    prompt=positive,
+                    negative_prompt=neg_text,
+                    width=int(opts["width"]),
+                    height=int(opts["height"]),
+                    steps=int(opts["steps"]),
+                    cfg_scale=float(opts["cfg_scale"]),
+                    sampler_name=opts.get("sampler_name"),
+                    checkpoint=opts.get("checkpoint"),
+                    extra=dict(opts.get("extra") or {}),
+                    label=f"{role} {i + 1}",
+                    context={
+                        "app": L.APP,
+                        "user": self.username,
+                        "session": self.session,
+                        "job": self.request_id,
+                        "step": step,
+                        "kind": "stimulus",
+                    },
+                )
+            )
+        started = self._offset()
+        try:
+            results: list[ImageResult] = self.svc.image_provider.generate_many(requests)
+        except ApiError as exc:  # the store refused what the image service returned
+            raise ModelError(
+                f"the image service returned an unusable image: {exc.message}",
+                provider="images",
+                status=502,
+                kind="image",
+            ) from exc
+        out: list[GeneratedImage] = []
+        for req, res, (positive, pos_tpl) in zip(requests, results, wrapped, strict=True):
+            if not res.png or not res.image_id:
+                raise ModelError(
+                    "the image service returned an empty image",
+                    provider=res.provider,
+                    status=502,
+                    kind="image",
+                )
+            with self._lock:
+                self.image_ids.append(res.image_id)
+            out.append(
+                GeneratedImage(
+                    id=res.image_id,
+                    png=res.png,
+                    role=role,
+                    prompt=prompts[len(out)],
+                    positive=positive,
+                    negative=req.negative_prompt,
+                    width=req.width,
+                    height=req.height,
+                    generation_id=res.generation_id,
+                    instance=res.instance,
+                    templates={"positive": pos_tpl, "negative": neg_tpl},
+                )
+            )
+        self._add_step(
+            {
+                "step": step,
+                "kind": "images",
+                "template": f"{pos_tpl['template']} + {neg_tpl['template']}",
+                "template_hash": f"{pos_tpl['template_hash']}+{neg_tpl['template_hash']}",
+                "generation_ids": [g.generation_id for g in out],
+                "image_ids": [g.id for g in out],
+                "instances": [g.instance for g in out],
+                "provider": results[0].provider if results else None,
+                "started_ms": started,
+                "ended_ms": self._offset(),
+            }
+        )
+        return out
+
+
+# ------------------------------------------------------------------ the pipelines
+@dataclass
+class Stimulus:
+    """One generated creative: the stored form (image ids) plus the images' bytes for the reply."""
+
+    index: int
+    creative_type: int | None
+    display_type: str | None
+    items: list[dict[str, Any]]  # stored items: type, text, image_id, combinations
+    images: list[GeneratedImage]
+    texts: dict[str, Any]
+    result: dict[str, Any] | None = None  # type 2
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def item(
+    kind: str,
+    *,
+    text: str | None = None,
+    image: GeneratedImage | None = None,
+    combinations: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    return {"type": kind, "text": text, "image_id": image.id if image else None, "combinations": combinations}
+
+
+def _scene_chain(run: Run, stage: str, products: list[str], n: int) -> tuple[list[str], list[GeneratedImage]]:
+    scenes = run.chat("scenes", "scenes", {"stage": stage, "products": products}, counts={"scenes": n})[
+        "scenes"
+    ]
+    prompts = run.chat("scene_sd_prompts", "scene_sd_prompts", {"scenes": scenes}, counts={"prompts": n})[
+        "prompts"
+    ]
+    return scenes, run.images("scene_images", "scene", prompts)
+
+
+def rapid(run: Run, task: str, num: int) -> list[Stimulus]:
+    """type 0: products -> (scenes -> SD prompts -> images) || concept texts."""
+    products = run.chat(
+        "products",
+        "products",
+        {"stage": "rapid", "task": task, "scheme": "", "num": num},
+        counts={"products": num},
+    )["products"]
+    concepts = run.submit(
+        run.chat,
+        "concept_texts",
+        "concept_texts",
+        {"stage": "rapid", "products": products},
+        counts={"texts": num},
+    )
+    scenes, images = _scene_chain(run, "rapid", products, num)
+    texts = concepts.result()["texts"]
+    return [
+        Stimulus(
+            index=i,
+            creative_type=L.CREATIVE_RAPID_ABSTRACT,
+            display_type=L.DISPLAY_SEQUENCE,
+            items=[item(L.ABSTRACT_IMAGE, image=images[i]), item(L.ABSTRACT_TEXT, text=texts[i])],
+            images=[images[i]],
+            texts={"product": products[i], "scene": scenes[i], "concept": texts[i]},
+        )
+        for i in range(num)
+    ]
+
+
+DEEP_COUNT = 3  # fixed by the original
+
+
+def deep(run: Run, task: str, texts: list[str], sketch_url: str | None) -> tuple[list[Stimulus], str | None]:
+    """type 1: [vision name] -> products -> (scenes -> SD prompts -> images) || concepts || functions."""
+    name = None
+    if sketch_url is not None:
+        name = run.chat("vision_name", "vision_name", {"task": task, "texts": texts}, images=[sketch_url])[
+            "name"
+        ]
+    scheme = f"{name}:{','.join(texts)}" if name else ",".join(texts)
+    n = DEEP_COUNT
+    products = run.chat(
+        "products",
+        "products",
+        {"stage": "deep", "task": task, "scheme": scheme, "num": n},
+        counts={"products": n},
+    )["products"]
+    concepts = run.submit(
+        run.chat,
+        "concept_texts",
+        "concept_texts",
+        {"stage": "deep", "products": products},
+        counts={"texts": n},
+    )
+    functions = run.submit(
+        run.chat,
+        "function_texts",
+        "function_texts",
+        {"stage": "deep", "products": products},
+        counts={"texts": n},
+    )
+    scenes, images = _scene_chain(run, "deep", products, n)
+    concept_texts, function_texts = concepts.result()["texts"], functions.result()["texts"]
+    stimuli = [
+        Stimulus(
+            index=i,
+            creative_type=L.CREATIVE_DEEP,
+            display_type=L.DISPLAY_SEQUENCE,
+            items=[
+                item(L.ABSTRACT_IMAGE, image=images[i]),
+                item(L.ABSTRACT_TEXT, text=concept_texts[i]),
+                item(L.CONCRETE_TEXT, text=function_texts[i]),
+            ],
+            images=[images[i]],
+            texts={
+                "name": name,
+                "scheme": scheme,
+                "product": products[i],
+                "scene": scenes[i],
+                "concept": concept_texts[i],
+                "function": function_texts[i],
+            },
+        )
+        for i in range(n)
+    ]
+    return stimuli, name
+
+
+def convergence_names(
+    run: Run, task: str, schemes: list[dict[str, Any]], sketch_urls: list[str | None], select_num: int
+) -> Stimulus:
+    """type 2: name every scheme (with the sketches that exist) -> recommend `select_num` of them."""
+    listed, images, k = [], [], 0
+    for scheme, url in zip(schemes, sketch_urls, strict=True):
+        if url is not None:
+            k += 1
+            images.append(url)
+        listed.append({"texts": scheme["texts"], "image": k if url is not None else None})
+    count = len(schemes)
+    names = run.chat(
+        "convergence_names",
+        "convergence_names",
+        {"task": task, "schemes": listed},
+        counts={"names": count},
+        images=images,
+    )["names"]
+    select = min(select_num, count)
+
+    picked = run.chat(
+        "recommend",
+        "recommend",
+        {
+            "task": task,
+            "select_num": select,
+            "schemes": [{"name": names[i], "texts": s["texts"]} for i, s in enumerate(schemes)],
+        },
+        counts={"selected": select},
+    )["selected"]
+    # repeated or out-of-range numbers are dropped, not fatal (a grammar-constrained small model cannot be
+    # held to them), so `selected` may be shorter than select_num, as the original contract allows
+    valid = [i for i in dict.fromkeys(picked) if 1 <= i <= count]
+    selected = [names[i - 1] for i in valid]
+    return Stimulus(
+        index=0,
+        creative_type=None,
+        display_type=None,
+        items=[],
+        images=[],
+        texts={"schemes": [s["texts"] for s in schemes]},
+        result={
+            "names": names,
+            "selected": selected,
+            "selectedIndices": [i - 1 for i in valid],
+            "dropped": [i for i in picked if i not in valid],
+        },
+    )
+
+
+def convergence(run: Run, schemes: list[list[str]], num: int) -> list[Stimulus]:
+    """type 3: (scenes -> SD prompts -> scene images) || (functions -> SD prompts -> product images)."""
+    s = len(schemes)
+    listed = [{"texts": t} for t in schemes]
+    total = s * num
+
+    def scene_chain() -> tuple[list[str], list[GeneratedImage]]:
+        grouped = run.chat(
+            "convergence_scenes",
+            "convergence_scenes",
+            {"schemes": listed, "num": num},
+            counts={"schemes": s, "schemes[].scenes": num},
+        )["schemes"]
+        scenes = [x for g in grouped for x in g["scenes"]]
+        prompts = run.chat(
+            "scene_sd_prompts", "scene_sd_prompts", {"scenes": scenes}, counts={"prompts": total}
+        )["prompts"]
+        return scenes, run.images("scene_images", "scene", prompts)
+
+    def product_chain() -> tuple[list[str], list[GeneratedImage]]:
+        grouped = run.chat(
+            "convergence_functions",
+            "convergence_functions",
+            {"schemes": listed, "num": num},
+            counts={"schemes": s, "schemes[].functions": num},
+        )["schemes"]
+        functions = [x for g in grouped for x in g["functions"]]
+        prompts = run.chat(
+            "product_sd_prompts", "product_sd_prompts", {"functions": functions}, counts={"prompts": total}
+        )["prompts"]
+        return functions, run.images("product_images", "product", prompts)
+
+    products = run.submit(product_chain)
+    scenes, scene_images = scene_chain()
+    functions, product_images = products.result()
+    out = []
+    for i in range(total):
+        group = [
+            item(L.ABSTRACT_IMAGE, image=scene_images[i]),
+            item(L.CONCRETE_IMAGE, image=product_images[i]),
+            item(L.CONCRETE_TEXT, text=functions[i]),
+        ]
+        out.append(
+            Stimulus(
+                index=i,
+                creative_type=L.CREATIVE_CONVERGENCE_GROUP_TWO,
+                display_type=L.DISPLAY_DIRECT,
+                items=[item(L.GROUP_TWO, combinations=group)],
+                images=[scene_images[i], product_images[i]],
+                texts={"schemeTexts": schemes[i // num], "scene": scenes[i], "function": functions[i]},
+                extra={"scheme_index": i // num},
+            )
+        )
+    return out

@@ -1,0 +1,362 @@
+"""Request and response models of the refinement app (InsPilot's contract plus our history/refine routes).
+
+`/generate` is validated in two steps because its `prompts` shape depends on `type`:
+the body model checks `appid`/`type`/`prompts` are there and typed, then the service
+checks `appid` and `type` (the original's business messages) and validates `prompts`
+with the model of that type. Counts are bounded (the original accepted any `int()`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from apps.core.storage import ID_PATTERN
+
+MAX_NUM = 12  # type 0 `num`, type 3 `num`, type 2 `selectNum`
+MAX_SCHEMES = 32  # type 2 schemes (rapid + deep sketches)
+MAX_SELECTED = 16  # type 3 selectedSchemes
+MAX_CONVERGENCE_TOTAL = 16  # type 3: selectedSchemes x num (two images each)
+MAX_TEXTS = 50
+MAX_IMAGE_CHARS = 14_000_000  # a base64 canvas export (~10 MB of PNG)
+
+USERNAME_PATTERN = r"^[^\x00-\x1f\x7f/\\]{0,64}$"
+SESSION_PATTERN = r"^[A-Za-z0-9_-]{8,64}$"
+OBJECT_ID_PATTERN = r"^[0-9a-f]{24}$"
+
+Text = Annotated[str, Field(max_length=500)]
+Language = Literal["zh", "en"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# ------------------------------------------------------------------ /generate
+class GenerateBody(_Strict):
+    """`POST /generate`: every stimulus request of InsPilot."""
+
+    appid: int = Field(description="application id; only 0 (the paint app) exists")
+    type: int = Field(
+        description="0 rapid divergence, 1 deep divergence, 2 convergence naming + "
+        "recommendation, 3 convergence stimuli"
+    )
+    prompts: dict[str, Any] = Field(
+        description="the type's payload. type 0: {task, num 1-12}; type 1: {designTask, designTexts: [str], "
+        "schemeId, designImage?: PNG data URL}; type 2: {designTask?, selectNum 1-12, schemes: [{designTexts, "
+        "designImage?}]}; type 3: {selectedSchemes: [{designTexts}], num 1-12, schemes x num <= 16}. Any type "
+        "(ours, optional): language zh|en, username, sessionId."
+    )
+    username: str | None = Field(
+        default=None,
+        pattern=USERNAME_PATTERN,
+        description="optional (not sent by the original frontend): whose stimuli these are",
+    )
+    sessionId: str | None = Field(
+        default=None, pattern=SESSION_PATTERN, description="optional: the session from /paint/start"
+    )
+
+
+class _Prompts(_Strict):
+    language: Language | None = Field(
+        default=None, description="prompt language; default REFINEMENT_LANGUAGE"
+    )
+    username: str | None = Field(default=None, pattern=USERNAME_PATTERN, description="optional attribution")
+    sessionId: str | None = Field(default=None, pattern=SESSION_PATTERN, description="optional attribution")
+
+
+class RapidPrompts(_Prompts):
+    """type 0: `num` pairs of scene image + concept text for the design task."""
+
+    task: str | None = Field(default=None, max_length=2000, description="the design task")
+    num: int | None = Field(
+        default=None, ge=0, le=MAX_NUM, description="how many stimuli (the frontend sends 6)"
+    )
+
+
+class DeepPrompts(_Prompts):
+    """type 1: three deep stimuli for one rapid-divergence sketch (seed-003 form: texts + schemeId only)."""
+
+    designTask: str | None = Field(default=None, max_length=2000)
+    designTexts: list[Text] | None = Field(
+        default=None, max_length=MAX_TEXTS, description="the text labels on the sketch"
+    )
+    schemeId: int | None = Field(
+        default=None, ge=0, le=100_000, description="index of the sketch; echoed back"
+    )
+    designImage: str | None = Field(
+        default=None,
+        max_length=MAX_IMAGE_CHARS,
+        description="the sketch as a PNG data URL (or raw base64); optional",
+    )
+
+
+class SchemeIn(_Strict):
+    designTexts: list[Text] = Field(default_factory=list, max_length=MAX_TEXTS)
+    designImage: str | None = Field(default=None, max_length=MAX_IMAGE_CHARS)
+
+
+class ConvergenceNamesPrompts(_Prompts):
+    """type 2: a name for every scheme and the `selectNum` recommended ones."""
+
+    designTask: str | None = Field(default=None, max_length=2000)
+    selectNum: int = Field(
+        ge=1, le=MAX_NUM, description="how many to recommend (clamped to the scheme count)"
+    )
+    schemes: list[SchemeIn] | None = Field(default=None, max_length=MAX_SCHEMES)
+
+
+class SchemeTexts(_Strict):
+    designTexts: list[Text] = Field(default_factory=list, max_length=MAX_TEXTS)
+
+
+class ConvergencePrompts(_Prompts):
+    """type 3: `num` scene + product + function stimuli per selected scheme."""
+
+    selectedSchemes: list[SchemeTexts] | None = Field(default=None, max_length=MAX_SELECTED)
+    num: int | None = Field(default=None, ge=0, le=MAX_NUM)
+
+
+PROMPT_MODELS: dict[int, type[_Prompts]] = {
+    0: RapidPrompts,
+    1: DeepPrompts,
+    2: ConvergenceNamesPrompts,
+    3: ConvergencePrompts,
+}
+
+
+class Item(BaseModel):
+    type: str = Field(
+        description="abstractText | concreteText | abstractImage | concreteImage | groupTypeOne | "
+        "groupTypeTwo"
+    )
+    text: str | None = None
+    image: str | None = Field(default=None, description="raw base64 PNG (no data: prefix)")
+    combinations: list[Item] | None = None
+
+
+class Creative(BaseModel):
+    type: int = Field(description="0 rapid, 2 deep, 4 convergence group two")
+    displayType: Literal["sequence", "direct"]
+    items: list[Item]
+
+
+class GenerateData(BaseModel):
+    """type 0: count + result; 1: schemeId + count + result; 2: names + selected; 3: result."""
+
+    count: int | None = None
+    schemeId: int | None = None
+    result: list[Creative] | None = None
+    names: list[str] | None = None
+    selected: list[str] | None = None
+    requestId: str = Field(description="ours: the stored request (GET /requests/<id>)")
+    stimulusIds: list[str] | None = Field(
+        default=None, description="ours: one per creative (GET /stimuli/<id>)"
+    )
+
+
+class Envelope(BaseModel):
+    success: bool
+    code: int = Field(description="0 ok, 1 business/validation failure, 2 model failure")
+    message: str
+    data: Any = None
+
+
+class GenerateEnvelope(Envelope):
+    data: GenerateData | None = None
+
+
+# ------------------------------------------------------------------ /paint
+class UsernameBody(_Strict):
+    username: str | None = Field(default=None, pattern=USERNAME_PATTERN)
+
+
+class SaveBody(_Strict):
+    username: str | None = Field(default=None, pattern=USERNAME_PATTERN)
+    data: dict[str, Any] | None = Field(
+        default=None, description="{designSchemes: {stage: [Scheme]}, designTask, currentStage}"
+    )
+
+
+class SaveData(_Strict):
+    designSchemes: dict[str, list[dict[str, Any]] | None] | None = None
+    designTask: str | None = Field(default=None, max_length=2000)
+    currentStage: str | None = Field(default=None, max_length=20)
+
+
+class UserState(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    id: str = Field(alias="_id")
+    username: str
+    currentStage: str
+    designTask: str
+    rapidDivergenceSchemes: list[dict[str, Any]]
+    deepDivergenceSchemes: list[dict[str, Any]]
+    convergenceSchemes: list[dict[str, Any]]
+    sessionId: str = Field(
+        description="ours: this login's session (send it back as `sessionId` to attribute /generate calls)"
+    )
+
+
+class UserStateEnvelope(Envelope):
+    data: UserState | None = None
+
+
+# ------------------------------------------------------------------ history
+class UserPath(BaseModel):
+    username: str = Field(pattern=r"^[^\x00-\x1f\x7f/\\]{1,64}$")
+
+
+class SessionPath(BaseModel):
+    session_id: str = Field(pattern=SESSION_PATTERN)
+
+
+class StimulusPath(BaseModel):
+    stimulus_id: str = Field(pattern=OBJECT_ID_PATTERN)
+
+
+class RequestPath(BaseModel):
+    request_id: str = Field(pattern=OBJECT_ID_PATTERN)
+
+
+class ImageIdPath(BaseModel):
+    image_id: str = Field(pattern=f"^{ID_PATTERN}$")
+
+
+class LimitQuery(BaseModel):
+    limit: int = Field(default=50, ge=1, le=500)
+
+
+class StimuliQuery(BaseModel):
+    sessionId: str | None = Field(default=None, pattern=SESSION_PATTERN)
+    type: int | None = Field(default=None, ge=0, le=3, description="only this /generate type")
+    before: str | None = Field(
+        default=None, pattern=OBJECT_ID_PATTERN, description="page: stimuli older than this id"
+    )
+    limit: int = Field(default=50, ge=1, le=200)
+
+
+class HistoryItem(BaseModel):
+    type: str
+    text: str | None = None
+    imageId: str | None = None
+    imageUrl: str | None = None
+    combinations: list[HistoryItem] | None = None
+
+
+class StimulusOut(BaseModel):
+    id: str
+    requestId: str
+    username: str | None
+    sessionId: str | None
+    attribution: str = Field(description="auth | explicit | inferred | anonymous")
+    type: int = Field(description="the /generate type")
+    stage: str
+    index: int
+    creativeType: int | None = None
+    displayType: str | None = None
+    items: list[HistoryItem] = Field(default_factory=list)
+    result: dict[str, Any] | None = Field(default=None, description="type 2: names, selected")
+    texts: dict[str, Any] = Field(
+        default_factory=dict, description="the chain that led to it (product, scene, ...)"
+    )
+    images: list[dict[str, Any]] = Field(default_factory=list, description="prompts and ids of its images")
+    provenance: dict[str, Any] = Field(
+        default_factory=dict, description="step -> template, hash, generation id"
+    )
+    language: str
+    createdAt: str
+
+
+class StimuliPage(BaseModel):
+    stimuli: list[StimulusOut]
+    next: str | None = Field(default=None, description="pass as `before` for the next page")
+
+
+class StimuliEnvelope(Envelope):
+    data: StimuliPage | None = None
+
+
+class SessionOut(BaseModel):
+    sessionId: str
+    username: str
+    createdAt: str
+    lastSeenAt: str | None = None
+    requests: int = 0
+    failedRequests: int = 0
+    stimuli: int = 0
+    saves: int = 0
+
+
+class SessionsEnvelope(Envelope):
+    data: dict[str, Any] | None = None
+
+
+# ------------------------------------------------------------------ refine (ours)
+class _RefineBody(_Strict):
+    imageId: str = Field(pattern=f"^{ID_PATTERN}$", description="a stimulus image or an earlier version")
+    prompt: str | None = Field(
+        default=None, max_length=1000, description="positive prompt; default: the parent's"
+    )
+    negativePrompt: str | None = Field(default=None, max_length=1000, description="default: the parent's")
+    num: int = Field(default=1, ge=1, le=4, description="how many variations (siblings)")
+    seed: int = Field(default=-1, ge=-1, le=2**32 - 1)
+    username: str | None = Field(
+        default=None, pattern=USERNAME_PATTERN, description="default: the parent's owner"
+    )
+    sessionId: str | None = Field(
+        default=None, pattern=SESSION_PATTERN, description="default: the parent's session"
+    )
+
+
+class Img2ImgBody(_RefineBody):
+    """A variation of an image: img2img with `strength` (0 = unchanged, 1 = new image)."""
+
+    strength: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="denoising strength; default 0.6"
+    )
+
+
+class InpaintBody(_RefineBody):
+    """Regenerate the masked part of an image."""
+
+    mask: str = Field(
+        min_length=8,
+        max_length=MAX_IMAGE_CHARS,
+        description="PNG (raw base64 or data URL), same size as the image; white = regenerate",
+    )
+    invertMask: bool = Field(default=False, description="regenerate the black part instead")
+    strength: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="denoising strength; default 0.75"
+    )
+
+
+class VersionOut(BaseModel):
+    id: str = Field(description="the version's image id")
+    parentId: str | None
+    rootId: str
+    stimulusId: str | None
+    op: str = Field(description="original | img2img | inpaint")
+    depth: int
+    prompt: str | None = None
+    negativePrompt: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    imageUrl: str
+    image: str | None = Field(default=None, description="raw base64 PNG (POST answers only)")
+    createdAt: str | None = None
+    children: list[VersionOut] | None = None
+
+
+class RefineData(BaseModel):
+    parentId: str
+    rootId: str
+    versions: list[VersionOut]
+
+
+class RefineEnvelope(Envelope):
+    data: RefineData | None = None
+
+
+class TreeEnvelope(Envelope):
+    data: VersionOut | None = None

@@ -1,0 +1,442 @@
+"""SD pool benchmark: the shared MongoDB-leased pool vs a faithful model of the originals' per-process pool.
+
+    python bench/pool.py            # full run (about 4 minutes)
+    python bench/pool.py --quick    # smaller run (about 1 minute)
+
+What runs:
+- K fake SD WebUI instances (tests/fakes/fake_sd.py: real HTTP servers that run one
+  generation at a time and queue the rest, like the WebUI; `--delay` D s per image,
+  default 0.5 s);
+- an embedded MongoDB (secantusdb, what the server uses when MONGO_URI is unset);
+- 4 worker PROCESSES standing in for `gunicorn -w 4` gthread workers: each has its own
+  image provider on the same database and serves each request in a thread, calling
+  `generate_many` exactly as an app does through `svc.image_provider`. Everything the
+  pool sees (4 processes, their threads, their MongoDB clients) is what it sees under
+  gunicorn; only the HTTP parsing is left out, because no route of ours generates M
+  images for an arbitrary client and the HTTP layer is not what is measured;
+- C client threads in this process, each in a closed loop: send one request of M images
+  (64x64, so PNG encoding stays negligible next to D) to a worker chosen at random (as
+  the kernel hands connections to whichever gunicorn worker accepts), wait, repeat.
+
+Measured per scenario, after a 1 s warm-up, over `--seconds` seconds:
+- images/s from the instances' side: a generation occupies its instance for the last D
+  seconds of its HTTP request (the fake serialises and sleeps D just before answering);
+  that busy time is clipped to the window, so images at the edges count fractionally.
+  ratio = images/s / ideal, ideal = K/D ((K-1)/D with one instance dead or hung);
+- per-instance share of that work; max queue depth per instance: the most generation
+  requests an instance ever held at once (FakeSD.max_concurrent_seen; 1 = no queueing
+  inside the WebUI);
+- from the clients' side: request latency (p50, max), empty images, errors, requests
+  still unanswered long after the window (stuck).
+
+Baseline ("original"): `OriginalPool` below models the seeds' pool: one per process, a
+Semaphore(K) plus a FIFO Queue of all K URLs, `requests.post` with no timeout, any
+failure returns an empty image; each request fans out with a fresh ThreadPoolExecutor.
+It runs through the same harness in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import logging
+import multiprocessing as mp
+import os
+import platform
+import queue
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+WORKERS = 4
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+IMAGE_SIDE = 64
+
+
+# ---------------------------------------------------------------------------------------------- the original
+class OriginalPool:
+    """The seeds' `SDInstancePool` (InsPilot-api / StepIdeator-API agent/sd.py), as the research notes describe it.
+
+    Module singleton per process: Semaphore(len(instances)) + Queue of instance URLs; a
+    caller blocks until one is free, takes the one idle longest, posts with NO timeout,
+    turns any failure into image "" and puts the URL back in `finally`. Nothing is shared
+    between processes.
+    """
+
+    def __init__(self, urls: list[str]) -> None:
+        import requests
+
+        self._requests = requests
+        self.sem = threading.Semaphore(len(urls))
+        self.instances: queue.Queue[str] = queue.Queue()
+        for url in urls:
+            self.instances.put(url)
+
+    def text2image(self, task: dict[str, Any]) -> dict[str, Any]:
+        self.sem.acquire()
+        url = self.instances.get()
+        try:
+            payload = {"prompt": task["prompt"], "negative_prompt": "", "width": IMAGE_SIDE, "height": IMAGE_SIDE,
+                       "steps": 20}
+            resp = self._requests.post(url + "/sdapi/v1/txt2img", json=payload)  # no timeout, as the original
+            resp.raise_for_status()
+            image = resp.json()["images"][0]
+        except Exception:  # noqa: BLE001 - the original logged and returned an empty image
+            image = ""
+        finally:
+            self.instances.put(url)
+            self.sem.release()
+        return {"index": task["index"], "image": image}
+
+    def generate_many(self, prompts: list[str]) -> list[bytes]:
+        tasks = [{"index": i, "prompt": p} for i, p in enumerate(prompts)]
+        with ThreadPoolExecutor() as ex:  # a fresh executor per request, default size, as the original
+            results = list(ex.map(self.text2image, tasks))
+        return [base64.b64decode(r["image"]) if r["image"] else b"" for r in results]
+
+
+# ---------------------------------------------------------------------------------------------- worker processes
+def _build(spec: dict[str, Any]) -> tuple[Any, Any]:
+    """(generate_many(prompts) -> list[bytes], close()) for this worker process."""
+    if spec["impl"] == "original":
+        pool = OriginalPool(spec["urls"])
+        return pool.generate_many, lambda: None
+    from pymongo import MongoClient
+
+    from agent.pool import SDInstancePool, SDPoolProvider
+    from agent.types import ImageRequest
+
+    client: MongoClient = MongoClient(spec["mongo_uri"], tz_aware=True)
+    provider = SDPoolProvider(SDInstancePool(
+        client[spec["db"]], spec["urls"], timeout_s=spec["timeout_s"], wait_timeout_s=60.0, lease_s=30.0,
+        max_attempts=3))
+
+    def run(prompts: list[str]) -> list[bytes]:
+        reqs = [ImageRequest(prompt=p, width=IMAGE_SIDE, height=IMAGE_SIDE) for p in prompts]
+        return [r.png for r in provider.generate_many(reqs)]
+
+    def close() -> None:
+        provider.close()
+        client.close()
+
+    return run, close
+
+
+def _serve(run: Any, job_id: int, prompts: list[str], res_q: Any) -> None:
+    """One HTTP request's worth of work in a worker: M images via generate_many."""
+    error = None
+    try:
+        images = run(prompts)
+    except Exception as exc:  # noqa: BLE001 - counted and reported
+        images, error = [], f"{type(exc).__name__}: {exc}"[:200]
+    res_q.put(("result", job_id, (len(images), sum(1 for png in images if png[:8] != PNG_SIGNATURE), error)))
+
+
+def worker_main(idx: int, cmd_q: Any, res_q: Any) -> None:
+    """A stand-in for one gunicorn gthread worker: a thread per request, one image provider per process."""
+    logging.basicConfig(level=logging.ERROR)
+    while True:
+        spec = cmd_q.get()
+        if spec is None:
+            return
+        run, close = _build(spec)
+        res_q.put(("ready", idx, None))
+        with ThreadPoolExecutor(max_workers=32, thread_name_prefix="request") as threads:  # gunicorn.conf threads
+            while True:
+                msg = cmd_q.get()
+                if msg[0] == "end":
+                    break
+                _, job_id, prompts = msg
+                threads.submit(_serve, run, job_id, prompts, res_q)
+        close()
+        res_q.put(("done", idx, None))
+
+
+# ---------------------------------------------------------------------------------------------- the harness
+class Harness:
+    """K fakes per scenario, 4 long-lived worker processes, C client threads here.
+
+    Each client request goes to a worker chosen at random, as the kernel hands a gunicorn
+    worker whichever connection it accepts: two requests may land on one worker while
+    another idles, which is exactly what the originals' per-process pools could not see.
+    """
+
+    def __init__(self, mongo_uri: str, delay: float, seconds: float, warmup: float = 1.0, seed: int = 7) -> None:
+        self.mongo_uri = mongo_uri
+        self.delay = delay
+        self.seconds = seconds
+        self.warmup = warmup
+        self.seed = seed
+        ctx = mp.get_context("spawn")
+        self.res_q = ctx.Queue()
+        self.cmd_qs = [ctx.Queue() for _ in range(WORKERS)]
+        self.procs = [ctx.Process(target=worker_main, args=(i, self.cmd_qs[i], self.res_q), daemon=True)
+                      for i in range(WORKERS)]
+        for p in self.procs:
+            p.start()
+        self.n = 0
+        self._control: queue.Queue[tuple[str, int]] = queue.Queue()
+        self._waiting: dict[int, tuple[threading.Event, list[Any]]] = {}
+        self._jobs = 0
+        self._jobs_lock = threading.Lock()
+        threading.Thread(target=self._dispatch, name="results", daemon=True).start()
+
+    def _dispatch(self) -> None:
+        while True:
+            try:
+                kind, key, data = self.res_q.get()
+            except (EOFError, OSError):
+                return
+            if kind == "result":
+                event, box = self._waiting.pop(key)
+                box.append(data)
+                event.set()
+            else:
+                self._control.put((kind, key))
+
+    def close(self) -> None:
+        for q in self.cmd_qs:
+            q.put(None)
+        for p in self.procs:
+            p.join(10)
+            if p.is_alive():
+                p.terminate()
+
+    def _collect(self, kind: str, timeout: float) -> None:
+        got: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while len(got) < WORKERS:
+            msg, idx = self._control.get(timeout=max(0.1, deadline - time.monotonic()))
+            if msg == kind:
+                got.add(idx)
+
+    def _request(self, worker: int, prompts: list[str]) -> tuple[int, int, str | None]:
+        with self._jobs_lock:
+            self._jobs += 1
+            job_id = self._jobs
+        event, box = threading.Event(), []
+        self._waiting[job_id] = (event, box)
+        self.cmd_qs[worker].put(("job", job_id, prompts))
+        event.wait()
+        return box[0]
+
+    def _client(self, cid: int, m: int, t_start: float, t_stop: float, out: list[dict[str, Any]]) -> None:
+        import random
+
+        rng = random.Random(self.seed * 1000 + self.n * 100 + cid)
+        time.sleep(max(0.0, t_start - time.time()))
+        n = 0
+        while time.time() < t_stop:
+            worker = rng.randrange(WORKERS)
+            start = time.time()
+            images, empty, error = self._request(worker, [f"client {cid} request {n} image {i}" for i in range(m)])
+            out.append({"client": cid, "worker": worker, "start": start, "end": time.time(), "images": images,
+                        "empty": empty, "error": error})
+            n += 1
+
+    def run(self, impl: str, k: int, m: int, c: int, fault: str | None = None, timeout_s: float = 30.0) -> dict[str, Any]:
+        from tests.fakes.fake_sd import FakeSD
+
+        self.n += 1
+        fakes = [FakeSD(delay=self.delay, name=f"sd{i}").start() for i in range(k)]
+        if fault == "dead":
+            fakes[0].dead = True
+        elif fault == "hung":
+            fakes[0].hang = True
+        spec = {"impl": impl, "urls": [f.url for f in fakes], "mongo_uri": self.mongo_uri,
+                "db": f"bench_pool_{os.getpid()}_{self.n}", "timeout_s": timeout_s}
+        for q in self.cmd_qs:
+            q.put(spec)
+        self._collect("ready", 60)
+        t_start = time.time() + 0.2
+        t_stop = t_start + self.warmup + self.seconds
+        records: list[dict[str, Any]] = []
+        clients = [threading.Thread(target=self._client, args=(cid, m, t_start, t_stop, records), daemon=True)
+                   for cid in range(c)]
+        for t in clients:
+            t.start()
+        t_start += self.warmup  # measure the steady state: connections are open, the queue has formed
+        grace = timeout_s + 3 * self.delay + 2.0 if fault == "hung" else None
+        if grace is not None:
+            # a hung WebUI never answers; after the grace period we let it go so the run can end and
+            # count the requests that were still stuck (the original would have waited forever)
+            time.sleep(max(0.0, t_stop + grace - time.time()))
+            fakes[0].hang = False
+        for t in clients:
+            t.join()
+        for q in self.cmd_qs:
+            q.put(("end",))
+        self._collect("done", 120)
+        for f in fakes:
+            f.stop()
+        try:
+            from pymongo import MongoClient
+
+            with MongoClient(self.mongo_uri) as client:
+                client.drop_database(spec["db"])
+        except Exception:  # noqa: BLE001 - cleanup only
+            pass
+        return self._measure(impl, k, m, c, fault, fakes, records, t_start, t_stop, grace, timeout_s)
+
+    def _measure(self, impl: str, k: int, m: int, c: int, fault: str | None, fakes: list[Any],
+                 records: list[dict[str, Any]], t_start: float, t_stop: float, grace: float | None,
+                 timeout_s: float) -> dict[str, Any]:
+        d = self.delay
+        window = t_stop - t_start
+        busy = []
+        for f in fakes:
+            total = 0.0
+            for entry in list(f.requests):
+                if not entry["path"].endswith("/txt2img") or entry.get("end") is None:
+                    continue
+                end = entry["end"]
+                lo, hi = max(end - d, t_start), min(end, t_stop)
+                total += max(0.0, hi - lo)
+            busy.append(total)
+        # idle gap on an instance between one answer and the next request arriving (inside the window)
+        gaps = []
+        for f in fakes:
+            entries = sorted((e for e in f.requests if e.get("end") is not None), key=lambda e: e["start"])
+            gaps += [b["start"] - a["end"] for a, b in zip(entries, entries[1:], strict=False) if t_start < a["end"] < t_stop]
+        images_per_s = sum(busy) / d / window
+        healthy = k - (1 if fault else 0)
+        ideal = healthy / d
+        share = [b / sum(busy) if sum(busy) else 0.0 for b in busy]
+        lat = sorted(r["end"] - r["start"] for r in records if r["error"] is None)
+        stuck = 0 if grace is None else sum(1 for r in records if r["end"] > t_stop + grace)
+        return {
+            "impl": impl, "k": k, "m": m, "c": c, "fault": fault, "images_per_s": images_per_s, "ideal": ideal,
+            "ratio": images_per_s / ideal, "share": share, "depth": [f.max_concurrent_seen for f in fakes],
+            "requests": len(records), "images": sum(r["images"] for r in records),
+            "empty": sum(r["empty"] for r in records), "errors": sum(1 for r in records if r["error"]),
+            "first_error": next((r["error"] for r in records if r["error"]), None),
+            "p50": statistics.median(lat) if lat else float("nan"), "max_latency": max(lat) if lat else float("nan"),
+            "stuck": stuck, "timeout_s": timeout_s,
+            "gap_ms": statistics.median(gaps) * 1000 if gaps else float("nan"),
+            "gap_p90_ms": sorted(gaps)[int(len(gaps) * 0.9)] * 1000 if gaps else float("nan"),
+        }
+
+
+# ---------------------------------------------------------------------------------------------- reporting
+def _share(row: dict[str, Any]) -> str:
+    return "/".join(f"{s * 100:.0f}" for s in row["share"])
+
+
+def _depth(row: dict[str, Any]) -> int:
+    return max(row["depth"])
+
+
+def _lat(row: dict[str, Any]) -> str:
+    return f"{row['p50']:.2f}/{row['max_latency']:.2f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer scenarios, shorter windows (about 1 minute)")
+    ap.add_argument("--delay", type=float, default=None, help="seconds per image on each fake instance (0.5)")
+    ap.add_argument("--seconds", type=float, default=None, help="measurement window per scenario")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    delay = args.delay or 0.5
+    seconds = args.seconds or (2.5 if args.quick else 4.0)
+    k = 4
+    ms = [2, 6] if args.quick else [2, 3, 4, 6]
+    cs = [4] if args.quick else [1, 4, 8]
+    hung_timeout = max(4 * delay, 2.0)
+
+    from apps.core.embedded_mongo import ensure_embedded_mongo, stop_embedded_mongo
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-pool-"))
+    mongo = ensure_embedded_mongo(tmp)
+    command = "python bench/pool.py" + (" --quick" if args.quick else "") + \
+        (f" --delay {args.delay}" if args.delay else "") + (f" --seconds {args.seconds}" if args.seconds else "")
+    print(f"# SD pool benchmark — {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} — `{command}`")
+    print(f"# K={k} fake instances, D={delay:g} s/image, window {seconds:g} s per scenario, {WORKERS} worker "
+          f"processes standing in for `gunicorn -w {WORKERS}` workers (same code path below HTTP);")
+    print(f"# {platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.2f} at start, embedded MongoDB (secantusdb) at {mongo.uri}")
+    harness = Harness(mongo.uri, delay, seconds)
+    started = time.monotonic()
+    rows: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    dead_rows: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    hung_rows: list[dict[str, Any]] = []
+    try:
+        print("\n## Throughput (ideal = K/D = %.1f images/s)\n" % (k / delay))
+        print("| K | M | C | pool img/s | pool ratio | pool share % | pool max depth | pool latency p50/max s | "
+              "original img/s | original ratio | original share % | original max depth | original latency p50/max s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for m in ms:
+            for c in cs:
+                ours = harness.run("pool", k, m, c)
+                orig = harness.run("original", k, m, c)
+                rows.append((ours, orig))
+                print(f"| {k} | {m} | {c} | {ours['images_per_s']:.2f} | {ours['ratio']:.3f} | {_share(ours)} | "
+                      f"{_depth(ours)} | {_lat(ours)} | {orig['images_per_s']:.2f} | {orig['ratio']:.3f} | "
+                      f"{_share(orig)} | {_depth(orig)} | {_lat(orig)} |", flush=True)
+                for row in (ours, orig):
+                    if row["errors"] or row["empty"]:
+                        print(f"|   ! {row['impl']}: {row['errors']} errors, {row['empty']} empty images "
+                              f"({row['first_error']}) |", flush=True)
+        c_dead = 4 if args.quick else 8
+        print(f"\n## One instance dead (connection refused), C={c_dead}; ideal = (K-1)/D = {(k - 1) / delay:.1f}\n")
+        print("| K | M | C | pool img/s | pool ratio | pool empty | pool errors | pool max depth | "
+              "original ratio | original empty | original max depth |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for m in ms:
+            ours = harness.run("pool", k, m, c_dead, fault="dead")
+            orig = harness.run("original", k, m, c_dead, fault="dead")
+            dead_rows.append((ours, orig))
+            print(f"| {k} | {m} | {c_dead} | {ours['images_per_s']:.2f} | {ours['ratio']:.3f} | {ours['empty']} | "
+                  f"{ours['errors']} | {_depth(ours)} | {orig['ratio']:.3f} | {orig['empty']} of {orig['images']} | "
+                  f"{_depth(orig)} |", flush=True)
+        print(f"\n## One instance hung (accepts, never answers), C=4; pool SD_TIMEOUT_S={hung_timeout:g} s; "
+              f"ideal = (K-1)/D = {(k - 1) / delay:.1f}\n")
+        print("| impl | K | M | C | img/s | ratio | requests answered | errors | p50 latency s | max latency s | "
+              "stuck (unanswered > timeout + 3D + 2 s after the window) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        hung_ms = [2] if args.quick else [2, 4]
+        for m in hung_ms:
+            for impl in ("pool", "original"):
+                row = harness.run(impl, k, m, 4, fault="hung", timeout_s=hung_timeout)
+                hung_rows.append(row)
+                done = row["requests"] - row["stuck"]
+                print(f"| {impl} | {k} | {m} | 4 | {row['images_per_s']:.2f} | {row['ratio']:.3f} | {done} | "
+                      f"{row['errors']} | {row['p50']:.2f} | {row['max_latency']:.2f} | {row['stuck']} |", flush=True)
+    finally:
+        harness.close()
+        stop_embedded_mongo(tmp)
+
+    print("\n## Targets")
+    at_load = [ours for ours, _ in rows if ours["c"] >= 4]
+    worst = min(at_load, key=lambda r: r["ratio"]) if at_load else None
+    if worst:
+        print(f"- >= 0.95 of ideal at C >= 4 for every M: worst {worst['ratio']:.3f} (M={worst['m']}, C={worst['c']}) "
+              f"-> {'met' if worst['ratio'] >= 0.95 else 'MISSED'}")
+    depth = max(_depth(ours) for ours, _ in rows + dead_rows) if rows else 0
+    print(f"- queue depth <= 1 per instance (pool, every scenario): max {depth} -> {'met' if depth <= 1 else 'MISSED'}")
+    if dead_rows:
+        wd = min(ours["ratio"] for ours, _ in dead_rows)
+        empties = sum(ours["empty"] for ours, _ in dead_rows)
+        print(f"- one dead: >= 0.95 of (K-1)/D: worst {wd:.3f} -> {'met' if wd >= 0.95 else 'MISSED'}; "
+              f"empty images {empties} -> {'met' if empties == 0 else 'MISSED'}")
+    pool_hung = [r for r in hung_rows if r["impl"] == "pool"]
+    if pool_hung:
+        ml = max(r["max_latency"] for r in pool_hung)
+        stuck = sum(r["stuck"] + r["errors"] for r in pool_hung)
+        print(f"- one hung: pool max request latency {ml:.2f} s with SD_TIMEOUT_S={hung_timeout:g} s (+ queue wait and "
+              f"the retry), {stuck} stuck/failed requests -> {'met' if stuck == 0 else 'MISSED'}")
+    print(f"\n(total {time.monotonic() - started:.0f} s; load average {os.getloadavg()[0]:.2f} at the end)")
+
+
+if __name__ == "__main__":
+    main()
