@@ -133,6 +133,13 @@ def init_routes(app: OpenAPI, settings: Settings) -> None:
     app.config["APPS_MOUNTED"] = register_apps(app, settings.ROOT_APP)
 
 
+def init_indexes(app: OpenAPI) -> None:
+    """Again after the apps are imported, so their @register_indexes functions run too (idempotent)."""
+    from apps.core.db import create_indexes
+
+    create_indexes(app.extensions["services"].db)
+
+
 def init_cli(app: OpenAPI) -> None:
     from agent.prompts_cli import register as register_prompts
     from apps.core.auth import register_cli as register_users

@@ -219,6 +219,7 @@ def test_2_task_id_returned_before_any_model_call_finishes(c: Any, app: Any, sto
     task_id = start(c, pgs=5)
     job = app.extensions["services"].jobs.find_one({"app": "storybook", "legacy_id": task_id})
     assert job["status"] in ("queued", "working") and job["owner"] == "user"
+    story_fake.delay = 0.0  # the rest of the book at full speed
     events, _ = read(c, f"/storybook/get_updates/{task_id}")
     assert snapshots(events)[-1]["status"] == "done"
 
@@ -376,6 +377,8 @@ def test_14_moderation_flag_fails_the_stream_with_a_reason(c: Any, app: Any, sto
     job = svc.jobs.find_one({"legacy_id": task_id})
     assert job["status"] == "failed" and job["error"]["code"] == "moderated"
     assert svc.db.storybooks.find_one({"legacy_id": task_id})["status"] == "failed"
+    out = c.get(f"/storybook/get_final_output?task_id={task_id}").get_json()
+    assert out["final_output"] == {} and out["status"] == "failed" and out["error"]["code"] == "moderated"
 
 
 def test_14b_local_keyword_moderation(make_app: Any, story_fake: Any) -> None:
@@ -412,13 +415,16 @@ def open_app(make_app: Any, story_fake: Any) -> Any:
     return make_app(**openai_settings(story_fake))
 
 
-def test_books_api_streams_page_deltas_and_keeps_the_book(open_app: Any, story_fake: Any) -> None:
+def test_books_api_streams_page_deltas_and_keeps_the_book(
+    open_app: Any, story_fake: Any, tmp_path: Any
+) -> None:
     c = open_app.test_client()
     body = {
         "description": "Benny goes to Mars",
         "pages": 3,
         "style": "crayon drawing, <lora:kids:0.7>",
         "main_character": {"name": "Benny", "appearance": "a tiny robot with green eyes"},
+        "characters": [{"name": "Ein", "appearance": "a clever corgi"}],
         "setting": "Olympus Mons at dawn",
         "language": "English",
         "model": "story-model-2",
@@ -450,13 +456,11 @@ def test_books_api_streams_page_deltas_and_keeps_the_book(open_app: Any, story_f
     done = kinds[-1][1]["book"]
     assert done["status"] == "done" and done["title"] == "Benny Goes to Mars"
     # the reader's choices reach the model and every picture (the character/style sheet)
-    assert done["sheet"]["characters"][0] == body["main_character"]
+    assert done["sheet"]["characters"][:2] == [body["main_character"], *body["characters"]]
     assert done["sheet"]["style"] == body["style"] and done["sheet"]["setting"] == body["setting"]
     for page in done["pages"]:
-        assert (
-            "a tiny robot with green eyes" in page["image_prompt"]
-            and "<lora:kids:0.7>" in page["image_prompt"]
-        )
+        for part in ("a tiny robot with green eyes", "a clever corgi", "<lora:kids:0.7>", "Olympus Mons"):
+            assert part in page["image_prompt"], part
         png_at(c, page["illustration"])
     assert "a tiny robot with green eyes" in done["cover"]["image_prompt"]
     png_at(c, done["cover"]["illustration"])
@@ -465,6 +469,9 @@ def test_books_api_streams_page_deltas_and_keeps_the_book(open_app: Any, story_f
     assert all(r["model"] == "story-model-2" and r["temperature"] == 0.3 for r in chats)
     assert not chats[0].get("stream") and all(r.get("stream") for r in chats[1:])
     assert "Benny (a tiny robot with green eyes)" in chats[0]["messages"][-1]["content"]
+    assert "Ein (a clever corgi)" in chats[0]["messages"][-1]["content"]
+    assert "Ein: a clever corgi" in chats[2]["messages"][-1]["content"]  # the sheet reaches every page
+    assert page_text(1) in chats[2]["messages"][-1]["content"]  # page 2 sees page 1
     # one seed for every picture, recorded with each generation
     svc = open_app.extensions["services"]
     images = list(svc.db.generations.find({"job": book["id"], "kind": "image"}))
@@ -480,6 +487,14 @@ def test_books_api_streams_page_deltas_and_keeps_the_book(open_app: Any, story_f
     job = c.get(f"/jobs/{book['id']}").get_json()
     assert job["status"] == "done" and job["progress"]["current"] == job["progress"]["total"] == 8
     assert svc.db.storybooks.find_one({"_id": book["id"]})["legacy_id"] == book["legacy_id"]
+    # finished books are exported with the study data
+    from apps.core.export import export_study
+
+    with open_app.app_context():
+        counts = export_study(svc.db, tmp_path / "export", app="storybook", user="alice")
+    assert counts["storybooks"] == 1 and counts["images"] == 4
+    exported = (tmp_path / "export" / "storybooks.jsonl").read_text()
+    assert book["id"] in exported and page_text(2) in exported
 
 
 def test_books_api_validation(open_app: Any) -> None:
@@ -652,3 +667,21 @@ def test_root_mount_and_openapi(make_app: Any, story_fake: Any) -> None:
         "/storybook/books/{book_id}/events",
     ):
         assert path in paths, path
+
+
+def test_title_page_and_prompt_cleanup() -> None:
+    from apps.storybook.pipeline import _tidy_tags, clean_page, clean_title, new_legacy_id, plan_schema
+
+    assert (
+        clean_title('"The Adventures of Benny"') == "The Adventures of Benny"
+    )  # the original kept the quotes
+    assert clean_title("Title: “Moon Dust”\nby GPT") == "Moon Dust"
+    assert clean_title("**Benny**") == "Benny" and clean_title("  ") == "Untitled"
+    assert clean_page("Page 2: Benny ran.") == "Benny ran."
+    assert clean_page('**Page 3 of 5:** "Hi there."') == "Hi there."
+    assert clean_page('She said "hi" and "bye".') == 'She said "hi" and "bye".'  # inner quotes stay
+    assert _tidy_tags(",, red fox,  a hill ,\n dawn, ,") == "red fox, a hill, dawn"
+    schema = plan_schema({"properties": {"pages": {"type": "array", "minItems": 1, "maxItems": 20}}}, 7)
+    assert schema["properties"]["pages"]["minItems"] == schema["properties"]["pages"]["maxItems"] == 7
+    ids = {new_legacy_id() for _ in range(200)}
+    assert len(ids) == 200 and all(2**32 <= i < 2**53 for i in ids)

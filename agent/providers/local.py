@@ -166,7 +166,7 @@ def to_text_messages(messages: list[Message]) -> tuple[list[dict[str, str]], int
 
 def _parse_json(text: str, finish_reason: str | None, completion_tokens: int | None) -> Any:
     try:
-        return json.loads(text)
+        return json.loads(text, strict=False)  # the model may put raw newlines inside strings
     except json.JSONDecodeError as exc:
         why = (
             "the output was cut at max_tokens"

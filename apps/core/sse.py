@@ -21,6 +21,7 @@ from pymongo.errors import PyMongoError
 
 from .jobs import TERMINAL, JobManager
 
+GAP_WAIT_S = 2.0
 EventFormatter = Callable[[dict[str, Any]], "str | None"]
 DB_RETRY_S = 5.0  # reconnect delay suggested to EventSource clients when the database is unavailable
 
@@ -114,9 +115,25 @@ def job_event_stream(manager: JobManager, watcher: JobWatcher, job_id: str, *, a
     watcher.subscribe(job_id)
     last_sent = time.monotonic()
     seq = after
+    gap_since: float | None = None
     try:
         while True:
             events = manager.events_after(job_id, seq)
+            # a sequence number is drawn before its event is inserted: wait briefly at a gap rather
+            # than skip an event another thread is about to write (skip it only if it never comes)
+            contiguous = []
+            for event in events:
+                if event["seq"] != seq + 1 + len(contiguous):
+                    break
+                contiguous.append(event)
+            if events and len(contiguous) < len(events) and not contiguous:
+                gap_since = gap_since or time.monotonic()
+                if time.monotonic() - gap_since < GAP_WAIT_S:
+                    time.sleep(0.02)
+                    continue
+                contiguous = events  # the missing event was never written (its writer died)
+            gap_since = None
+            events = contiguous
             for event in events:
                 seq = event["seq"]
                 text = formatter(event)

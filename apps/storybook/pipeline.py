@@ -19,7 +19,8 @@ Why this shape (see docs/storybook.md for the measurements):
    most every DELTA_FLUSH_S) because every event is a database write.
 
 Page 1 is therefore complete after plan + max(page-1 text, one picture), long before the last
-page. Every step appends an event to the job's log; the two SSE views (the original's
+page. Pictures are stored in GridFS by the image provider; with STORYBOOK_S3_BUCKET set they are also
+uploaded to S3 and readers get expiring S3 URLs (apps/storybook/s3.py). Every step appends an event to the job's log; the two SSE views (the original's
 snapshots and the JSON API's events) are folds of that log (apps/storybook/stream.py).
 """
 
@@ -41,6 +42,8 @@ from apps.core.context import Services
 from apps.core.errors import ApiError
 from apps.core.jobs import JobCancelled, JobContext
 from apps.core.storage import absolute_image_url
+
+from .s3 import S3Images, s3_images
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,11 @@ def clean_page(text: str) -> str:
     if len(out) >= 2 and out[0] in _QUOTES and out[-1] in _QUOTES and out.count(out[0]) == 2:
         out = out[1:-1].strip()
     return re.sub(r"\n{3,}", "\n\n", out)
+
+
+def _tidy_tags(prompt: str) -> str:
+    """One line, single `, ` separators: the model's scenes sometimes start or end with commas."""
+    return re.sub(r"(?:\s*,\s*)+", ", ", " ".join(prompt.split())).strip(" ,")
 
 
 def plan_schema(template_schema: dict[str, Any], pages: int) -> dict[str, Any]:
@@ -177,6 +185,7 @@ class BookRunner:
         self.books = svc.db[COLLECTION]
         self.title = ""
         self.seed = 0
+        self.s3: S3Images | None = s3_images(svc)
 
     # ------------------------------------------------------------------ plumbing
     def emit(self, type_: str, data: Any = None) -> None:
@@ -216,6 +225,14 @@ class BookRunner:
 
     def _image_url(self, image_id: str | None) -> str | None:
         return absolute_image_url(image_id, self.base_url) if image_id else None
+
+    def _publish(self, name: str, result: ImageResult) -> tuple[str | None, str | None]:
+        """(URL readers get, S3 key or None): the S3 copy's expiring URL when S3 is on, else ours."""
+        if self.s3 is None:
+            return self._image_url(result.image_id), None
+        key = self.s3.key(self.book_id, name)
+        self.s3.put(key, result.png)
+        return self.s3.url(key), key
 
     # ------------------------------------------------------------------ the job
     def __call__(self, ctx: JobContext) -> dict[str, Any]:
@@ -305,6 +322,7 @@ class BookRunner:
             "style": p.get("style") or "",
             "setting": p.get("setting") or "",
             "main_character": p.get("main_character"),
+            "characters": p.get("characters") or [],
         }
         result = self.svc.llm.chat(
             template="storybook/plan",
@@ -423,7 +441,7 @@ class BookRunner:
         render = self.svc.prompts.render
         positive = render("storybook/sd_prompt", {**common, "negative": False}).messages[-1]["content"]
         negative = render("storybook/sd_prompt", {**common, "negative": True}).messages[-1]["content"]
-        return positive, negative
+        return _tidy_tags(positive), _tidy_tags(negative)
 
     def _submit_pictures(
         self, pool: ThreadPoolExecutor, sheet: dict[str, Any], plan: list[dict[str, str]]
@@ -477,9 +495,13 @@ class BookRunner:
                     request.init_image = before.png
                     request.denoising_strength = CHAIN_DENOISE
             result = self._generate(request)
-            url = self._image_url(result.image_id)
+            url, key = self._publish(f"page-{i}", result)
             self._set(
-                {f"pages.{i - 1}.image_id": result.image_id, f"pages.{i - 1}.instance": result.instance}
+                {
+                    f"pages.{i - 1}.image_id": result.image_id,
+                    f"pages.{i - 1}.instance": result.instance,
+                    f"pages.{i - 1}.s3_key": key,
+                }
             )
             progress = self._advance(f"picture {i}")
             self.emit(
@@ -512,12 +534,13 @@ class BookRunner:
     def _draw_cover(self, request: ImageRequest) -> ImageResult | None:
         try:
             result = self._generate(request)
-            self._set({"cover": {"image_id": result.image_id, "instance": result.instance}})
+            url, key = self._publish("cover", result)
+            self._set({"cover": {"image_id": result.image_id, "instance": result.instance, "s3_key": key}})
             progress = self._advance("cover")
             self.emit(
                 "cover",
                 {
-                    "url": self._image_url(result.image_id),
+                    "url": url,
                     "image_id": result.image_id,
                     "instance": result.instance,
                     "progress": progress,
@@ -632,7 +655,7 @@ class BookRunner:
     def _finish(self) -> dict[str, Any]:
         self._writer.flush()
         doc = self.books.find_one({"_id": self.book_id}) or {}
-        final = legacy_final_output(doc, self.base_url)
+        final = legacy_final_output(doc, self.base_url, self.s3)
         self._set({"status": "done", "finished_at": _now(), "final_output": final})
         self._writer.flush()  # the book is complete before the core appends `done`
         return {
@@ -644,14 +667,21 @@ class BookRunner:
         }
 
 
-def legacy_final_output(doc: dict[str, Any], base_url: str | None = None) -> dict[str, Any]:
+def picture_url(entry: dict[str, Any], base_url: str | None, s3: S3Images | None = None) -> str | None:
+    """A stored page's/cover's URL: a freshly signed S3 URL when it has an S3 copy, else ours."""
+    if s3 is not None and entry.get("s3_key"):
+        return s3.url(entry["s3_key"])
+    image_id = entry.get("image_id")
+    return absolute_image_url(image_id, base_url) if image_id else None
+
+
+def legacy_final_output(
+    doc: dict[str, Any], base_url: str | None = None, s3: S3Images | None = None
+) -> dict[str, Any]:
     """The original's `final_output` object (+ `cover`) from a stored book."""
     base = base_url or doc.get("base_url")
     pages = doc.get("pages") or []
     params = doc.get("input") or {}
-
-    def url(image_id: str | None) -> str | None:
-        return absolute_image_url(image_id, base) if image_id else None
 
     out = {
         "user_input": params.get("description"),
@@ -659,9 +689,9 @@ def legacy_final_output(doc: dict[str, Any], base_url: str | None = None) -> dic
         "title": doc.get("title"),
         "text_description": [pg.get("text") or "" for pg in pages],
         "image_description": [pg.get("scene") or "" for pg in pages],
-        "illustrations": [url(pg.get("image_id")) for pg in pages],
+        "illustrations": [picture_url(pg, base, s3) for pg in pages],
     }
     cover = doc.get("cover") or {}
     if cover.get("image_id"):
-        out["cover"] = url(cover["image_id"])
+        out["cover"] = picture_url(cover, base, s3)
     return out

@@ -26,6 +26,7 @@ from apps.core.sse import job_event_stream, last_event_id, sse_response
 from apps.core.storage import request_base_url
 
 from . import service
+from .s3 import s3_images
 from .schemas import (
     BookBody,
     BookPath,
@@ -151,12 +152,12 @@ def get_final_output(query: FinalOutputQuery) -> Response:
             if error:
                 body["error"] = error
             return jsonify(body)
-        return jsonify({"final_output": service.final_output_of(book), "status": "done"})
+        return jsonify({"final_output": service.final_output_of(book, s3_images(svc)), "status": "done"})
     if svc.settings.AUTH_MODE != "none" and not _has_credentials():
         return jsonify({"final_output": {}})  # an anonymous caller owns no book (and sees nobody else's)
     owner = current_user_name(query.user)
     book = service.latest_finished(svc, owner)
-    return jsonify({"final_output": service.final_output_of(book) if book else {}})
+    return jsonify({"final_output": service.final_output_of(book, s3_images(svc)) if book else {}})
 
 
 # ------------------------------------------------------------------ the JSON API
@@ -168,7 +169,7 @@ def create_book(body: BookBody) -> Response:
     svc = services()
     owner = current_user_name(body.user)
     doc = service.create_book(svc, book_params(body), owner=owner, base_url=request_base_url(), source="api")
-    book = service.public_book(doc, svc.jobs.get(doc["_id"]), prefix=_prefix())
+    book = service.public_book(doc, svc.jobs.get(doc["_id"]), prefix=_prefix(), s3=s3_images(svc))
     resp = jsonify(book)
     resp.status_code = 202
     resp.headers["Location"] = book["links"]["self"]
@@ -196,7 +197,7 @@ def _owned_book(book_id: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
 def get_book(path: BookPath) -> Response:
     """One book: status, progress, title, sheet, pages (text, image prompt, picture URL), cover, error."""
     book, job = _owned_book(path.book_id)
-    return jsonify(service.public_book(book, job, prefix=_prefix()))
+    return jsonify(service.public_book(book, job, prefix=_prefix(), s3=s3_images(services())))
 
 
 @bp.get("/books/<book_id>/events")
@@ -209,7 +210,9 @@ def book_events(path: BookPath) -> Response:
 
     def final_book() -> dict[str, Any] | None:
         book = service.book_doc(svc, path.book_id)
-        return service.public_book(book, svc.jobs.get(path.book_id), prefix=prefix) if book else None
+        if book is None:
+            return None
+        return service.public_book(book, svc.jobs.get(path.book_id), prefix=prefix, s3=s3_images(svc))
 
     stream = job_event_stream(
         svc.jobs,
@@ -230,5 +233,8 @@ def cancel_book(path: BookPath) -> Response:
 
 
 def init_app(app: Flask) -> None:
-    """Indexes now: the first app of a process creates indexes before the app modules are imported."""
-    service.ensure_indexes(app.extensions["services"].db)
+    """Indexes now (the first app of a process creates indexes before the app modules are imported), and
+    the optional S3 client, so a bad S3 configuration fails at start-up rather than in a book."""
+    svc = app.extensions["services"]
+    service.ensure_indexes(svc.db)
+    s3_images(svc)

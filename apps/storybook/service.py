@@ -19,9 +19,9 @@ from apps.core.context import Services
 from apps.core.db import register_indexes
 from apps.core.export import register_export_collection
 from apps.core.jobs import TERMINAL, new_job_id
-from apps.core.storage import absolute_image_url
 
-from .pipeline import APP, COLLECTION, BookRunner, legacy_final_output, new_legacy_id
+from .pipeline import APP, COLLECTION, BookRunner, legacy_final_output, new_legacy_id, picture_url
+from .s3 import S3Images, s3_images
 
 register_export_collection(COLLECTION, APP, "owner")
 
@@ -115,14 +115,15 @@ def links(book_id: str, legacy_id: int, prefix: str) -> dict[str, str]:
 
 
 def public_book(
-    book: dict[str, Any], job: dict[str, Any] | None, *, prefix: str = "/storybook"
+    book: dict[str, Any],
+    job: dict[str, Any] | None,
+    *,
+    prefix: str = "/storybook",
+    s3: S3Images | None = None,
 ) -> dict[str, Any]:
-    """The JSON view of a book (absolute picture URLs)."""
+    """The JSON view of a book (absolute picture URLs; freshly signed S3 URLs when S3 is on)."""
     base = book.get("base_url")
     status, error = effective_status(book, job)
-
-    def url(image_id: str | None) -> str | None:
-        return absolute_image_url(image_id, base) if image_id else None
 
     params = book.get("input") or {}
     cover = book.get("cover") or {}
@@ -144,14 +145,14 @@ def public_book(
                 "summary": pg.get("summary"),
                 "image_description": pg.get("scene"),
                 "image_prompt": pg.get("image_prompt"),
-                "illustration": url(pg.get("image_id")),
+                "illustration": picture_url(pg, base, s3),
                 "instance": pg.get("instance"),
             }
             for pg in book.get("pages") or []
         ],
         "cover": (
             {
-                "illustration": url(cover.get("image_id")),
+                "illustration": picture_url(cover, base, s3),
                 "image_prompt": book.get("cover_prompt"),
                 "instance": cover.get("instance"),
             }
@@ -173,8 +174,8 @@ def history(svc: Services, owner: str | None, *, limit: int, status: str | None)
         query["status"] = status
     rows = svc.db[COLLECTION].find(query, {"pages.text": 0}).sort("created_at", DESCENDING).limit(limit)
     out = []
+    s3 = s3_images(svc)
     for doc in rows:
-        cover = (doc.get("cover") or {}).get("image_id")
         out.append(
             {
                 "id": doc["_id"],
@@ -183,7 +184,7 @@ def history(svc: Services, owner: str | None, *, limit: int, status: str | None)
                 "status": doc.get("status"),
                 "description": (doc.get("input") or {}).get("description"),
                 "pages": (doc.get("input") or {}).get("pages"),
-                "cover": absolute_image_url(cover, doc.get("base_url")) if cover else None,
+                "cover": picture_url(doc.get("cover") or {}, doc.get("base_url"), s3),
                 "created_at": _iso(doc.get("created_at")),
                 "finished_at": _iso(doc.get("finished_at")),
             }
@@ -191,8 +192,9 @@ def history(svc: Services, owner: str | None, *, limit: int, status: str | None)
     return out
 
 
-def final_output_of(book: dict[str, Any]) -> dict[str, Any]:
-    return book.get("final_output") or legacy_final_output(book)
+def final_output_of(book: dict[str, Any], s3: S3Images | None = None) -> dict[str, Any]:
+    """Built from the book each time, so S3 URLs are signed afresh (the stored copy is the record)."""
+    return legacy_final_output(book, s3=s3)
 
 
 def latest_finished(svc: Services, owner: str | None) -> dict[str, Any] | None:
