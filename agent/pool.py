@@ -8,39 +8,40 @@ worker forever. Here all processes share one view:
 - `sd_instances` (one document per instance URL): `state` up/down, `holder` (lease id)
   and `lease_until`, the `checkpoint` last known to be loaded, `failures`,
   `next_probe_at`, `last_error`, `served`.
-- `sd_waiters` (one document per waiting caller): a strictly increasing `ticket` (from
-  the `counters` collection), the wanted `checkpoint`, instances to avoid (`exclude`, the
-  ones that already failed this request), `assigned` (the instance it was given, set
-  atomically so a waiter never gets two) and `expires_at` (renewed while the caller
-  waits, so a dead caller drops out of the queue within seconds; a TTL index removes it).
-- `sd_pool_members` (one document per process using the pool): its wake-up port.
+- `sd_waiters` (the queue): one document per waiting request, `{ticket, want, granted,
+  checkpoint, exclude, expires_at}`. `ticket` is strictly increasing (the `counters`
+  collection), `want` is how many of its callers still wait for an instance (the images
+  of one request arrive together and share an entry: callers of one process with the same
+  checkpoint arriving within `join_window_s` of each other), `granted` numbers the leases
+  given to it, `exclude` lists instances that already failed the caller. `expires_at` is
+  renewed while someone waits, so a dead process drops out of the queue within
+  `waiter_ttl_s` (a TTL index deletes the document later).
+- `sd_pool_members`: one document per process using the pool, with its wake-up port.
 
-Protocol. A caller takes a ticket, registers as a waiter and sleeps. An instance is
-given to a waiter in one of two ways, both ending in the same two atomic steps (reserve
-the waiter: `assigned: null -> url`; then take the instance: `holder: <free or expired>
--> waiter id`, or `holder: <my lease> -> waiter id` for a hand-over):
+How an instance changes hands (every step an atomic single-document update):
 
-1. Hand-over (the busy path). A caller that finishes a generation does not put the
-   instance back and let everyone race for it: it reads the queue and hands the instance
-   straight to the oldest waiter (within the first "one round" of waiters, i.e. as many
-   as there are instances, it prefers one that wants the checkpoint this instance has
-   loaded), then sends that waiter's process a one-datagram hint (UDP on 127.0.0.1)
-   naming the waiter and the instance. That process wakes the caller at once, with no
-   database read. So between one generation and the next there are three small
-   database operations, not a polling interval.
-2. Claim (the idle path). One watcher thread per process reads the instances and the
-   queue (on a new local waiter, on a hint, and every `poll_s`), computes the same
-   greedy FIFO plan every process computes (`plan_assignment`: oldest waiter first; each
-   gets a free up instance, preferring one with its checkpoint loaded) and claims the
-   instances planned for its own waiters. The same scan adopts instances handed to its
-   waiters whose hint was lost or came from another host, releases ones handed to
-   callers that gave up, renews leases and waiters, and probes down instances.
+1. Hand-over (the busy path). A caller that finishes a generation hands its instance
+   straight to the queue's oldest entry: `find_one_and_update({want > 0, not excluding
+   this instance}, {want -1, granted +1}, sort by ticket)` (within the first round of
+   entries, as many as there are instances, one that wants this instance's loaded
+   checkpoint goes first), then moves the lease `holder: me -> that entry's lease id`,
+   then sends the entry's process a one-datagram hint (UDP on 127.0.0.1) naming the
+   lease; that process wakes a caller at once, no database read. Two operations between
+   one generation and the next instead of a polling interval.
+2. Fast claim (the idle path). A caller that finds the queue empty claims a free up
+   instance directly (preferring its checkpoint, else the one idle longest).
+3. Claim by plan (everything else). One watcher thread per process reads the instances
+   and the queue (on a local event, on a hint, and every `poll_s`), computes the same
+   greedy FIFO plan every process computes (`plan_assignment`) and claims the free
+   instances planned for its own entries. The same scan delivers leases whose hint was
+   lost (or came from another host), frees ones given to callers that gave up, renews
+   leases and queue entries, and probes down instances.
 
 So a free instance goes to the longest waiter across all processes and hosts, an
 instance runs at most one generation at a time, and a lease whose holder died expires
 (`lease_s`; a handed-over lease starts short, `waiter_ttl_s`, until its new holder
 renews it) and frees the instance. Hints are only hints: correctness comes from the
-atomic steps, fairness from the shared tickets.
+atomic updates, fairness from the shared tickets.
 
 Health: a refused connection or a timeout marks an instance down at once; a 5xx or an
 empty image counts a failure, two in a row mark it down. Down instances are probed
@@ -64,6 +65,7 @@ import select
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -102,6 +104,7 @@ MEMBERS_REFRESH_S = 0.5
 SNAPSHOT_MAX_AGE_S = 1.0
 WAKE = b"!"
 HANDOFF = "H"
+FINISHED_KEEP = 4096  # recently finished lease ids remembered, so a stale read never revives one
 
 
 def _now() -> datetime:
@@ -126,9 +129,15 @@ def checkpoint_key(name: str | None) -> str | None:
     return key.lower() or None
 
 
-def _process_of(waiter_id: str) -> str:
-    """Waiter ids are `<process id>:<ticket>`."""
-    return waiter_id.rsplit(":", 1)[0]
+def _entry_of(lease_id: str) -> str:
+    """Lease ids given to a queue entry are `<entry id>#<n>`; fast-claim leases are their own entry."""
+    return lease_id.split("#", 1)[0]
+
+
+def _want(doc: dict[str, Any]) -> int:
+    if "want" in doc:
+        return max(0, int(doc.get("want") or 0))
+    return 0 if doc.get("assigned") else 1  # a plain one-caller entry
 
 
 def ensure_pool_indexes(db: Database) -> None:
@@ -143,8 +152,8 @@ class _Waker:
     """Wakes one process's watcher: from its own threads, or by a datagram from another process on this host.
 
     A UDP socket on 127.0.0.1 (never reachable from other hosts). A datagram is either
-    "look again" or "waiter W was handed instance U"; the latter is checked against
-    local state before use, so a stray or forged datagram costs at most one extra look.
+    "look again" or "lease L on instance U is yours"; the latter is checked against local
+    state before use, so a stray or forged datagram costs at most one extra look.
     """
 
     def __init__(self) -> None:
@@ -189,7 +198,6 @@ class Lease:
     ticket: int
     checkpoint: str | None = None  # what the instance had loaded when claimed (None after a hand-over)
     wait_ms: float = 0.0
-    handed_over: bool = False
 
 
 @dataclass
@@ -201,70 +209,89 @@ class RunInfo:
     errors: list[str] = field(default_factory=list)
 
 
-class _Waiter:
-    __slots__ = ("id", "ticket", "checkpoint", "exclude", "event", "lease", "started")
+class _Slot:
+    """One waiting caller."""
 
-    def __init__(self, waiter_id: str, ticket: int, checkpoint: str | None, exclude: list[str]) -> None:
-        self.id = waiter_id
-        self.ticket = ticket
-        self.checkpoint = checkpoint
-        self.exclude = exclude
+    __slots__ = ("event", "lease")
+
+    def __init__(self) -> None:
         self.event = threading.Event()
         self.lease: Lease | None = None
-        self.started = time.monotonic()
 
 
-def _acceptable(waiter: dict[str, Any], url: str, up: set[str]) -> bool:
-    """A waiter avoids instances that failed it, unless every up instance did (a pool of one must retry)."""
-    excluded = set(waiter.get("exclude") or ())
+class _Entry:
+    """This process's side of one queue document: the callers waiting on it, oldest first."""
+
+    __slots__ = ("id", "key", "checkpoint", "exclude", "created", "ticket", "waiting", "uncounted", "registered",
+                 "db_lock")
+
+    def __init__(self, entry_id: str, checkpoint: str | None, exclude: list[str]) -> None:
+        self.id = entry_id
+        self.key = (checkpoint_key(checkpoint), tuple(exclude))
+        self.checkpoint = checkpoint
+        self.exclude = exclude
+        self.created = time.monotonic()
+        self.ticket = 0
+        self.waiting: deque[_Slot] = deque()
+        self.uncounted = 0  # callers that joined but are not yet in the document's `want`
+        self.registered = False
+        self.db_lock = threading.Lock()  # orders this entry's insert / $inc
+
+
+def _acceptable(entry: dict[str, Any], url: str, up: set[str]) -> bool:
+    """An entry avoids instances that failed it, unless every up instance did (a pool of one must retry)."""
+    excluded = set(entry.get("exclude") or ())
     return url not in excluded or not (up - excluded)
 
 
 def plan_assignment(waiters: Iterable[dict[str, Any]], instances: Iterable[dict[str, Any]],
-                    now: datetime) -> dict[str, str]:
-    """Waiter id -> instance URL: who gets which free instance, oldest waiter first.
+                    now: datetime) -> list[tuple[str, str]]:
+    """[(queue entry id, instance URL)]: who gets which free instance, oldest entry first.
 
-    Pure and deterministic, so every process computes the same plan from the same
-    snapshot and only claims for its own waiters. Each waiter gets a free up instance
-    that has its checkpoint loaded if there is one, else the one idle longest. A waiter
-    avoids the instances in its `exclude` (they failed it) unless every up instance is
-    excluded. Waiters already given an instance (`assigned`, or holding one) are skipped.
+    Pure and deterministic, so every process computes the same plan from the same snapshot
+    and claims only for its own entries. An entry wanting n instances is served n times in
+    a row. Each gets a free up instance that has its checkpoint loaded if there is one,
+    else the one idle longest; it avoids the instances in its `exclude` unless every up
+    instance is excluded.
     """
     docs = list(instances)
-    holders = {d.get("holder") for d in docs if d.get("holder")}
     up = {d["_id"] for d in docs if d.get("state", "up") == "up"}
     free = [d for d in docs if d["_id"] in up and
             (not d.get("holder") or (_aware(d.get("lease_until")) or now) < now)]
     epoch = datetime.min.replace(tzinfo=UTC)
     free.sort(key=lambda d: (_aware(d.get("released_at")) or epoch, d["_id"]))
-    plan: dict[str, str] = {}
+    plan: list[tuple[str, str]] = []
     for w in waiters:
-        if not free:
-            break
-        if w.get("assigned") or w["_id"] in holders:
-            continue
-        allowed = [d for d in free if _acceptable(w, d["_id"], up)]
-        if not allowed:
-            continue  # an acceptable instance exists but is busy: wait for it
         want = checkpoint_key(w.get("checkpoint"))
-        pick = next((d for d in allowed if want and checkpoint_key(d.get("checkpoint")) == want), allowed[0])
-        plan[w["_id"]] = pick["_id"]
-        free.remove(pick)
+        for _ in range(_want(w)):
+            if not free:
+                return plan
+            allowed = [d for d in free if _acceptable(w, d["_id"], up)]
+            if not allowed:
+                break  # an acceptable instance exists but is busy: wait for it
+            pick = next((d for d in allowed if want and checkpoint_key(d.get("checkpoint")) == want), allowed[0])
+            plan.append((w["_id"], pick["_id"]))
+            free.remove(pick)
     return plan
 
 
 def affinity_window(waiters: list[dict[str, Any]], checkpoint: str | None, up: int) -> int | None:
-    """For a hand-over of an instance that has `checkpoint` loaded: the highest ticket a waiter wanting that
-    checkpoint may have to go before older waiters, or None when no such waiter is in the window.
+    """For a hand-over of an instance that has `checkpoint` loaded: the highest ticket an entry wanting that
+    checkpoint may have to go before older entries, or None when no such entry is in the window.
 
-    The window is the first round of waiters (as many as there are up instances): they are
-    all about to be served anyway, so serving the one that wants this instance's checkpoint
-    first saves a model switch and delays the others by at most one generation.
+    The window is the first round of waiting callers (as many as there are up instances):
+    they are all about to be served anyway, so serving the one that wants this instance's
+    checkpoint first saves a model switch and delays the others by at most one generation.
     """
     key = checkpoint_key(checkpoint)
     if not key:
         return None
-    window = [w for w in waiters if not w.get("assigned")][: max(1, up)]
+    window: list[dict[str, Any]] = []
+    for w in waiters:
+        window += [w] * _want(w)
+        if len(window) >= max(1, up):
+            break
+    window = window[: max(1, up)]
     if not window or not any(checkpoint_key(w.get("checkpoint")) == key for w in window):
         return None
     return int(window[-1]["ticket"])
@@ -274,9 +301,9 @@ class SDInstancePool:
     """Fair, cross-process, health-checked leasing of SD WebUI instances (see the module docstring)."""
 
     def __init__(self, db: Database, urls: list[str], *, timeout_s: float = 180.0, wait_timeout_s: float = 300.0,
-                 lease_s: float = 60.0, max_attempts: int = 3, poll_s: float = 0.1, probe_base_s: float = 2.0,
+                 lease_s: float = 60.0, max_attempts: int = 3, poll_s: float = 0.25, probe_base_s: float = 2.0,
                  probe_max_s: float = 60.0, ping_timeout_s: float = 2.0, waiter_ttl_s: float = 5.0,
-                 max_waiters_read: int = 256, handover: bool = True) -> None:
+                 join_window_s: float = 0.02, max_waiters_read: int = 256, handover: bool = True) -> None:
         if db is None:
             raise ValueError("the SD instance pool needs MongoDB (it is how workers share the instances)")
         urls = list(dict.fromkeys(u.rstrip("/") for u in urls if u))
@@ -293,23 +320,27 @@ class SDInstancePool:
         self.probe_max_s = probe_max_s
         self.ping_timeout_s = ping_timeout_s
         self.waiter_ttl_s = waiter_ttl_s
+        self.join_window_s = join_window_s
         self.max_waiters_read = max_waiters_read
         self.handover = handover  # False: no hand-over, no datagrams: claims by polling only (for comparison)
         self.clients = {u: SDClient(u, timeout_s, ping_timeout_s=ping_timeout_s) for u in urls}
         self.hostname = socket.gethostname()
         self.process_id = self._new_process_id()
-        self.max_queue_seen = 0  # deepest queue this process's watcher observed
-        self.handovers = 0  # instances this process handed straight to a waiter
-        self.claims = 0  # instances this process's watcher claimed for its waiters
+        self.max_queue_seen = 0  # deepest queue (waiting callers) this process's watcher observed
+        self.handovers = 0  # instances this process handed straight to a waiting caller
+        self.claims = 0  # instances this process claimed (fast or by plan)
         self._lock = threading.Lock()
-        self._waiters: dict[str, _Waiter] = {}
+        self._entries: dict[str, _Entry] = {}  # our queue entries (registered or about to be)
+        self._open: dict[tuple[Any, ...], _Entry] = {}  # entries still accepting callers, by (checkpoint, exclude)
         self._leases: dict[str, Lease] = {}
+        self._finished: deque[str] = deque(maxlen=FINISHED_KEEP)
+        self._finished_set: set[str] = set()
         self._probing: set[str] = set()
-        self._fast_seq = 0
-        self._adopted: list[str] = []  # waiter documents to delete (their callers got an instance)
+        self._dead_entries: list[str] = []  # queue documents to delete
         self._peers: dict[str, int] = {}  # process id -> hint port, other pool processes on this host
         self._up: tuple[float, set[str]] = (0.0, set(urls))  # (monotonic time, up instances) last seen
-        self._queue: tuple[float, list[dict[str, Any]]] = (0.0, [])  # (monotonic time, waiters) last read
+        self._queue: tuple[float, list[dict[str, Any]]] = (0.0, [])  # (monotonic time, queue) last read
+        self._seq = 0
         self._waker: _Waker | None = None
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
@@ -319,6 +350,11 @@ class SDInstancePool:
 
     def _new_process_id(self) -> str:
         return f"{self.hostname}:{os.getpid()}:{secrets.token_hex(3)}"
+
+    def _next_id(self, kind: str) -> str:
+        with self._lock:
+            self._seq += 1
+            return f"{self.process_id}:{kind}{self._seq}"
 
     # ------------------------------------------------------------------ setup
     def _register_instances(self) -> None:
@@ -332,8 +368,8 @@ class SDInstancePool:
             self.db.sd_instances.update_one(
                 {"_id": url},
                 {"$setOnInsert": {"state": "up", "holder": None, "lease_until": None, "checkpoint": None,
-                                  "failures": 0, "probe_failures": 0, "next_probe_at": None, "last_error": None,
-                                  "served": 0, "released_at": None, "created_at": now}},
+                                  "ckey": None, "failures": 0, "probe_failures": 0, "next_probe_at": None,
+                                  "last_error": None, "served": 0, "released_at": None, "created_at": now}},
                 upsert=True,
             )
         # a down instance left by an earlier run is probed soon rather than after its old backoff
@@ -399,10 +435,11 @@ class SDInstancePool:
             if self._pid != os.getpid():  # forked after use: threads and local state did not come along
                 self._pid = os.getpid()
                 self.process_id = self._new_process_id()
-                self._waiters.clear()
+                self._entries.clear()
+                self._open.clear()
                 self._leases.clear()
                 self._probing.clear()
-                self._adopted.clear()
+                self._dead_entries.clear()
                 self._peers = {}
                 self._thread = None
                 self._waker = None
@@ -420,65 +457,92 @@ class SDInstancePool:
             raise ModelError("the SD pool is closed", provider=PROVIDER, status=503, kind="image")
         timeout_s = self.wait_timeout_s if timeout_s is None else timeout_s
         start = time.monotonic()
+        exclude = sorted(set(exclude))
         self._ensure_thread()
-        lease = self._fast_claim(checkpoint, list(exclude))
+        lease = self._fast_claim(checkpoint, exclude)
         if lease is not None:
             lease.wait_ms = (time.monotonic() - start) * 1000
             return lease
-        now = _now()
-        waiter: _Waiter | None = None
+        slot = _Slot()
         try:
-            ticket = self._ticket()
-            waiter = _Waiter(f"{self.process_id}:{ticket}", ticket, checkpoint, sorted(set(exclude)))
-            with self._lock:
-                self._waiters[waiter.id] = waiter  # before the insert: a hand-over may follow at once
-            self.db.sd_waiters.insert_one({
-                "_id": waiter.id, "ticket": ticket, "checkpoint": checkpoint, "ckey": checkpoint_key(checkpoint),
-                "exclude": waiter.exclude,
-                "assigned": None, "process": self.process_id, "enqueued_at": now,
-                "expires_at": now + timedelta(seconds=self.waiter_ttl_s),
-            })
+            entry = self._join(checkpoint, exclude, slot)
         except PyMongoError as exc:
-            if waiter is not None:
-                with self._lock:
-                    self._waiters.pop(waiter.id, None)
             raise ModelError(f"the SD pool cannot reach its database: {exc}", provider=PROVIDER, status=503,
                              retryable=True, kind="image") from exc
-        self._notify()
-        waiter.event.wait(timeout_s)
+        slot.event.wait(timeout_s)
         with self._lock:
-            lease = waiter.lease
-            self._waiters.pop(waiter.id, None)
+            lease = slot.lease
+            if lease is None and slot in entry.waiting:
+                entry.waiting.remove(slot)
         if lease is not None:
             lease.wait_ms = (time.monotonic() - start) * 1000
             return lease
-        try:
-            # if an instance is being handed to us right now, our watcher sees an unknown waiter and releases it
-            self.db.sd_waiters.delete_one({"_id": waiter.id})
-        except PyMongoError:
-            pass  # it expires on its own
-        self._notify(peers=True)  # we may have been first in line: the others can stop waiting for us
+        self._give_up(entry)
         raise self._timeout_error(timeout_s)
+
+    def _join(self, checkpoint: str | None, exclude: list[str], slot: _Slot) -> _Entry:
+        """Add a waiting caller to the queue: to the entry this process opened for the same checkpoint a
+        moment ago (the other images of the same request), else to a new entry with a new ticket."""
+        key = (checkpoint_key(checkpoint), tuple(exclude))
+        with self._lock:
+            entry = self._open.get(key)
+            if entry is None or time.monotonic() - entry.created > self.join_window_s:
+                entry = _Entry(f"{self.process_id}:q{self._seq + 1}", checkpoint, exclude)
+                self._seq += 1
+                self._open[key] = entry
+                self._entries[entry.id] = entry  # known before it exists in the database: a grant may follow at once
+            entry.waiting.append(slot)
+            entry.uncounted += 1
+        with entry.db_lock:
+            with self._lock:
+                count, entry.uncounted = entry.uncounted, 0
+            if count:
+                now = _now()
+                if not entry.registered:
+                    entry.ticket = self._ticket()
+                    self.db.sd_waiters.insert_one({
+                        "_id": entry.id, "ticket": entry.ticket, "want": count, "granted": 0,
+                        "checkpoint": checkpoint, "ckey": checkpoint_key(checkpoint), "exclude": exclude,
+                        "process": self.process_id, "enqueued_at": now,
+                        "expires_at": now + timedelta(seconds=self.waiter_ttl_s)})
+                    entry.registered = True
+                else:
+                    self.db.sd_waiters.update_one({"_id": entry.id}, {"$inc": {"want": count}})
+        self._notify()
+        return entry
+
+    def _give_up(self, entry: _Entry) -> None:
+        """A caller timed out: take one unit of `want` back (if none is left, a lease is on its way to this
+        entry; with nobody left to take it, it is freed when it arrives)."""
+        try:
+            self.db.sd_waiters.update_one({"_id": entry.id, "want": {"$gt": 0}}, {"$inc": {"want": -1}})
+        except PyMongoError:
+            pass  # the entry expires on its own
+        self._notify(peers=True)  # we may have been first in line: the others can stop waiting for us
 
     def _fast_claim(self, checkpoint: str | None, exclude: list[str]) -> Lease | None:
         """Nobody waiting: take a free instance at once (one read, one atomic claim) instead of queueing.
 
-        Only when the queue is empty, so it never overtakes a waiting caller (a caller that
+        Only when the queue is empty, so it never overtakes a waiting caller (one that
         arrives between our read and our claim is a simultaneous arrival; the atomic claim
         decides). None: someone is waiting or nothing is free; join the queue.
         """
         candidates = [u for u in self.urls if u not in exclude]
         if not candidates:
             return None
+        with self._lock:
+            queueing = any(e.waiting for e in self._entries.values())
+        seen_at, queue = self._queue
+        if queueing or (time.monotonic() - seen_at < self.poll_s and any(_want(w) for w in queue)):
+            return None  # there is a queue (ours, or one we just saw): no need to ask
         now = _now()
         try:
-            if self.db.sd_waiters.find_one({"expires_at": {"$gt": now}, "assigned": None}, {"_id": 1}) is not None:
+            if self.db.sd_waiters.find_one({"expires_at": {"$gt": now}, "want": {"$gt": 0}}, {"_id": 1}) is not None:
                 return None
         except PyMongoError:
             return None
+        lease = Lease(id=self._next_id("f"), url="", ticket=0)
         with self._lock:
-            self._fast_seq += 1
-            lease = Lease(id=f"{self.process_id}:f{self._fast_seq}", url="", ticket=0)
             self._leases[lease.id] = lease  # known locally before it exists in the database (orphan check)
         free = {"_id": {"$in": candidates}, "state": "up", "$or": [{"holder": None}, {"lease_until": {"$lt": now}}]}
         update = {"$set": {"holder": lease.id, "lease_until": now + timedelta(seconds=self.lease_s), "leased_at": now}}
@@ -518,10 +582,13 @@ class SDInstancePool:
                 return int(doc["seq"])
         raise PyMongoError("could not draw a queue ticket from the counters collection")
 
+    def _queue_length(self, now: datetime) -> int:
+        return sum(_want(d) for d in self.db.sd_waiters.find({"expires_at": {"$gt": now}}, {"want": 1}))
+
     def _timeout_error(self, waited_s: float) -> ModelError:
         try:
             docs = list(self.db.sd_instances.find({"_id": {"$in": self.urls}}, {"state": 1, "last_error": 1}))
-            queue = self.db.sd_waiters.count_documents({"expires_at": {"$gt": _now()}, "assigned": None})
+            queue = self._queue_length(_now())
         except PyMongoError:
             docs, queue = [], -1
         up = sum(1 for d in docs if d.get("state", "up") == "up")
@@ -534,14 +601,18 @@ class SDInstancePool:
 
     def release(self, lease: Lease, *, ok: bool = True, error: SDError | None = None,
                 checkpoint: str | None = None) -> None:
-        """Done with the instance: hand it to the next waiter, or free it, and record what the call said
-        about its health. Only acts if we still hold it."""
+        """Done with the instance: hand it to the next waiting caller, or free it, and record what the call
+        said about its health. Only acts if we still hold it."""
         try:
             self._release(lease, ok=ok, error=error, checkpoint=checkpoint)
         finally:
             # only now: until the database says otherwise, our scan must not take it for an orphan
             with self._lock:
                 self._leases.pop(lease.id, None)
+                if len(self._finished) == self._finished.maxlen:
+                    self._finished_set.discard(self._finished[0])
+                self._finished.append(lease.id)
+                self._finished_set.add(lease.id)
 
     def _release(self, lease: Lease, *, ok: bool, error: SDError | None, checkpoint: str | None) -> None:
         if ok and self.handover and self._hand_over(lease, checkpoint):
@@ -589,30 +660,31 @@ class SDInstancePool:
             log.warning("SD instance %s failed (%s): %s", lease.url, failure, error.message if error else "")
 
     def _hand_over(self, lease: Lease, checkpoint: str | None) -> bool:
-        """Give the instance we hold straight to the next waiter (see the module docstring). False: nobody
-        to give it to (or it could not be done); the caller then frees it the ordinary way.
+        """Give the instance we hold straight to the oldest waiting caller (see the module docstring).
 
-        Two atomic operations: take the oldest eligible waiter off the queue (a sorted
-        find_one_and_update, so two instances freed at once go to two different waiters),
-        then move the instance's lease from us to it.
+        False: nobody to give it to (or it could not be done); the caller then frees it the
+        ordinary way and the scans take over.
         """
         url = lease.url
+        loaded = checkpoint or lease.checkpoint
         try:
             now = _now()
-            eligible = {"assigned": None, "expires_at": {"$gt": now}, "exclude": {"$ne": url}}
+            eligible = {"want": {"$gt": 0}, "expires_at": {"$gt": now}, "exclude": {"$ne": url}}
+            take = {"$inc": {"want": -1, "granted": 1}}
+            after = ReturnDocument.AFTER  # the embedded server's pre-images are not atomic; its post-images are
             doc = None
-            bound = affinity_window(self._queue[1], checkpoint or lease.checkpoint, len(self._up_instances()))
+            bound = affinity_window(self._queue[1], loaded, len(self._up_instances()))
             if bound is not None:
                 doc = self.db.sd_waiters.find_one_and_update(
-                    {**eligible, "ckey": checkpoint_key(checkpoint or lease.checkpoint), "ticket": {"$lte": bound}},
-                    {"$set": {"assigned": url}}, sort=[("ticket", ASCENDING)], projection={"_id": 1})
+                    {**eligible, "ckey": checkpoint_key(loaded), "ticket": {"$lte": bound}}, take,
+                    sort=[("ticket", ASCENDING)], projection={"granted": 1}, return_document=after)
             if doc is None:
-                doc = self.db.sd_waiters.find_one_and_update(
-                    eligible, {"$set": {"assigned": url}}, sort=[("ticket", ASCENDING)], projection={"_id": 1})
+                doc = self.db.sd_waiters.find_one_and_update(eligible, take, sort=[("ticket", ASCENDING)],
+                                                             projection={"granted": 1}, return_document=after)
             if doc is None:
-                return False  # nobody waiting (or only callers this instance already failed: the scan serves them)
-            waiter_id = doc["_id"]
-            handed: dict[str, Any] = {"holder": waiter_id, "released_at": now, "leased_at": now, "failures": 0,
+                return False  # nobody waiting (or only callers this instance failed: the scans serve them)
+            lease_id = f"{doc['_id']}#{int(doc['granted'])}"
+            handed: dict[str, Any] = {"holder": lease_id, "released_at": now, "leased_at": now, "failures": 0,
                                       # short until the new holder renews it, in case its process just died
                                       "lease_until": now + timedelta(seconds=min(self.lease_s, self.waiter_ttl_s))}
             if checkpoint:
@@ -621,28 +693,21 @@ class SDInstancePool:
             if self.db.sd_instances.find_one_and_update(
                     {"_id": url, "holder": lease.id}, {"$set": handed, "$inc": {"served": 1}},
                     projection={"_id": 1}) is None:
-                # we no longer held it (our lease ran out): put the waiter back in line, free nothing
-                self.db.sd_waiters.update_one({"_id": waiter_id, "assigned": url}, {"$set": {"assigned": None}})
+                # we no longer held it (our lease ran out): give the caller its place back, free nothing
+                self.db.sd_waiters.update_one({"_id": doc["_id"]}, {"$inc": {"want": 1}})
                 return False
         except PyMongoError as exc:
             log.warning("SD pool hand-over of %s failed (%s); releasing it instead", url, exc)
             return False
         self.handovers += 1
-        self._tell(waiter_id, url)
+        self._tell(lease_id, url)
         return True
 
-    def _read_queue(self, now: datetime) -> list[dict[str, Any]]:
-        waiters = list(self.db.sd_waiters.find({"expires_at": {"$gt": now}},
-                                               {"ticket": 1, "checkpoint": 1, "exclude": 1, "assigned": 1})
-                       .sort("ticket", ASCENDING).limit(self.max_waiters_read))
-        self._queue = (time.monotonic(), waiters)
-        return waiters
-
-    def _tell(self, waiter_id: str, url: str) -> None:
-        """Tell the waiter's process that its waiter now holds `url` (its scan finds out anyway)."""
-        process = _process_of(waiter_id)
+    def _tell(self, lease_id: str, url: str) -> None:
+        """Tell the entry's process that it now holds `url` under `lease_id` (its scan finds out anyway)."""
+        process = _entry_of(lease_id).rsplit(":", 1)[0]
         if process == self.process_id:
-            self._adopt(waiter_id, url)
+            self._grant(lease_id, url)
             return
         port = self._peers.get(process)
         if port is None:  # a process that became active since our last look at the members
@@ -655,27 +720,28 @@ class SDInstancePool:
                 self._peers = {**self._peers, process: port}
         waker = self._waker
         if port and waker is not None:
-            waker.send(port, f"{HANDOFF}|{waiter_id}|{url}".encode())
+            waker.send(port, f"{HANDOFF}|{lease_id}|{url}".encode())
 
-    def _adopt(self, waiter_id: str, url: str) -> None:
-        """Our waiter `waiter_id` was given `url`: wake it. If it gave up meanwhile, free the instance."""
+    def _grant(self, lease_id: str, url: str) -> None:
+        """Our entry was given `url` under `lease_id`: wake its oldest waiting caller, or, if nobody waits
+        any more, free the instance."""
         with self._lock:
-            if waiter_id in self._leases:
-                return  # already adopted (hint and scan both saw it)
-            waiter = self._waiters.pop(waiter_id, None)
-            if waiter is not None:
-                lease = Lease(id=waiter_id, url=url, ticket=waiter.ticket, handed_over=True)
-                waiter.lease = lease
-                self._leases[waiter_id] = lease
-                self._adopted.append(waiter_id)
-        if waiter is not None:
-            waiter.event.set()
-            return
-        if _process_of(waiter_id) == self.process_id:
-            self._free_orphan(waiter_id, url)
+            if lease_id in self._leases or lease_id in self._finished_set:
+                return  # already delivered (hint and scan both saw it), or already done with
+            entry = self._entries.get(_entry_of(lease_id))
+            slot = entry.waiting.popleft() if entry is not None and entry.waiting else None
+            if slot is not None:
+                assert entry is not None
+                slot.lease = Lease(id=lease_id, url=url, ticket=entry.ticket)
+                self._leases[lease_id] = slot.lease
+        if slot is not None:
+            slot.event.set()
+            self._notify()  # the watcher renews the lease from now on
+        else:
+            self._free_orphan(lease_id, url)
 
     def _free_orphan(self, holder: str, url: str) -> None:
-        """An instance handed to one of our callers after it gave up: put it back."""
+        """An instance given to a caller of ours that is gone: put it back."""
         try:
             res = self.db.sd_instances.update_one({"_id": url, "holder": holder},
                                                   {"$set": {"holder": None, "lease_until": None, "released_at": _now()}})
@@ -708,9 +774,9 @@ class SDInstancePool:
         assert waker is not None
         look = True
         while not self._closed.is_set():
-            self._flush_adopted()
+            self._retire_entries()
             with self._lock:
-                waiting = bool(self._waiters)
+                waiting = any(e.waiting for e in self._entries.values())
                 holding = bool(self._leases)
             if not waiting and not holding:
                 look = self._handle(waker.wait(1.0)) or look
@@ -726,7 +792,6 @@ class SDInstancePool:
                 if waiting and (look or now >= next_scan):
                     look = False
                     self._scan()
-                    self._flush_adopted()
                     next_scan = time.monotonic() + self.poll_s * random.uniform(0.75, 1.25)
             except Exception as exc:  # noqa: BLE001 - the watcher must survive a database hiccup
                 log.warning("SD pool watcher: %s", exc)
@@ -735,16 +800,23 @@ class SDInstancePool:
             deadline = min(next_scan, next_renew) if waiting else next_renew
             look = self._handle(waker.wait(deadline - time.monotonic())) or look
 
-    def _flush_adopted(self) -> None:
-        """Delete the queue documents of callers that got an instance (off their critical path)."""
-        if not self._adopted:
-            return
+    def _retire_entries(self) -> None:
+        """Delete the queue documents of entries whose callers are all served or gone and that no new
+        caller can join any more (off everyone's critical path)."""
+        now = time.monotonic()
         with self._lock:
-            done, self._adopted = self._adopted, []
-        try:
-            self.db.sd_waiters.delete_many({"_id": {"$in": done}})
-        except PyMongoError:
-            pass  # they expire on their own and are skipped as `assigned` meanwhile
+            done = [e for e in self._entries.values()
+                    if not e.waiting and not e.uncounted and now - e.created > self.join_window_s]
+            for e in done:
+                del self._entries[e.id]
+                if self._open.get(e.key) is e:
+                    del self._open[e.key]
+        ids = [e.id for e in done if e.registered]
+        if ids:
+            try:
+                self.db.sd_waiters.delete_many({"_id": {"$in": ids}})
+            except PyMongoError:
+                pass  # they expire on their own
 
     def _handle(self, messages: list[bytes]) -> bool:
         """Act on hand-over datagrams; True if any message asks for a look."""
@@ -752,11 +824,11 @@ class SDInstancePool:
         for message in messages:
             if message.startswith(HANDOFF.encode() + b"|"):
                 try:
-                    _, waiter_id, url = message.decode().split("|", 2)
+                    _, lease_id, url = message.decode().split("|", 2)
                 except ValueError:
                     continue
-                if url in self.clients and _process_of(waiter_id) == self.process_id:
-                    self._adopt(waiter_id, url)
+                if url in self.clients and lease_id.startswith(self.process_id + ":"):
+                    self._grant(lease_id, url)
             else:
                 look = True
         return look
@@ -778,40 +850,47 @@ class SDInstancePool:
         now = _now()
         with self._lock:
             leases = list(self._leases.values())
-            waiter_ids = list(self._waiters)
+            entry_ids = [e.id for e in self._entries.values() if e.registered and e.waiting]
+        leases = [lease for lease in leases if lease.url]
         if leases:
             res = self.db.sd_instances.update_many(
                 {"_id": {"$in": [lease.url for lease in leases]}, "holder": {"$in": [lease.id for lease in leases]}},
                 {"$set": {"lease_until": now + timedelta(seconds=self.lease_s)}})
             if res.matched_count < len(leases):
-                log.warning("SD pool: %d of %d leases could not be renewed (expired?)",
-                            len(leases) - res.matched_count, len(leases))
-        if waiter_ids:
-            self.db.sd_waiters.update_many({"_id": {"$in": waiter_ids}},
+                log.debug("SD pool: %d of %d leases not renewed (released meanwhile, or expired)",
+                          len(leases) - res.matched_count, len(leases))
+        if entry_ids:
+            self.db.sd_waiters.update_many({"_id": {"$in": entry_ids}},
                                            {"$set": {"expires_at": now + timedelta(seconds=self.waiter_ttl_s)}})
+
+    def _read_queue(self, now: datetime) -> list[dict[str, Any]]:
+        waiters = list(self.db.sd_waiters.find({"expires_at": {"$gt": now}, "want": {"$gt": 0}},
+                                               {"ticket": 1, "checkpoint": 1, "exclude": 1, "want": 1})
+                       .sort("ticket", ASCENDING).limit(self.max_waiters_read))
+        self._queue = (time.monotonic(), waiters)
+        return waiters
 
     def _scan(self) -> None:
         now = _now()
         instances = list(self.db.sd_instances.find({"_id": {"$in": self.urls}}))
         self._up = (time.monotonic(), {d["_id"] for d in instances if d.get("state", "up") == "up"})
         prefix = self.process_id + ":"
-        with self._lock:
-            known = set(self._waiters) | set(self._leases)
         for doc in instances:
             holder = doc.get("holder") or ""
-            if holder.startswith(prefix) and holder not in known:
-                self._free_orphan(holder, doc["_id"])  # handed to a caller of ours that gave up
-            elif holder in known:
-                self._adopt(holder, doc["_id"])  # handed to one of ours; the hint was lost or never sent
+            if holder.startswith(prefix):
+                with self._lock:
+                    mine = holder in self._leases or holder in self._finished_set
+                if not mine:  # given to us, but the hint was lost or never sent (or the caller is gone)
+                    self._grant(holder, doc["_id"])
             if doc.get("state") == "down" and (_aware(doc.get("next_probe_at")) or now) <= now:
                 self._start_probe(doc["_id"], now)
         waiters = self._read_queue(now)
-        self._note_queue(sum(1 for w in waiters if not w.get("assigned")))
-        plan = plan_assignment(waiters, instances, now)
+        self._note_queue(sum(_want(w) for w in waiters))
         with self._lock:
-            mine = [(self._waiters[wid], url) for wid, url in plan.items() if wid in self._waiters]
-        for waiter, url in mine:
-            self._claim(waiter, url)
+            local = set(self._entries)
+        for entry_id, url in plan_assignment(waiters, instances, now):
+            if entry_id in local:
+                self._claim(entry_id, url)
 
     def _note_queue(self, depth: int) -> None:
         if depth > self.max_queue_seen:
@@ -821,33 +900,31 @@ class SDInstancePool:
             except PyMongoError:
                 pass
 
-    def _claim(self, waiter: _Waiter, url: str) -> None:
-        """Reserve our waiter, then take the free instance planned for it."""
+    def _claim(self, entry_id: str, url: str) -> None:
+        """Take one of our entry's wanted instances off the queue, then the free instance planned for it."""
         now = _now()
-        if self.db.sd_waiters.find_one_and_update({"_id": waiter.id, "assigned": None},
-                                                  {"$set": {"assigned": url}}, projection={"_id": 1}) is None:
+        doc = self.db.sd_waiters.find_one_and_update({"_id": entry_id, "want": {"$gt": 0}},
+                                                     {"$inc": {"want": -1, "granted": 1}}, projection={"granted": 1},
+                                                     return_document=ReturnDocument.AFTER)
+        if doc is None:
             return  # it was just handed an instance (the hint or the next scan delivers it)
-        doc = self.db.sd_instances.find_one_and_update(
+        lease_id = f"{entry_id}#{int(doc['granted'])}"  # numbered by the post-image: unique per entry
+        got = self.db.sd_instances.find_one_and_update(
             {"_id": url, "state": "up", "$or": [{"holder": None}, {"lease_until": {"$lt": now}}]},
-            {"$set": {"holder": waiter.id, "lease_until": now + timedelta(seconds=self.lease_s), "leased_at": now}},
+            {"$set": {"holder": lease_id, "lease_until": now + timedelta(seconds=self.lease_s), "leased_at": now}},
             projection={"holder": 1, "checkpoint": 1},
         )
-        if doc is None:  # someone else got it first: unreserve; the next scan re-plans
-            self.db.sd_waiters.update_one({"_id": waiter.id, "assigned": url}, {"$set": {"assigned": None}})
+        if got is None:  # someone else got it first: give the place back; the next scan re-plans
+            self.db.sd_waiters.update_one({"_id": entry_id}, {"$inc": {"want": 1}})
             return
-        if doc.get("holder"):
-            log.warning("SD instance %s: the lease of %s ran out (holder died?); taking over", url, doc["holder"])
+        if got.get("holder"):
+            log.warning("SD instance %s: the lease of %s ran out (holder died?); taking over", url, got["holder"])
         self.claims += 1
+        self._grant(lease_id, url)
         with self._lock:
-            alive = self._waiters.pop(waiter.id, None) is not None
-            if alive:
-                waiter.lease = Lease(id=waiter.id, url=url, ticket=waiter.ticket, checkpoint=doc.get("checkpoint"))
-                self._leases[waiter.id] = waiter.lease
-                self._adopted.append(waiter.id)
-        if alive:
-            waiter.event.set()
-        else:  # the caller gave up while we claimed: put the instance straight back
-            self._free_orphan(waiter.id, url)
+            lease = self._leases.get(lease_id)
+            if lease is not None:
+                lease.checkpoint = got.get("checkpoint")
 
     def _start_probe(self, url: str, now: datetime) -> None:
         with self._lock:
@@ -953,7 +1030,7 @@ class SDInstancePool:
         """From the shared collections only (no call to any instance)."""
         now = _now()
         docs = {d["_id"]: d for d in self.db.sd_instances.find({"_id": {"$in": self.urls}})}
-        queue = self.db.sd_waiters.count_documents({"expires_at": {"$gt": now}, "assigned": None})
+        queue = self._queue_length(now)
         rows = []
         for url in self.urls:
             d = docs.get(url, {})

@@ -45,6 +45,7 @@ import multiprocessing as mp
 import os
 import platform
 import queue
+import shutil
 import statistics
 import sys
 import tempfile
@@ -348,7 +349,7 @@ def main() -> None:
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     delay = args.delay or 0.5
-    seconds = args.seconds or (2.5 if args.quick else 4.0)
+    seconds = args.seconds or (2.5 if args.quick else 3.5)
     k = 4
     ms = [2, 6] if args.quick else [2, 3, 4, 6]
     cs = [4] if args.quick else [1, 4, 8]
@@ -361,8 +362,9 @@ def main() -> None:
     command = "python bench/pool.py" + (" --quick" if args.quick else "") + \
         (f" --delay {args.delay}" if args.delay else "") + (f" --seconds {args.seconds}" if args.seconds else "")
     print(f"# SD pool benchmark — {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} — `{command}`")
-    print(f"# K={k} fake instances, D={delay:g} s/image, window {seconds:g} s per scenario, {WORKERS} worker "
-          f"processes standing in for `gunicorn -w {WORKERS}` workers (same code path below HTTP);")
+    print(f"# K={k} fake instances, D={delay:g} s/image, window {seconds:g} s per scenario after a "
+          f"1 s warm-up, {WORKERS} worker processes standing in for `gunicorn -w {WORKERS}` workers (same code path "
+          f"below HTTP), clients sending each request to a random worker;")
     print(f"# {platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f} at start, embedded MongoDB (secantusdb) at {mongo.uri}")
     harness = Harness(mongo.uri, delay, seconds)
@@ -415,6 +417,7 @@ def main() -> None:
     finally:
         harness.close()
         stop_embedded_mongo(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
     print("\n## Targets")
     at_load = [ours for ours, _ in rows if ours["c"] >= 4]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import math
 import platform
 import statistics
@@ -118,6 +119,10 @@ def main() -> int:
         baseline = [original_order(app, n) for _ in range(args.runs)]
         steps = app.extensions["services"].db.refinement_requests.find_one({"_id": last})["steps"]
         app.extensions["services"].close()
+        # finalise the app while MongoDB is still up: some clients' __del__ (the rate limiter's storage)
+        # would otherwise block the interpreter's exit on a database that is gone
+        del app, client
+        gc.collect()
     finally:
         fake.stop()
         for f in fleet:

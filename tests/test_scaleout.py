@@ -189,3 +189,38 @@ def test_json_logs_carry_the_request_id(gunicorn_server: Any, fake_openai: Any, 
     # every line the app writes is JSON (gunicorn's own start-up lines are its own format)
     app_lines = [ln for ln in log_file.read_text().splitlines() if "request_id" in ln]
     assert app_lines and all(json.loads(ln) for ln in app_lines)
+
+
+# ------------------------------------------------------------------ deployment files (no Docker engine here)
+
+
+def test_compose_file_parses_and_wires_server_to_a_replica_set() -> None:
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"server", "mongo"} <= set(services)
+    mongo, server = services["mongo"], services["server"]
+    assert "--replSet" in mongo["command"] and "healthcheck" in mongo
+    env = server["environment"]
+    assert "replicaSet=" in env["MONGO_URI"] and env["MONGO_URI"].startswith("mongodb://mongo:")
+    assert server["depends_on"]["mongo"]["condition"] == "service_healthy"
+    # a drain must not be cut short by Docker's own stop timeout
+    grace = int(env["GRACEFUL_TIMEOUT"])
+    assert int(server["stop_grace_period"].rstrip("s")) > grace
+    # every setting the compose file passes is a real Settings field (typos would be ignored silently)
+    from config import Settings
+
+    known = set(Settings.model_fields) | {"WEB_CONCURRENCY", "GRACEFUL_TIMEOUT"}
+    assert set(env) <= known, set(env) - known
+
+
+def test_dockerfile_runs_gunicorn_as_non_root_with_a_healthcheck() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert text.splitlines()[1].startswith("#") and "FROM python:3.11-slim" in text
+    assert re.search(r"^USER app$", text, re.M)
+    assert re.search(r"^HEALTHCHECK .*", text, re.M) and "/health" in text
+    assert 'CMD ["gunicorn", "-c", "gunicorn.conf.py", "app:app"]' in text
+    assert "build-essential" in text and "cmake" in text  # llama-cpp-python compiles llama.cpp
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", ".env", "data"} <= set(ignored)

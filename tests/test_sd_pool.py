@@ -235,7 +235,9 @@ def test_generate_many_keeps_request_order(fake_sd_fleet: Any, make_provider: Ca
 # ---------------------------------------------------------------------------------------------- fairness
 def test_fifo_across_workers(fake_sd: FakeSD, db: Any, make_provider: Callable[..., SDPoolProvider]) -> None:
     """Waiters registered one after another (alternating between two workers) are served in that order."""
-    workers = [make_provider([fake_sd]), make_provider([fake_sd])]
+    # join_window_s=0: every caller its own entry (by default callers of one process arriving within
+    # 20 ms share one, as the images of one request do)
+    workers = [make_provider([fake_sd], join_window_s=0), make_provider([fake_sd], join_window_s=0)]
     blocker = workers[0].pool.acquire()  # the only instance is busy while the queue forms
     done: list[str] = []
     threads = []
@@ -258,6 +260,30 @@ def test_fifo_across_workers(fake_sd: FakeSD, db: Any, make_provider: Callable[.
     assert fake_sd.max_concurrent_seen == 1
 
 
+def test_images_of_one_request_share_a_queue_entry(fake_sd: FakeSD, db: Any,
+                                                    make_provider: Callable[..., SDPoolProvider]) -> None:
+    """generate_many's images wait as one entry (want = M): fewer queue documents, same FIFO order."""
+    # callers of one process arriving within join_window_s share an entry (widened: a busy test machine
+    # may start the three threads further apart than the default 20 ms)
+    first, second = make_provider([fake_sd], join_window_s=0.5), make_provider([fake_sd])
+    blocker = first.pool.acquire()
+    batch = threading.Thread(target=first.generate_many, args=([req(f"batch{i}") for i in range(3)],))
+    batch.start()
+    entry = wait_until(lambda: db.sd_waiters.find_one({"want": 3}), what="one entry wanting 3")
+    assert db.sd_waiters.count_documents({}) == 1
+    later = threading.Thread(target=second.generate, args=(req("later"),))
+    later.start()
+    wait_until(lambda: db.sd_waiters.count_documents({}) == 2, what="the later caller's entry")
+    assert db.sd_waiters.find_one({"_id": {"$ne": entry["_id"]}})["ticket"] > entry["ticket"]
+    first.pool.release(blocker, ok=True)
+    batch.join(10)
+    later.join(10)
+    served = [r["json"]["prompt"] for r in fake_sd.requests]
+    assert sorted(served[:3]) == ["batch0", "batch1", "batch2"] and served[3] == "later"
+    assert fake_sd.max_concurrent_seen == 1
+    wait_until(lambda: db.sd_waiters.count_documents({}) == 0, what="served entries to be deleted")
+
+
 def test_plan_gives_free_instances_to_the_oldest_waiters() -> None:
     from datetime import UTC, datetime, timedelta
 
@@ -271,14 +297,17 @@ def test_plan_gives_free_instances_to_the_oldest_waiters() -> None:
     ]
     waiters = [{"_id": "w1", "checkpoint": "B"}, {"_id": "w2", "checkpoint": None},
                {"_id": "w3", "checkpoint": "A", "exclude": ["a"]}, {"_id": "w4"}]
-    plan = plan_assignment(waiters, instances, now)
+    plan = dict(plan_assignment(waiters, instances, now))
     # w1 gets the B instance; w2 the idle-longest of the rest; w3 avoids `a` (failed it) -> what is left
     assert plan["w1"] == "b"
     assert set(plan) == {"w1", "w2", "w3"} and set(plan.values()) == {"a", "b", "e"}
     assert plan["w3"] != "a"
     # a waiter whose every up instance is excluded still gets one (a pool of one must be able to retry)
     only = [{"_id": "a", "state": "up", "holder": None}]
-    assert plan_assignment([{"_id": "w", "exclude": ["a"]}], only, now) == {"w": "a"}
+    assert plan_assignment([{"_id": "w", "exclude": ["a"]}], only, now) == [("w", "a")]
+    # an entry wanting 2 (two images of one request) is served twice before the next entry
+    two = [{"_id": "r1", "want": 2}, {"_id": "r2", "want": 1}, {"_id": "r0", "want": 0}]
+    assert [e for e, _ in plan_assignment(two, instances, now)] == ["r1", "r1", "r2"]
 
 
 # ---------------------------------------------------------------------------------------------- leases

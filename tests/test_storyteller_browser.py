@@ -81,64 +81,66 @@ def test_write_rewrite_and_like_a_story_in_the_page(browser: Any, openai_app: An
     db = openai_app.extensions["services"].db
     with live_server(openai_app) as base:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.goto(base + "/storyteller/")
-        expect(page.locator("#write")).to_be_disabled()
+        try:
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(base + "/storyteller/")
+            expect(page.locator("#write")).to_be_disabled()
 
-        page.get_by_label("Main characters' names").fill("Mia, Leo")
-        page.get_by_label("Story keywords").fill("lighthouse, storm")
-        page.get_by_label("Genre").select_option("Mystery")
-        page.get_by_label("Register").select_option("Vivid")
-        page.get_by_label("Max number of words").fill("150")
-        page.get_by_label("Child-friendly content").check()
-        page.get_by_label("Story keywords").press("Enter")  # the keyboard submits the form
-        expect(page.locator("#status")).to_contain_text("Settings saved")
-        expect(page.locator("#prompt")).to_contain_text("Mia, Leo")
+            page.get_by_label("Main characters' names").fill("Mia, Leo")
+            page.get_by_label("Story keywords").fill("lighthouse, storm")
+            page.get_by_label("Genre").select_option("Mystery")
+            page.get_by_label("Register").select_option("Vivid")
+            page.get_by_label("Max number of words").fill("150")
+            page.get_by_label("Child-friendly content").check()
+            page.get_by_label("Story keywords").press("Enter")  # the keyboard submits the form
+            expect(page.locator("#status")).to_contain_text("Settings saved")
+            expect(page.locator("#prompt")).to_contain_text("Mia, Leo")
 
-        page.locator("#write").focus()
-        page.keyboard.press("Enter")
-        expect(page.locator("#write")).to_be_disabled()  # no second stream while one runs
-        expect(page.locator("#progress")).to_be_visible()
-        expect(page.locator("#status")).to_contain_text("Done: version 1", timeout=15000)
-        assert page.locator("#story").input_value() == STORY
-        expect(page.locator("#write")).to_have_text("Regenerate the story")
+            page.locator("#write").focus()
+            page.keyboard.press("Enter")
+            expect(page.locator("#write")).to_be_disabled()  # no second stream while one runs
+            expect(page.locator("#progress")).to_be_visible()
+            expect(page.locator("#status")).to_contain_text("Done: version 1", timeout=15000)
+            assert page.locator("#story").input_value() == STORY
+            expect(page.locator("#write")).to_have_text("Regenerate the story")
 
-        start = STORY.index(SENTENCE)
-        page.evaluate(
-            "([s, e]) => { const t = document.getElementById('story'); t.focus(); "
-            "t.setSelectionRange(s, e); t.dispatchEvent(new Event('select')); }",
-            [start, start + len(SENTENCE)],
-        )
-        expect(page.locator("#rewrite")).to_be_enabled()
-        page.locator("#rewrite").click()
-        expect(page.locator("#status")).to_contain_text("Done: version 2", timeout=15000)
-        rewritten = page.locator("#story").input_value()
-        assert rewritten == STORY[:start] + NEW_SENTENCE + STORY[start + len(SENTENCE) :]
+            start = STORY.index(SENTENCE)
+            page.evaluate(
+                "([s, e]) => { const t = document.getElementById('story'); t.focus(); "
+                "t.setSelectionRange(s, e); t.dispatchEvent(new Event('select')); }",
+                [start, start + len(SENTENCE)],
+            )
+            expect(page.locator("#rewrite")).to_be_enabled()
+            page.locator("#rewrite").click()
+            expect(page.locator("#status")).to_contain_text("Done: version 2", timeout=15000)
+            rewritten = page.locator("#story").input_value()
+            assert rewritten == STORY[:start] + NEW_SENTENCE + STORY[start + len(SENTENCE) :]
 
-        page.locator("#good").click()
-        expect(page.locator("#status")).to_contain_text("Story added to the next fine-tuning")
-        expect(page.locator("#good")).to_have_attribute("aria-pressed", "true")
-        expect(page.locator("#history li")).to_have_count(2)
-        expect(page.locator("#history li").last).to_contain_text("liked")
-        path = shot(page, "storyteller.png")
-        assert path.stat().st_size > 10_000
+            page.locator("#good").click()
+            expect(page.locator("#status")).to_contain_text("Story added to the next fine-tuning")
+            expect(page.locator("#good")).to_have_attribute("aria-pressed", "true")
+            expect(page.locator("#history li")).to_have_count(2)
+            expect(page.locator("#history li").last).to_contain_text("liked")
+            path = shot(page, "storyteller.png")
+            assert path.stat().st_size > 10_000
 
-        records = list(db.storyteller_feedback.find())
-        assert len(records) == 1
-        assert records[0]["story"] == rewritten and records[0]["kind"] == "rewrite"
-        assert "Mia, Leo" in records[0]["prompt"] and "Mystery" in records[0]["prompt"]
-        assert "child-friendly" in records[0]["prompt"]
-        chat_users = [r["json"]["messages"][-1]["content"] for r in fake_openai.chat_requests()]
-        assert SENTENCE in chat_users[-1] and chat_users[-1].startswith(records[0]["prompt"])
+            records = list(db.storyteller_feedback.find())
+            assert len(records) == 1
+            assert records[0]["story"] == rewritten and records[0]["kind"] == "rewrite"
+            assert "Mia, Leo" in records[0]["prompt"] and "Mystery" in records[0]["prompt"]
+            assert "child-friendly" in records[0]["prompt"]
+            chat_users = [r["json"]["messages"][-1]["content"] for r in fake_openai.chat_requests()]
+            assert SENTENCE in chat_users[-1] and chat_users[-1].startswith(records[0]["prompt"])
 
-        # a model failure is shown, and the story stays as it was
-        fake_openai.fail_next(500, times=10)
-        page.locator("#write").click()
-        expect(page.locator("#error")).to_be_visible(timeout=15000)
-        expect(page.locator("#error")).to_contain_text("language model")
-        assert page.locator("#story").input_value() == rewritten
-        expect(page.locator("#write")).to_be_enabled()
-        shot(page, "storyteller-error.png")
-        assert errors == []
-        page.close()
+            # a model failure is shown, and the story stays as it was
+            fake_openai.fail_next(500, times=10)
+            page.locator("#write").click()
+            expect(page.locator("#error")).to_be_visible(timeout=15000)
+            expect(page.locator("#error")).to_contain_text("language model")
+            assert page.locator("#story").input_value() == rewritten
+            expect(page.locator("#write")).to_be_enabled()
+            shot(page, "storyteller-error.png")
+            assert errors == []
+        finally:
+            page.close()

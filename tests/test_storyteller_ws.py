@@ -213,3 +213,14 @@ def test_websocket_under_gunicorn_workers(gunicorn_server: Any, fake_openai: Any
         assert got.code == 1000 and got.text == f"Gunicorn {name}"
         versions = http.get(url + f"{PREFIX}/api/versions", timeout=10).json()["versions"]
         assert [v["text"] for v in versions] == [f"Gunicorn {name}"]
+
+
+def test_model_errors_in_json_mode_end_with_an_error_message(openai_app: Any, fake_openai: Any) -> None:
+    with live_server(openai_app) as url:
+        http = requests.Session()
+        sid = http.post(url + f"{PREFIX}/setstory/", json=P, timeout=10).headers["X-Storyteller-Session"]
+        fake_openai.fail_next(500, times=10)
+        got = ws_read(ws_url(url, session=sid, format="json"))
+        assert got.code == 1011
+        last = got.json()[-1]
+        assert last["type"] == "error" and "HTTP 500" in last["message"]

@@ -291,6 +291,14 @@ def init_auth(app: Any) -> None:
     (`register_indexes` functions run in init_services, before this module is first imported.)
     """
     app.register_api(auth_bp)
+    # document how to authenticate (and keep `components.securitySchemes` an object, as OpenAPI requires)
+    app.security_schemes = {
+        "basic": {"type": "http", "scheme": "basic", "description": "AUTH_MODE=basic"},
+        "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "AUTH_MODE=apikey"},
+        "bearer": {"type": "http", "scheme": "bearer", "description": "AUTH_MODE=apikey: the key as a bearer token"},
+        "streamToken": {"type": "apiKey", "in": "query", "name": TOKEN_PARAM,
+                        "description": "GET of a job's URLs only: POST /auth/stream-token"},
+    }
     _indexes(app.extensions["services"].db)
 
 

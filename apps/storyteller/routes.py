@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +18,7 @@ from flask import Blueprint, Flask, Response, jsonify, make_response, render_tem
 from flask_openapi3 import APIBlueprint, Tag
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
+from wsproto.frame_protocol import CloseReason
 
 from agent.types import ModelError
 from apps.core.auth import authenticate
@@ -347,7 +349,7 @@ def websocket(ws: Any) -> None:
                 return
             send(event)
         if ws.connected:
-            ws.close(1000, "done")
+            _close(ws, 1000, "done")
     except ConnectionClosed:
         return
     except Exception as exc:  # noqa: BLE001 - every failure ends the socket with 1011 + reason
@@ -357,9 +359,22 @@ def websocket(ws: Any) -> None:
         try:
             if json_mode:
                 ws.send(json.dumps({"type": "error", "message": message}, ensure_ascii=False))
-            ws.close(1011, _close_reason(message))
+            _close(ws, 1011, _close_reason(message))
         except ConnectionClosed:
             pass
+
+
+def _close(ws: Any, code: int, reason: str, wait_s: float = 2.0) -> None:
+    """Send the close frame, then wait (briefly) for the client's answer before the socket is closed.
+
+    Closing the TCP connection while the client's close reply is still unread makes the kernel send
+    a reset, and a browser may then drop the last frames (the error message) and report 1006.
+    """
+    ws.close(code, reason)
+    deadline = time.monotonic() + wait_s
+    while ws.close_reason == CloseReason.NO_STATUS_RCVD and time.monotonic() < deadline:
+        ws.event.wait(0.05)
+        ws.event.clear()
 
 
 def _is_cancel(message: Any) -> bool:
