@@ -114,6 +114,7 @@ class Settings(BaseSettings):
     RATE_LIMIT_DEFAULT: str = "600/minute"  # every request of one user (auth on) or client IP, all routes
     RATE_LIMIT_GENERATE: str = "60/minute"  # requests that start model work (POST /storybook/..., .../generate)
     RATE_LIMIT_STRATEGY: Literal["fixed-window", "moving-window"] = "fixed-window"
+    RATE_LIMIT_BATCH_S: float = Field(0.2, ge=0)  # fixed-window counts added to MongoDB this often (0: every request)
     RATE_LIMIT_STORAGE_URI: str | None = None  # default: the MongoDB in use (shared by workers and hosts)
     MODEL_DAILY_CALL_CAP: int = 1000  # model calls per user per UTC day (auth on, admins exempt); 0 = off
     STREAM_TOKEN_TTL_S: int = 3600  # life of a `?token=` for EventSource URLs

@@ -90,4 +90,4 @@ def worker_exit(server, worker) -> None:  # noqa: ANN001
 
     application = getattr(app_module, "_app", None)
     if application is not None:
-        application.extensions["services"].jobs.shutdown(grace_s=max(0, graceful_timeout - 5))
+        application.extensions["services"].close(grace_s=max(0, graceful_timeout - 5))

@@ -126,7 +126,7 @@ class RecordingImageProvider:
 
 
 def _ctx(ctx: dict[str, Any]) -> dict[str, Any]:
-    return {k: ctx.get(k) for k in ("app", "user", "session", "job")}
+    return {k: ctx.get(k) for k in ("app", "user", "session", "job", "step")}
 
 
 def build_image_provider(settings: Settings, db: Database | None, store: StoreFn | None = None) -> ImageProvider:

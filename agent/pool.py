@@ -102,7 +102,8 @@ FAILURES_TO_DOWN = 2
 MEMBERS_TTL_S = 10.0
 MEMBERS_REFRESH_S = 0.5
 SNAPSHOT_MAX_AGE_S = 1.0
-WAKE = b"!"
+WAKE = b"!"  # look at the queue and the instances
+RENEW = b"r"  # just wake up (a new lease to renew)
 HANDOFF = "H"
 FINISHED_KEEP = 4096  # recently finished lease ids remembered, so a stale read never revives one
 
@@ -168,8 +169,8 @@ class _Waker:
         except OSError:
             pass  # buffer full (wake-ups already pending) or the peer is gone: polling covers it
 
-    def wake(self) -> None:
-        self.send(self.port)
+    def wake(self, message: bytes = WAKE) -> None:
+        self.send(self.port, message)
 
     def wait(self, timeout: float) -> list[bytes]:
         try:
@@ -341,6 +342,7 @@ class SDInstancePool:
         self._up: tuple[float, set[str]] = (0.0, set(urls))  # (monotonic time, up instances) last seen
         self._queue: tuple[float, list[dict[str, Any]]] = (0.0, [])  # (monotonic time, queue) last read
         self._seq = 0
+        self._empty_at = -1e9  # when we last saw the queue empty (monotonic)
         self._waker: _Waker | None = None
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
@@ -420,12 +422,13 @@ class SDInstancePool:
             client.close()
 
     # ------------------------------------------------------------------ waking
-    def _notify(self, peers: bool = False) -> None:
-        """Make our watcher look now; with peers=True also the other pool processes on this host."""
+    def _notify(self, peers: bool = False, look: bool = True) -> None:
+        """Make our watcher look now (look=False: just wake it, e.g. to start renewing a new lease);
+        with peers=True also the other pool processes on this host."""
         waker = self._waker
         if waker is None:
             return
-        waker.wake()
+        waker.wake(WAKE if look else RENEW)
         if peers and self.handover:
             for port in list(self._peers.values()):
                 waker.send(port)
@@ -536,11 +539,14 @@ class SDInstancePool:
         if queueing or (time.monotonic() - seen_at < self.poll_s and any(_want(w) for w in queue)):
             return None  # there is a queue (ours, or one we just saw): no need to ask
         now = _now()
-        try:
-            if self.db.sd_waiters.find_one({"expires_at": {"$gt": now}, "want": {"$gt": 0}}, {"_id": 1}) is not None:
+        # the other images of the same request (arriving within join_window_s) reuse one look at the queue
+        if time.monotonic() - self._empty_at > self.join_window_s:
+            try:
+                if self.db.sd_waiters.find_one({"expires_at": {"$gt": now}, "want": {"$gt": 0}}, {"_id": 1}):
+                    return None
+            except PyMongoError:
                 return None
-        except PyMongoError:
-            return None
+            self._empty_at = time.monotonic()
         lease = Lease(id=self._next_id("f"), url="", ticket=0)
         with self._lock:
             self._leases[lease.id] = lease  # known locally before it exists in the database (orphan check)
@@ -566,7 +572,7 @@ class SDInstancePool:
         lease.url = doc["_id"]
         lease.checkpoint = doc.get("checkpoint")
         self.claims += 1
-        self._notify()  # the watcher renews the lease from now on
+        self._notify(look=False)  # the watcher renews the lease from now on
         return lease
 
     def _ticket(self) -> int:
@@ -736,7 +742,7 @@ class SDInstancePool:
                 self._leases[lease_id] = slot.lease
         if slot is not None:
             slot.event.set()
-            self._notify()  # the watcher renews the lease from now on
+            self._notify(look=False)  # the watcher renews the lease from now on
         else:
             self._free_orphan(lease_id, url)
 
@@ -829,7 +835,7 @@ class SDInstancePool:
                     continue
                 if url in self.clients and lease_id.startswith(self.process_id + ":"):
                     self._grant(lease_id, url)
-            else:
+            elif message != RENEW:
                 look = True
         return look
 

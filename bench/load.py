@@ -335,7 +335,7 @@ def seed(base: str, paths: set[str], get_paths: set[str]) -> tuple[list[str], di
 
 
 def one_run(workers: int, args: argparse.Namespace, fakes: dict[str, Any], mongo_uri: str,
-            tmp: Path, mongo_pid: int) -> dict[str, Any]:
+            tmp: Path, mongo_pid: int | None) -> dict[str, Any]:
     port = free_port()
     db_name = f"bench_{workers}_{secrets.token_hex(3)}"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MONGO_URI": mongo_uri, "MONGO_DB": db_name,
@@ -363,13 +363,13 @@ def one_run(workers: int, args: argparse.Namespace, fakes: dict[str, Any], mongo
         pids = worker_pids(proc.pid)
         rss0 = [rss_mb(p) for p in pids]
         half = args.requests // 2
-        cpu0 = (cpu_s(mongo_pid), sum(cpu_s(p) for p in pids))
+        cpu0 = (cpu_s(mongo_pid) if mongo_pid else 0.0, sum(cpu_s(p) for p in pids))
         with GenerationLoad(base, paths) as gen:
             first = run_reads(base, urls, half, args.clients)
             rss1 = [rss_mb(p) for p in pids]
             second = run_reads(base, urls, args.requests - half, args.clients)
             rss2 = [rss_mb(p) for p in pids]
-        cpu1 = (cpu_s(mongo_pid), sum(cpu_s(p) for p in pids))
+        cpu1 = (cpu_s(mongo_pid) if mongo_pid else float("nan"), sum(cpu_s(p) for p in pids))
         wall = first["seconds"] + second["seconds"]
         out["cpu_share"] = {"mongodb": (cpu1[0] - cpu0[0]) / wall, "workers": (cpu1[1] - cpu0[1]) / wall}
         lat_n = first["n"] + second["n"]
@@ -448,6 +448,9 @@ def main() -> None:
     parser.add_argument("--subscribers", type=int, default=200)
     parser.add_argument("--rate-limit", choices=["on", "off"], default="on",
                         help="on: limits too high to trigger, so their cost is measured")
+    parser.add_argument("--mongo-uri", default=None,
+                        help="benchmark against this MongoDB instead of the embedded one (a database per run "
+                             "is created and dropped)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
     args = parser.parse_args()
 
@@ -458,7 +461,8 @@ def main() -> None:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmpdir:
         tmp = Path(tmpdir)
-        mongo = ensure_embedded_mongo(tmp / "mongo")
+        mongo = None if args.mongo_uri else ensure_embedded_mongo(tmp / "mongo")
+        mongo_uri = args.mongo_uri or mongo.uri  # type: ignore[union-attr]
         openai = FakeOpenAI().start()
         openai.delay, openai.stream_delay = 0.8, 0.03
         sd = [FakeSD(delay=1.0, name=f"sd{i}").start() for i in range(2)]
@@ -466,12 +470,14 @@ def main() -> None:
         try:
             for workers in (1, args.workers):
                 print(f"running with -w {workers} ...", file=sys.stderr, flush=True)
-                runs[workers] = one_run(workers, args, {"openai": openai, "sd": sd}, mongo.uri, tmp, mongo.pid)
+                runs[workers] = one_run(workers, args, {"openai": openai, "sd": sd}, mongo_uri, tmp,
+                                        mongo.pid if mongo else None)
         finally:
             openai.stop()
             for fake in sd:
                 fake.stop()
-            stop_embedded_mongo(tmp / "mongo")
+            if mongo is not None:
+                stop_embedded_mongo(tmp / "mongo")
     text = report(runs, args, time.monotonic() - started)
     print(text)
     if args.json:

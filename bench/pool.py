@@ -374,16 +374,18 @@ def main() -> None:
     hung_rows: list[dict[str, Any]] = []
     try:
         print("\n## Throughput (ideal = K/D = %.1f images/s)\n" % (k / delay))
-        print("| K | M | C | pool img/s | pool ratio | pool share % | pool max depth | pool latency p50/max s | "
-              "original img/s | original ratio | original share % | original max depth | original latency p50/max s |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("| K | M | C | pool img/s | pool ratio | pool share % | pool max depth | pool idle gap p50/p90 ms | "
+              "pool latency p50/max s | original img/s | original ratio | original share % | original max depth | "
+              "original latency p50/max s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for m in ms:
             for c in cs:
                 ours = harness.run("pool", k, m, c)
                 orig = harness.run("original", k, m, c)
                 rows.append((ours, orig))
                 print(f"| {k} | {m} | {c} | {ours['images_per_s']:.2f} | {ours['ratio']:.3f} | {_share(ours)} | "
-                      f"{_depth(ours)} | {_lat(ours)} | {orig['images_per_s']:.2f} | {orig['ratio']:.3f} | "
+                      f"{_depth(ours)} | {ours['gap_ms']:.0f}/{ours['gap_p90_ms']:.0f} | {_lat(ours)} | "
+                      f"{orig['images_per_s']:.2f} | {orig['ratio']:.3f} | "
                       f"{_share(orig)} | {_depth(orig)} | {_lat(orig)} |", flush=True)
                 for row in (ours, orig):
                     if row["errors"] or row["empty"]:

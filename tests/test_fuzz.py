@@ -33,11 +33,7 @@ EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "40"))
 # streams: a generated request would open an endless response
 STREAMING = r"(/events$|/get_updates/|/stream$|/ws$)"
 # operation -> the bug that makes it fail (report to the owner; remove the entry when fixed)
-KNOWN_BUGS: dict[str, str] = {
-    # ideation: a JSON key containing a NUL byte (e.g. {"aiStageSwitchRecords": {"a\u0000": []}}) reaches
-    # insert_one and bson raises InvalidDocument -> 500; the schema should reject such keys (422)
-    "POST /ideation/timeRecord": "bson InvalidDocument on keys with NUL -> 500",
-}
+KNOWN_BUGS: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")

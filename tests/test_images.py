@@ -62,7 +62,8 @@ def test_recording_provider_stores_images_and_records_generations(make_app: Any,
     assert isinstance(svc.image_provider, RecordingImageProvider) and svc.image_provider.name == "placeholder"
     unit = {"module": "lineart", "model": "control_v11p_sd15_lineart", "image": b"raw bytes"}
     requests = [ImageRequest(prompt=f"card {i}", width=96, height=64, controlnet=[unit] if i == 0 else [],
-                             context={"app": "storybook", "user": "ann", "session": "s1", "job": "j1"})
+                             context={"app": "storybook", "user": "ann", "session": "s1", "job": "j1",
+                                      "step": f"page-{i}"})
                 for i in range(3)]
     results = svc.image_provider.generate_many(requests)
     assert [size_of(r.png) for r in results] == [(96, 64)] * 3
@@ -74,6 +75,7 @@ def test_recording_provider_stores_images_and_records_generations(make_app: Any,
         rec = svc.db.generations.find_one({"_id": ObjectId(r.generation_id)})
         assert rec["kind"] == "image" and rec["provider"] == "placeholder" and rec["ok"] is True
         assert (rec["app"], rec["user"], rec["session"], rec["job"]) == ("storybook", "ann", "s1", "j1")
+        assert rec["step"] == f"page-{i}" and meta["step"] == f"page-{i}"
         assert rec["prompt"]["prompt"] == f"card {i}" and rec["params"]["width"] == 96
         assert rec["output"]["image_id"] == r.image_id and rec["output"]["bytes"] == len(r.png)
         assert rec["attempts"] == 1
@@ -130,6 +132,32 @@ def test_openai_images_b64(fake_openai: Any) -> None:
     assert other.png != result.png
     many = provider.generate_many([ImageRequest(prompt=f"n{i}", width=256, height=256) for i in range(3)])
     assert [size_of(r.png) for r in many] == [(256, 256)] * 3
+
+
+def test_openai_inpainting_goes_to_images_edit_with_an_alpha_mask(fake_openai: Any) -> None:
+    """An init image + SD-style mask (white = regenerate) becomes a multipart images.edit call whose
+    mask is transparent exactly where SD would regenerate; `inpainting_mask_invert` flips it."""
+    provider = provider_for(fake_openai)
+    init = png_bytes(Image.new("RGB", (512, 512), (200, 30, 30)))
+    sd_mask = Image.new("L", (512, 512), 0)
+    sd_mask.paste(255, (0, 0, 256, 512))  # regenerate the left half
+    for invert in (False, True):
+        result = provider.generate(ImageRequest(prompt="a red chair", width=512, height=512, init_image=init,
+                                                mask=png_bytes(sd_mask), inpainting_mask_invert=invert))
+        assert size_of(result.png) == (512, 512)
+        sent = [r for r in fake_openai.requests if r["path"].endswith("/images/edits")][-1]
+        assert sent["form"]["model"] == "gpt-image-1" and sent["form"]["size"] == "1024x1024"
+        assert sent["form"]["prompt"].startswith("a red chair")
+        with Image.open(io.BytesIO(sent["files"]["image"])) as img:
+            assert img.size == (1024, 1024) and img.convert("RGB").getpixel((500, 500)) == (200, 30, 30)
+        with Image.open(io.BytesIO(sent["files"]["mask"])) as mask:
+            alpha = mask.convert("RGBA").getchannel("A")
+            left, right = alpha.getpixel((100, 500)), alpha.getpixel((900, 500))
+        assert (left, right) == ((255, 0) if invert else (0, 255)), (invert, left, right)
+    # an edit without a mask sends the image alone
+    provider.generate(ImageRequest(prompt="variation", width=256, height=256, init_image=init))
+    sent = [r for r in fake_openai.requests if r["path"].endswith("/images/edits")][-1]
+    assert "mask" not in sent["files"]
 
 
 def test_dalle_asks_for_b64_and_url_answers_are_downloaded_only_locally(fake_openai: Any) -> None:

@@ -191,6 +191,11 @@ def test_basic_mode_users_and_the_storybook_pair(make_app: Any) -> None:
     assert pair["user"] == "story" and pair["role"] == "admin"
     wrong = client.get("/auth/me", headers=basic("carol", "nope"))
     assert wrong.status_code == 401 and wrong.headers["WWW-Authenticate"].startswith("Basic")
+    # a verified password is remembered briefly (scrypt is slow on purpose), but a changed one is not
+    assert client.get("/auth/me", headers=basic("carol", "pw-carol")).status_code == 200
+    create_user(app.extensions["services"].db, "carol", password="pw-new")
+    assert client.get("/auth/me", headers=basic("carol", "pw-carol")).status_code == 401
+    assert client.get("/auth/me", headers=basic("carol", "pw-new")).status_code == 200
 
 
 # ------------------------------------------------------------------ the apps' own routes
@@ -279,6 +284,17 @@ def test_storyteller_sessions_are_owner_only(secured: dict[str, Any]) -> None:
         assert theirs.status_code == 404, (url, theirs.status_code)
         assert "bob-only-keyword" not in theirs.get_data(as_text=True)
         assert client.get(url, headers=h["bob"]).status_code == 200
+    if "/storyteller/api/edit" in paths and "/storyteller/api/versions/{version_id}" in paths:
+        edit = client.post("/storyteller/api/edit", json={"session": session, "text": "bob's private draft"},
+                           headers=h["bob"])
+        assert edit.status_code == 201, edit.get_data(as_text=True)
+        version = edit.get_json()["id"]
+        assert client.get(f"/storyteller/api/versions/{version}", headers=h["bob"]).status_code == 200
+        theirs = fresh.get(f"/storyteller/api/versions/{version}", headers=h["alice"])
+        assert theirs.status_code == 404 and "private draft" not in theirs.get_data(as_text=True)
+        # alice cannot write into bob's session either
+        assert fresh.post("/storyteller/api/edit", json={"session": session, "text": "x"},
+                          headers=h["alice"]).status_code == 404
 
 
 def test_refinement_sessions_are_owner_only(secured: dict[str, Any]) -> None:
@@ -335,14 +351,29 @@ def test_rate_limit_envelope_apps_and_generation_bucket(make_app: Any) -> None:
 
 
 def test_rate_limits_are_shared_across_app_instances(make_app: Any) -> None:
-    """Two app instances (think: two workers or hosts) on one database share one bucket."""
-    first = make_app(RATE_LIMIT_DEFAULT="6/minute")
-    second = make_app(RATE_LIMIT_DEFAULT="6/minute")
+    """Two app instances (think: two workers or hosts) on one database share one bucket: exactly with
+    RATE_LIMIT_BATCH_S=0, and after one flush interval with the default batching."""
+    first = make_app(RATE_LIMIT_DEFAULT="6/minute", RATE_LIMIT_BATCH_S=0)
+    second = make_app(RATE_LIMIT_DEFAULT="6/minute", RATE_LIMIT_BATCH_S=0)
     a, b = first.test_client(), second.test_client()
     codes = [a.get("/auth/me").status_code for _ in range(3)] + [b.get("/auth/me").status_code for _ in range(3)]
     assert codes == [200] * 6
     assert b.get("/auth/me").status_code == 429
     assert a.get("/auth/me").status_code == 429
+
+
+def test_batched_rate_limits_are_shared_after_a_flush(make_app: Any) -> None:
+    first = make_app(RATE_LIMIT_DEFAULT="6/minute", RATE_LIMIT_BATCH_S=0.05)
+    second = make_app(RATE_LIMIT_DEFAULT="6/minute", RATE_LIMIT_BATCH_S=0.05)
+    a, b = first.test_client(), second.test_client()
+    assert [a.get("/auth/me").status_code for _ in range(3)] == [200] * 3
+    time.sleep(0.3)  # a's hits reach the shared counter
+    assert [b.get("/auth/me").status_code for _ in range(3)] == [200] * 3
+    assert b.get("/auth/me").status_code == 429
+    time.sleep(0.3)
+    assert a.get("/auth/me").status_code == 429
+    counters = first.extensions["services"].db.ratelimit_counters
+    assert sum(doc["count"] for doc in counters.find()) == 8
 
 
 def test_rate_limit_can_be_switched_off(make_app: Any) -> None:

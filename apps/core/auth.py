@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -125,9 +126,36 @@ def _basic_user() -> User:
         ):
             return User(name=name, role="admin")
     doc = services().db.users_auth.find_one({"name": name})
-    if doc and doc.get("password") and _check_password(password, doc["password"]):
-        return User(name=name, role=doc.get("role", "user"))
+    if doc and doc.get("password"):
+        cache_key = hashlib.sha256(f"{name}\0{password}\0{doc['password']}".encode()).digest()
+        if _verified_recently(cache_key) or _check_password(password, doc["password"]):
+            _remember_verified(cache_key)
+            return User(name=name, role=doc.get("role", "user"))
     raise _unauthorized("Incorrect username or password", basic=True)
+
+
+# scrypt costs tens of milliseconds of CPU on purpose; browsers resend Basic credentials with every
+# request (images, streams), so a successful check is remembered briefly. The key covers the stored
+# hash too: a password change or a deleted user invalidates it at once.
+_VERIFIED: dict[bytes, float] = {}
+_VERIFIED_TTL_S = 60.0
+_VERIFIED_MAX = 1024
+_VERIFIED_LOCK = threading.Lock()
+
+
+def _verified_recently(key: bytes) -> bool:
+    with _VERIFIED_LOCK:
+        expires = _VERIFIED.get(key)
+        return expires is not None and expires > time.monotonic()
+
+
+def _remember_verified(key: bytes) -> None:
+    with _VERIFIED_LOCK:
+        if len(_VERIFIED) >= _VERIFIED_MAX:
+            now = time.monotonic()
+            for stale in [k for k, v in _VERIFIED.items() if v <= now] or list(_VERIFIED)[: _VERIFIED_MAX // 2]:
+                _VERIFIED.pop(stale, None)
+        _VERIFIED[key] = time.monotonic() + _VERIFIED_TTL_S
 
 
 def _apikey_user() -> User:

@@ -6,6 +6,8 @@ touch Flask globals, so they can run inside job threads and CLI commands alike.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +20,8 @@ from config import Settings
 from .jobs import JobManager
 from .sse import JobWatcher
 from .storage import ImageStore
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from agent.llm import LLM
@@ -38,9 +42,21 @@ class Services:
     prompts: PromptLibrary
     extras: dict[str, Any] = field(default_factory=dict)
 
-    def close(self) -> None:
-        self.jobs.shutdown(grace_s=0)
-        self.client.close()
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def close(self, grace_s: float = 0) -> None:
+        """Drain jobs, then close everything holding threads or sockets (image pool, limiter store,
+        database), so a worker or a test exits without a hang. Each closer runs even if one fails."""
+        self.jobs.shutdown(grace_s=grace_s)
+        inner = getattr(self.image_provider, "inner", self.image_provider)
+        steps = [getattr(inner, "close", None), *reversed(self.closers), self.client.close]
+        for step in steps:
+            if step is None:
+                continue
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - closing is best effort; the next step still runs
+                log.warning("closing %r failed", step, exc_info=True)
 
 
 def services() -> Services:

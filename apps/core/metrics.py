@@ -45,7 +45,10 @@ class DatabaseCollector:
                 busy.add_metric([doc["_id"]], 1.0 if held else 0.0)
                 state.add_metric([doc["_id"]], 1.0 if doc.get("state", "up") == "up" else 0.0)
             waiting = GaugeMetricFamily("sd_waiting_callers", "Callers waiting for a free SD instance")
-            waiting.add_metric([], db.sd_waiters.count_documents({"expires_at": {"$gt": now}}))
+            # one queue entry per request; `want` is how many of its images still wait for an instance
+            queued = db.sd_waiters.aggregate([{"$match": {"expires_at": {"$gt": now}, "want": {"$gt": 0}}},
+                                              {"$group": {"_id": None, "n": {"$sum": "$want"}}}])
+            waiting.add_metric([], float(next(iter(queued), {}).get("n", 0)))
             calls = GaugeMetricFamily("model_calls_last_hour", "Model calls in the last hour",
                                       labels=["kind", "provider", "ok"])
             since = now - timedelta(hours=1)

@@ -12,7 +12,8 @@ Health, liveness, metrics, docs and CORS preflights are exempt, so probes and
 scrapers never eat a user's budget. A breach answers 429 through the one error
 builder (`error_response`: plain JSON, or the envelope for the envelope apps) with
 `Retry-After` in seconds. The counters live in `ratelimit_counters` /
-`ratelimit_windows` of the app's database (TTL-expired). If the store is down the
+`ratelimit_windows` of the app's database (TTL-expired); increments are batched per
+process (apps/core/ratelimit_store.py, `RATE_LIMIT_BATCH_S`). If the store is down the
 limiter lets requests through (the route itself then fails with a clean 503) rather
 than turning a database blip into a wall of 429s or 500s.
 
@@ -140,6 +141,10 @@ def init_ratelimit(app: Flask, settings: Settings) -> Limiter | None:
         uri = _storage_uri(settings)
         options: dict = {}
         if uri.startswith(("mongodb://", "mongodb+srv://")):
+            if settings.RATE_LIMIT_BATCH_S > 0 and settings.RATE_LIMIT_STRATEGY == "fixed-window":
+                from .ratelimit_store import SCHEME_PREFIX  # registers the batched storage
+
+                uri = SCHEME_PREFIX + uri
             options = {
                 "database_name": settings.MONGO_DB,
                 "counter_collection_name": "ratelimit_counters",
@@ -148,6 +153,8 @@ def init_ratelimit(app: Flask, settings: Settings) -> Limiter | None:
                 "serverSelectionTimeoutMS": 1500, "connectTimeoutMS": 1500, "socketTimeoutMS": 5000,
                 "appname": "creativity-ratelimit",
             }
+            if uri.startswith("batched+"):
+                options["flush_s"] = settings.RATE_LIMIT_BATCH_S
         limiter = Limiter(
             client_key,
             app=app,
@@ -169,7 +176,10 @@ def init_ratelimit(app: Flask, settings: Settings) -> Limiter | None:
         if hasattr(storage, "counters"):
             # connect now: the limits library's MongoDB storage connects lazily, and its __del__ would
             # otherwise connect (and create its TTL indexes) while the process is tearing down
-            _ = storage.storage  # type: ignore[attr-defined]
+            client = storage.storage  # type: ignore[attr-defined]
+            services = app.extensions.get("services")
+            if services is not None:  # closed with the app's other connections (no hang at exit)
+                services.closers.append(getattr(storage, "close", client.close))
 
         @app.errorhandler(RateLimitExceeded)
         def _rate_limited(exc: RateLimitExceeded) -> Response:

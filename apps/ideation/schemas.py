@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from apps.core.mongo_keys import check_storable_keys
 
 # letters/digits (incl. CJK), dot, dash, underscore; empty allowed (the original frontend may send "")
 USERNAME_PATTERN = r"^[\w.\-]{0,64}$"
+
+# a client dict stored as sent: keys MongoDB cannot store are a 422 here, not a 500 at the write
+StorableDict = Annotated[dict[str, Any], AfterValidator(check_storable_keys)]
 
 
 class ButtonInfo(BaseModel):
@@ -37,7 +42,7 @@ class UsernameBody(BaseModel):
 
 class SaveBody(BaseModel):
     username: str | None = Field(default=None, pattern=USERNAME_PATTERN)
-    data: dict[str, Any] | None = None
+    data: StorableDict | None = None
 
 
 class TimingEntry(BaseModel):
@@ -51,6 +56,12 @@ class TimeRecordBody(BaseModel):
     username: str = Field(default="", pattern=USERNAME_PATTERN)
     stageSwitchRecords: dict[str, list[TimingEntry]] = Field(default_factory=dict)
     aiStageSwitchRecords: dict[str, list[TimingEntry]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        """The whole body is stored (extra keys too), so every key in it must be storable."""
+        return check_storable_keys(data)
 
 
 class UserPath(BaseModel):

@@ -54,8 +54,9 @@ def _service() -> RefinementService:
 
 
 def _client() -> Client:
-    route = request.access_route
-    return Client.from_parts(route[0] if route else request.remote_addr, request.headers.get("User-Agent"))
+    """The caller's address + user agent. Only `remote_addr`: X-Forwarded-For is whatever the client sent;
+    behind a trusted proxy (PROXY_FIX_X_FOR>0) ProxyFix has already put the real address there."""
+    return Client.from_parts(request.remote_addr, request.headers.get("User-Agent"))
 
 
 def _auth_name() -> str | None:

@@ -655,7 +655,32 @@ class FakeOpenAI:
             fault = self._fault("images")
             if fault is not None:
                 return fault
-            return self._images()
+            return self._images(request.get_json(silent=True))
+
+        @app.post("/v1/images/edits")
+        @app.post("/openai/v1/images/edits")
+        @app.post("/openai/deployments/<deployment>/images/edits")
+        def image_edits(deployment: str | None = None) -> Response:
+            """multipart/form-data like the real API: fields + `image` (and optional `mask`) files."""
+            entry = self._record("images")
+            denied = self._auth()
+            if denied is not None:
+                return denied
+            fault = self._fault("images")
+            if fault is not None:
+                return fault
+            files = request.files.getlist("image") or request.files.getlist("image[]")
+            if not files:
+                return error_response(400, "Missing required parameter: 'image'.", param="image",
+                                      code="missing_required_parameter")
+            entry["form"] = dict(request.form)
+            entry["files"] = {"image": files[0].read()}
+            if "mask" in request.files:
+                entry["files"]["mask"] = request.files["mask"].read()
+            body: dict[str, Any] = dict(request.form)
+            if "n" in body:
+                body["n"] = int(body["n"]) if str(body["n"]).isdigit() else body["n"]
+            return self._images(body)
 
         @app.get("/files/<file_id>.png")
         def files(file_id: str) -> Response:
@@ -847,8 +872,7 @@ class FakeOpenAI:
             "category_applied_input_types": {c: ["text"] for c in MODERATION_CATEGORIES},
         }
 
-    def _images(self) -> Response:
-        body = request.get_json(silent=True)
+    def _images(self, body: Any) -> Response:
         if not isinstance(body, dict) or not body.get("prompt"):
             return error_response(
                 400,

@@ -1,0 +1,201 @@
+"""Rate-limit counters shared in MongoDB, but not paid for on every request.
+
+limits' MongoDB storage does one findAndModify per request. That is the dearest thing a
+cheap GET does (measured with bench/load.py against the embedded server), and every
+client of a study shares it. This storage keeps the same documents (`ratelimit_counters`:
+`{_id: key, count, expireAt}`), shared by every worker and host, and changes only *when*
+they are written:
+
+- the first hit on a key in a window, and any hit when this process last heard from
+  MongoDB about that key more than `flush_s` ago, goes to MongoDB (one round trip adds it
+  and brings back the shared count and the window's end);
+- other hits are counted in the process and added to the shared count by a background
+  thread every `flush_s` (one update per busy key), which also reads back what the other
+  processes added;
+- a hit is allowed when `shared count last seen + this process's hits since` is within
+  the limit.
+
+So one process never lets a caller past its limit, and all processes together can
+overshoot by at most what the *other* processes let through during one flush interval
+(e.g. at 0.2 s: a caller spreading 10 requests/s over 4 workers gets at most ~2 extra
+requests per window). `RATE_LIMIT_BATCH_S=0` turns batching off (exact, one round trip
+per request). If MongoDB is away, counts wait in the process and are added on recovery.
+
+URI scheme: `batched+mongodb://...` / `batched+mongodb+srv://...` (the rest is the
+MongoDB URI); query option `flush_s` via `storage_options`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from limits.storage import MongoDBStorage
+from pymongo import ReturnDocument
+from pymongo.errors import PyMongoError
+
+log = logging.getLogger(__name__)
+
+SCHEME_PREFIX = "batched+"
+MAX_KEYS = 50_000  # local entries kept; idle, flushed ones are dropped first
+
+
+@dataclass
+class _Counter:
+    seen: int  # the shared count at the last round trip (includes our hits flushed so far)
+    pending: int  # our hits since, not yet added to the shared count
+    expiry_s: int  # the limit's window length
+    ends_at: float  # UNIX time the shared window ends
+    synced_at: float  # monotonic time of the last round trip (what other processes added is this old)
+
+
+class BatchedMongoDBStorage(MongoDBStorage):
+    """Fixed-window counters in MongoDB with per-process batching of increments."""
+
+    STORAGE_SCHEME = ["batched+mongodb", "batched+mongodb+srv"]
+
+    def __init__(self, uri: str, flush_s: float = 0.2, **options: Any) -> None:
+        super().__init__(uri.removeprefix(SCHEME_PREFIX), **options)
+        self.flush_s = max(0.01, float(flush_s))
+        self._counters: dict[str, _Counter] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self.round_trips = 0  # shared-counter writes made (for tests and the benchmark)
+        self._last_error_log = 0.0
+
+    # ------------------------------------------------------------------ the strategy's calls
+    def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        """The caller's count in this window after this hit (shared count + our unflushed hits)."""
+        now = time.time()
+        with self._lock:
+            counter = self._counters.get(key)
+            if counter is not None and counter.ends_at > now and time.monotonic() - counter.synced_at < self.flush_s:
+                counter.pending += amount
+                self._ensure_flusher()
+                return counter.seen + counter.pending
+        # new key, new window, or a view older than one flush interval: this hit goes to MongoDB and
+        # brings back what the other processes added (so no process decides on a stale count for long)
+        count, ends_at = self._add_shared(key, expiry, amount)
+        with self._lock:
+            racing = self._counters.get(key)
+            pending = racing.pending if racing is not None and racing.ends_at > now else 0
+            self._counters[key] = _Counter(seen=count, pending=pending, expiry_s=expiry, ends_at=ends_at,
+                                           synced_at=time.monotonic())
+            self._ensure_flusher()
+            return count + pending
+
+    def get(self, key: str) -> int:
+        with self._lock:
+            counter = self._counters.get(key)
+            if counter is not None and counter.ends_at > time.time():
+                return counter.seen + counter.pending
+        return int(super().get(key))
+
+    def get_expiry(self, key: str) -> float:
+        with self._lock:
+            counter = self._counters.get(key)
+            if counter is not None and counter.ends_at > time.time():
+                return counter.ends_at
+        return float(super().get_expiry(key))
+
+    def clear(self, key: str) -> None:
+        with self._lock:
+            self._counters.pop(key, None)
+        super().clear(key)
+
+    def reset(self) -> int | None:
+        with self._lock:
+            self._counters.clear()
+        return super().reset()
+
+    # ------------------------------------------------------------------ shared counter
+    def _add_shared(self, key: str, expiry: int, amount: int) -> tuple[int, float]:
+        """Add `amount` to the shared counter (starting a new window if it ended); (count, window end)."""
+        now = datetime.now(UTC)
+        new_end = now + timedelta(seconds=expiry)
+        # the client's clock, not $$NOW: the embedded server compares $$NOW with dates as equal (so
+        # limits' own storage never starts a new window there), and hosts are NTP-synced anyway
+        ended = {"$lt": ["$expireAt", now]}
+        doc = self.counters.find_one_and_update(
+            {"_id": key},
+            [{"$set": {
+                "count": {"$cond": {"if": ended, "then": amount, "else": {"$add": ["$count", amount]}}},
+                "expireAt": {"$cond": {"if": ended, "then": new_end, "else": "$expireAt"}},
+            }}],
+            upsert=True,
+            projection={"count": 1, "expireAt": 1},
+            return_document=ReturnDocument.AFTER,
+        )
+        self.round_trips += 1
+        ends = doc["expireAt"] if doc else new_end
+        if ends.tzinfo is None:
+            ends = ends.replace(tzinfo=UTC)
+        return int(doc["count"]) if doc else amount, ends.timestamp()
+
+    # ------------------------------------------------------------------ background flush
+    def _ensure_flusher(self) -> None:
+        """Start the flush thread in this process (lazily: gunicorn forks after the app may exist)."""
+        import os
+
+        if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="ratelimit-flush", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.flush_s):
+            self.flush()
+
+    def flush(self) -> int:
+        """Add every key's pending hits to the shared counters; returns how many keys were written."""
+        now = time.time()
+        with self._lock:
+            work = [(k, c.pending, c.expiry_s) for k, c in self._counters.items() if c.pending > 0]
+            self._forget_idle(now)
+        written = 0
+        for key, pending, expiry in work:
+            try:
+                count, ends_at = self._add_shared(key, expiry, pending)
+            except PyMongoError as exc:
+                if time.monotonic() - self._last_error_log > 10:
+                    self._last_error_log = time.monotonic()
+                    log.warning("rate-limit counts kept in the process, MongoDB unavailable: %s", exc)
+                return written  # keep everything pending; the next flush tries again
+            written += 1
+            with self._lock:
+                counter = self._counters.get(key)
+                if counter is None:
+                    continue
+                counter.pending = max(0, counter.pending - pending)
+                counter.seen, counter.ends_at, counter.synced_at = count, ends_at, time.monotonic()
+        return written
+
+    def _forget_idle(self, now: float) -> None:
+        """Drop ended windows with nothing pending; bound the table (lock held)."""
+        for key in [k for k, c in self._counters.items() if c.ends_at <= now and c.pending == 0]:
+            del self._counters[key]
+        if len(self._counters) > MAX_KEYS:
+            idle = [k for k, c in self._counters.items() if c.pending == 0]
+            for key in idle[: len(self._counters) - MAX_KEYS]:
+                del self._counters[key]
+
+    def close(self) -> None:
+        """Stop the flusher, write what is pending, close the client."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(2.0)
+        try:
+            self.flush()
+        except PyMongoError as exc:
+            log.warning("rate-limit counts not flushed at shutdown: %s", exc)
+        if self._storage is not None:
+            self._storage.close()

@@ -1,0 +1,92 @@
+"""The batched rate-limit storage against the embedded MongoDB: exact within a process,
+shared across processes after a flush, and never losing counts while the database is away."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from limits import parse
+from limits.storage import storage_from_string
+from limits.strategies import FixedWindowRateLimiter
+
+from apps.core.ratelimit_store import BatchedMongoDBStorage
+
+
+def storage(mongo_uri: str, db_name: str, flush_s: float = 60.0) -> BatchedMongoDBStorage:
+    """A long flush interval unless told otherwise: the tests flush by hand to control timing."""
+    made = storage_from_string("batched+" + mongo_uri, database_name=db_name, flush_s=flush_s,
+                               counter_collection_name="ratelimit_counters")
+    assert isinstance(made, BatchedMongoDBStorage)
+    return made
+
+
+def test_one_process_is_exact_with_one_round_trip_per_window(mongo_uri: str, db_name: str, db: Any) -> None:
+    store = storage(mongo_uri, db_name)
+    limiter = FixedWindowRateLimiter(store)
+    limit = parse("10/minute")
+    try:
+        allowed = [limiter.hit(limit, "ip:1") for _ in range(15)]
+        assert allowed == [True] * 10 + [False] * 5
+        assert store.round_trips == 1  # the first hit learned the window; the rest were counted here
+        assert db.ratelimit_counters.find_one({})["count"] == 1
+        assert store.flush() == 1
+        assert db.ratelimit_counters.find_one({})["count"] == 15  # every hit reached the shared counter
+        assert store.flush() == 0  # nothing pending: no write
+    finally:
+        store.close()
+
+
+def test_processes_share_the_count_after_a_flush(mongo_uri: str, db_name: str, db: Any) -> None:
+    a, b = storage(mongo_uri, db_name), storage(mongo_uri, db_name)
+    limit = parse("10/minute")
+    la, lb = FixedWindowRateLimiter(a), FixedWindowRateLimiter(b)
+    try:
+        assert all(la.hit(limit, "user:ann") for _ in range(4))
+        a.flush()
+        assert all(lb.hit(limit, "user:ann") for _ in range(6))  # b's first hit read a's 4
+        assert not lb.hit(limit, "user:ann")
+        b.flush()
+        # the documented overshoot: a has not read b's hits yet (at most one flush interval's worth)
+        assert la.hit(limit, "user:ann")
+        a.flush()
+        assert not la.hit(limit, "user:ann")  # after the flush a sees b's hits: over the limit
+        assert db.ratelimit_counters.find_one({"_id": {"$regex": "user:ann"}})["count"] >= 11
+        # another caller is untouched
+        assert la.hit(limit, "user:bob")
+    finally:
+        a.close()
+        b.close()
+
+
+def test_background_flush_and_close_write_pending_hits(mongo_uri: str, db_name: str, db: Any) -> None:
+    store = storage(mongo_uri, db_name, flush_s=0.05)
+    limiter = FixedWindowRateLimiter(store)
+    limit = parse("1000/minute")
+    threads = [threading.Thread(target=lambda: [limiter.hit(limit, "ip:9") for _ in range(50)]) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    deadline = time.monotonic() + 5
+    while db.ratelimit_counters.find_one({})["count"] != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert db.ratelimit_counters.find_one({})["count"] == 200
+    assert store.round_trips < 100  # far fewer writes than hits
+    limiter.hit(limit, "ip:9")
+    store.close()  # writes the last pending hit
+    assert db.ratelimit_counters.find_one({})["count"] == 201
+
+
+def test_a_new_window_starts_from_zero(mongo_uri: str, db_name: str, db: Any) -> None:
+    store = storage(mongo_uri, db_name)
+    limiter = FixedWindowRateLimiter(store)
+    limit = parse("3/second")
+    try:
+        assert [limiter.hit(limit, "k") for _ in range(4)] == [True, True, True, False]
+        time.sleep(1.2)
+        assert limiter.hit(limit, "k")
+        assert 0 < store.get_expiry(limit.key_for("k")) - time.time() <= 1.0
+    finally:
+        store.close()
