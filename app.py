@@ -108,7 +108,8 @@ def init_services(app: OpenAPI, settings: Settings) -> Any:
     client, db = connect(settings)
     create_indexes(db)
     create_generation_indexes(db)
-    store = ImageStore(db, max_bytes=settings.MAX_IMAGE_BYTES, max_side=settings.MAX_IMAGE_SIDE)
+    store = ImageStore(db, max_bytes=settings.MAX_IMAGE_BYTES, max_side=settings.MAX_IMAGE_SIDE,
+                       cache_bytes=settings.IMAGE_CACHE_MB << 20)
     prompts = PromptLibrary(settings.PROMPTS_DIR)
     jobs = JobManager(db, workers=settings.JOB_WORKERS, lease_s=settings.JOB_LEASE_S)
     services = Services(

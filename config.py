@@ -77,6 +77,7 @@ class Settings(BaseSettings):
     OPENAI_IMAGE_MODEL: str = "gpt-image-1"
     MAX_IMAGE_BYTES: int = 10 * 1024 * 1024
     MAX_IMAGE_SIDE: int = 4096
+    IMAGE_CACHE_MB: int = Field(64, ge=0)  # recently served images kept per process (0: off); they never change
 
     # --- apps
     STORYBOOK_MAX_PAGES: int = 20

@@ -125,6 +125,38 @@ def test_images_store_serve_etag_and_404(openai_app: Any) -> None:
     assert missing.status_code == 404 and missing.is_json
 
 
+def test_served_images_are_kept_briefly_per_process_and_deletes_apply(openai_app: Any) -> None:
+    """A second GET is answered without the database; a delete through the store is seen at once;
+    an image removed behind this process's back stops being served after the TTL."""
+    from apps.core.storage import ImageStore
+
+    svc = openai_app.extensions["services"]
+    c = openai_app.test_client()
+    first, second = png(), png(color=(10, 200, 30))
+    kept = svc.images.save(first, app="storybook", user="u1")
+    assert c.get(f"/images/{kept}.png").data == first
+    svc.db["images.chunks"].delete_many({"files_id": kept})  # gone from the database, not from memory
+    svc.db["images.files"].delete_one({"_id": kept})
+    assert c.get(f"/images/{kept}.png").data == first  # from this process's recent images
+    other = svc.images.save(second, app="storybook", user="u1")
+    assert c.get(f"/images/{other}.png").status_code == 200
+    svc.images.delete(other)
+    assert c.get(f"/images/{other}.png").status_code == 404
+    short = ImageStore(svc.db, max_bytes=1 << 20, max_side=4096, cache_ttl_s=0.05)
+    third = short.save(first, app="storybook")
+    assert short.fetch(third) is not None
+    svc.db["images.files"].delete_one({"_id": third})
+    time.sleep(0.1)
+    assert short.fetch(third) is None  # expired from memory, and the database no longer has it
+    budget = 10 * len(first)
+    tiny = ImageStore(svc.db, max_bytes=1 << 20, max_side=4096, cache_bytes=budget)
+    ids = [tiny.save(png(color=(i, i, i)), app="storybook") for i in range(40)]
+    for image_id in ids:
+        assert tiny.fetch(image_id) is not None
+    recent = tiny._recent
+    assert recent is not None and 0 < recent._size <= budget and len(recent._items) < 40
+
+
 def test_image_store_checks_content_not_names(openai_app: Any) -> None:
     store = openai_app.extensions["services"].images
     with pytest.raises(ApiError) as bad:

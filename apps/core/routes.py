@@ -58,9 +58,10 @@ def health() -> Response:
 def get_image(path: ImagePath) -> Response:
     """An image by its unguessable id, with ETag and long-lived caching (images never change)."""
     svc = services()
-    info = svc.images.info(path.image_id)
-    if info is None:
+    found = svc.images.fetch(path.image_id)
+    if found is None:
         raise ApiError(404, f"no image {path.image_id}")
+    info, data = found
     from .auth import check_owner
 
     check_owner(info.metadata.get("user"))
@@ -68,8 +69,8 @@ def get_image(path: ImagePath) -> Response:
     if request.if_none_match and etag in request.if_none_match:
         resp = Response(status=304)
     else:
-        resp = Response(svc.images.load(path.image_id), mimetype=info.content_type)
-        resp.headers["Content-Length"] = str(info.length)
+        resp = Response(data, mimetype=info.content_type)
+        resp.headers["Content-Length"] = str(len(data))
     resp.set_etag(etag)
     resp.headers["Cache-Control"] = "private, max-age=31536000, immutable"
     return resp

@@ -14,6 +14,9 @@ import hashlib
 import io
 import re
 import secrets
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -86,14 +89,76 @@ def inspect_image(data: bytes, *, max_bytes: int, max_side: int, field: str = "i
     return ALLOWED_FORMATS[fmt], width, height
 
 
+class _RecentImages:
+    """Recently served images of this process (they never change once saved), bounded in bytes.
+
+    `GET /images/<id>.png` is the commonest read of a study (every page view shows a few), and
+    without this it costs three database round trips. Entries live `ttl_s` at most, so an image
+    deleted through another worker stops being served from here within that time.
+    """
+
+    def __init__(self, max_bytes: int, ttl_s: float) -> None:
+        self.max_bytes, self.ttl_s = max_bytes, ttl_s
+        self._items: OrderedDict[str, tuple[float, StoredImage, bytes]] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, image_id: str) -> tuple[StoredImage, bytes] | None:
+        with self._lock:
+            item = self._items.get(image_id)
+            if item is None:
+                return None
+            if item[0] < time.monotonic():
+                self._drop(image_id)
+                return None
+            self._items.move_to_end(image_id)
+            return item[1], item[2]
+
+    def put(self, info: StoredImage, data: bytes) -> None:
+        if len(data) > self.max_bytes // 8:  # one big image must not flush everything else
+            return
+        with self._lock:
+            self._drop(info.id)
+            self._items[info.id] = (time.monotonic() + self.ttl_s, info, data)
+            self._size += len(data)
+            while self._size > self.max_bytes and self._items:
+                self._drop(next(iter(self._items)))
+
+    def _drop(self, image_id: str) -> None:
+        item = self._items.pop(image_id, None)
+        if item is not None:
+            self._size -= len(item[2])
+
+    def forget(self, image_id: str) -> None:
+        with self._lock:
+            self._drop(image_id)
+
+
 class ImageStore:
     """Save and load images; callers never touch GridFS directly."""
 
-    def __init__(self, db: Database, *, max_bytes: int, max_side: int) -> None:
+    def __init__(self, db: Database, *, max_bytes: int, max_side: int, cache_bytes: int = 64 << 20,
+                 cache_ttl_s: float = 60.0) -> None:
         self.db = db
         self.bucket = gridfs.GridFSBucket(db, bucket_name="images")
         self.max_bytes = max_bytes
         self.max_side = max_side
+        self._recent = _RecentImages(cache_bytes, cache_ttl_s) if cache_bytes > 0 else None
+
+    def fetch(self, image_id: str) -> tuple[StoredImage, bytes] | None:
+        """(info, bytes) of an image, or None: from this process's recent images when it can."""
+        if self._recent is not None and (hit := self._recent.get(image_id)) is not None:
+            return hit
+        info = self.info(image_id)
+        if info is None:
+            return None
+        try:
+            data = self.load(image_id)
+        except ApiError:  # deleted between the two reads
+            return None
+        if self._recent is not None:
+            self._recent.put(info, data)
+        return info, data
 
     def save(self, data: bytes, *, app: str, user: str | None = None, kind: str = "generated",
              job: str | None = None, **metadata: Any) -> str:
@@ -136,6 +201,8 @@ class ImageStore:
             raise ApiError(404, f"no image {image_id}") from exc
 
     def delete(self, image_id: str) -> None:
+        if self._recent is not None:
+            self._recent.forget(image_id)
         try:
             self.bucket.delete(image_id)
         except gridfs.errors.NoFile:

@@ -117,10 +117,10 @@ def paint_save(body: SaveBody) -> Response:
 def user_state(path: UserPath) -> Response:
     """A participant's saved workspace."""
     check_owner(path.username)
-    doc = services().db.ideation_users.find_one({"username": path.username})
+    doc = _service().user_state(path.username)
     if doc is None:
         raise BusinessException(1, "用户不存在", status=404)
-    return envelope(_service().paint_start(path.username))
+    return envelope(doc)
 
 
 @bp.get("/users/<username>/history")

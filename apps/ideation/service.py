@@ -414,12 +414,12 @@ class IdeationService:
              "$set": {"last_seen_at": now}},
             upsert=True,
         )
-        doc = self.db.ideation_users.find_one({"username": username}) or {}
-        doc["_id"] = str(doc.get("_id"))
-        for key in ("created_at", "last_seen_at", "saved_at"):
-            if isinstance(doc.get(key), datetime):
-                doc[key] = doc[key].isoformat()
-        return doc
+        return _public_user(self.db.ideation_users.find_one({"username": username}) or {})
+
+    def user_state(self, username: str) -> dict[str, Any] | None:
+        """The saved workspace, read only (a GET must not count as a visit)."""
+        doc = self.db.ideation_users.find_one({"username": username})
+        return _public_user(doc) if doc is not None else None
 
     STAGE_FIELDS = {L.STAGE_BRIEF: "designBriefSchemes", L.STAGE_SKETCH: "sketchSchemes",
                     L.STAGE_MODEL: "modelImageSchemes", L.STAGE_RENDERING: "renderingSchemes"}
@@ -459,3 +459,12 @@ class IdeationService:
             for t in self.db.ideation_time_records.find({"username": username}).sort("received_at", -1).limit(limit)
         ]
         return {"username": username, "requests": requests, "timeRecords": timings}
+
+
+def _public_user(doc: dict[str, Any]) -> dict[str, Any]:
+    """A user document as JSON: string id, ISO dates."""
+    doc["_id"] = str(doc.get("_id"))
+    for key in ("created_at", "last_seen_at", "saved_at"):
+        if isinstance(doc.get(key), datetime):
+            doc[key] = doc[key].isoformat()
+    return doc
