@@ -102,6 +102,7 @@ def _client_proc(base: str, urls: list[str], n: int, threads: int, out: Any, thi
     """One client process: `threads` keep-alive clients share `n` GETs, each pausing `think_s` (±50 %)
     after every answer, like a person or a polling page (0: back to back); sends back latencies (s)."""
     lat: list[float] = []
+    lat_urls: list[str] = []
     errors: list[str] = []
     lock = threading.Lock()
     counter = iter(range(n))
@@ -109,6 +110,7 @@ def _client_proc(base: str, urls: list[str], n: int, threads: int, out: Any, thi
     def client(offset: int) -> None:
         session = requests.Session()
         mine: list[float] = []
+        mine_urls: list[str] = []
         rng = random.Random(offset)
         if think_s:
             time.sleep(rng.uniform(0, think_s))  # clients start spread out, not in lock-step
@@ -125,6 +127,7 @@ def _client_proc(base: str, urls: list[str], n: int, threads: int, out: Any, thi
                 with lock:
                     errors.append(type(exc).__name__)
             mine.append(time.perf_counter() - start)
+            mine_urls.append(url)
             if not ok and resp is not None:
                 with lock:
                     errors.append(f"{resp.status_code} {url}")
@@ -132,13 +135,14 @@ def _client_proc(base: str, urls: list[str], n: int, threads: int, out: Any, thi
                 time.sleep(think_s * rng.uniform(0.5, 1.5))
         with lock:
             lat.extend(mine)
+            lat_urls.extend(mine_urls)
 
     pool = [threading.Thread(target=client, args=(k * 7,)) for k in range(threads)]
     for t in pool:
         t.start()
     for t in pool:
         t.join()
-    out.put({"lat": lat, "errors": errors})
+    out.put({"lat": lat, "urls": lat_urls, "errors": errors})
 
 
 def run_reads(base: str, urls: list[str], n: int, clients: int, procs: int = 4,
@@ -157,9 +161,21 @@ def run_reads(base: str, urls: list[str], n: int, clients: int, procs: int = 4,
     for c in children:
         c.join()
     lat = [x for r in results for x in r["lat"]]
+    by_route: dict[str, list[float]] = {}
+    for r in results:
+        for x, url in zip(r["lat"], r["urls"], strict=True):
+            by_route.setdefault(_route(base, url), []).append(x)
+    slowest = sorted(((pct(v, 99) * 1000, k) for k, v in by_route.items()), reverse=True)[:3]
     errors = [e for r in results for e in r["errors"]]
     return {"n": len(lat), "seconds": elapsed, "rps": len(lat) / elapsed, "p50_ms": pct(lat, 50) * 1000,
-            "p99_ms": pct(lat, 99) * 1000, "errors": len(errors), "error_examples": errors[:5]}
+            "p99_ms": pct(lat, 99) * 1000, "errors": len(errors), "error_examples": errors[:5],
+            "slowest_p99": [(round(ms, 1), route) for ms, route in slowest]}
+
+
+def _route(base: str, url: str) -> str:
+    """/jobs/<id>-style route of a read URL (ids and queries dropped), for the per-route figures."""
+    path = url.removeprefix(base).split("?")[0]
+    return "/".join("{id}" if len(part) >= 16 else part for part in path.split("/"))
 
 
 # ---------------------------------------------------------------- generation load (background)
@@ -391,6 +407,7 @@ def one_run(workers: int, args: argparse.Namespace, fakes: dict[str, Any], mongo
             "p50_ms": (first["p50_ms"] + second["p50_ms"]) / 2,  # halves are the same size
             "p99_ms": max(first["p99_ms"], second["p99_ms"]),
             "errors": first["errors"] + second["errors"],
+            "slowest_p99": second["slowest_p99"],
             "error_examples": first["error_examples"] + second["error_examples"],
         }
         out["generation"] = dict(sorted(gen.counts.items()))
@@ -459,6 +476,9 @@ def report(runs: dict[int, dict[str, Any]], args: argparse.Namespace, elapsed: f
     lines.append(f"closed-loop bound: {args.clients} clients back to back wait >= clients / throughput; with "
                  f"GET /ping (no database) at {floor['rps']:.0f} requests/s that is "
                  f"{args.clients / floor['rps'] * 1000:.0f} ms per request on this machine")
+    for run in (single, multi):
+        lines.append(f"slowest routes by p99 (ms), -w {run['workers']}: paced {run['paced']['slowest_p99']}; "
+                     f"back to back {run['reads'].get('slowest_p99')}")
     for run in (single, multi):
         if run["reads"]["error_examples"]:
             lines.append(f"errors (-w {run['workers']}): {run['reads']['error_examples']}")

@@ -56,34 +56,31 @@ def _upload_error(status: int, message: str) -> Response:
     return resp
 
 
-@bp.post("/upload")
-def upload() -> Response:
-    """Upload the selected canvas (multipart `file`); returns `{url}` ending in `.png`. Each upload is its own image."""
-    got = _uploaded_file("No file provided")
+def _store_upload(missing: str, kind: str) -> str | Response:
+    """The uploaded `file` stored as its own image: its URL, or the original's error answer."""
+    got = _uploaded_file(missing)
     if isinstance(got, Response):
         return got
     data, name = got
     username = current_user_name(request.form.get("username"))
     try:
-        url = _service().upload(data, name, username, "canvas")
+        return _service().upload(data, name, username, kind)
     except ApiError as exc:
         return _upload_error(exc.status, exc.message)
-    return jsonify({"url": url})
+
+
+@bp.post("/upload")
+def upload() -> Response:
+    """Upload the selected canvas (multipart `file`); returns `{url}` ending in `.png`. Each upload is its own image."""
+    url = _store_upload("No file provided", "canvas")
+    return url if isinstance(url, Response) else jsonify({"url": url})
 
 
 @bp.post("/uploadImage")
 def upload_image() -> Response:
     """Upload a user's own image (multipart `file`); returns `{success: true, url}`."""
-    got = _uploaded_file("No file part")
-    if isinstance(got, Response):
-        return got
-    data, name = got
-    username = current_user_name(request.form.get("username"))
-    try:
-        url = _service().upload(data, name, username, "upload")
-    except ApiError as exc:
-        return _upload_error(exc.status, exc.message)
-    return jsonify({"success": True, "url": url})
+    url = _store_upload("No file part", "upload")
+    return url if isinstance(url, Response) else jsonify({"success": True, "url": url})
 
 
 @bp.post("/timeRecord")

@@ -527,31 +527,21 @@ def convergence(run: Run, schemes: list[list[str]], num: int) -> list[Stimulus]:
     listed = [{"texts": t} for t in schemes]
     total = s * num
 
-    def scene_chain() -> tuple[list[str], list[GeneratedImage]]:
+    def chain(items: str, texts_template: str, prompts_template: str, kind: str) -> tuple[list[str], list[GeneratedImage]]:
+        """texts per scheme (`items`) -> one SD prompt per text -> one image per prompt."""
         grouped = run.chat(
-            "convergence_scenes",
-            "convergence_scenes",
-            {"schemes": listed, "num": num},
-            counts={"schemes": s, "schemes[].scenes": num},
+            texts_template, texts_template, {"schemes": listed, "num": num},
+            counts={"schemes": s, f"schemes[].{items}": num},
         )["schemes"]
-        scenes = [x for g in grouped for x in g["scenes"]]
-        prompts = run.chat(
-            "scene_sd_prompts", "scene_sd_prompts", {"scenes": scenes}, counts={"prompts": total}
-        )["prompts"]
-        return scenes, run.images("scene_images", "scene", prompts)
+        texts = [x for g in grouped for x in g[items]]
+        prompts = run.chat(prompts_template, prompts_template, {items: texts}, counts={"prompts": total})["prompts"]
+        return texts, run.images(f"{kind}_images", kind, prompts)
+
+    def scene_chain() -> tuple[list[str], list[GeneratedImage]]:
+        return chain("scenes", "convergence_scenes", "scene_sd_prompts", "scene")
 
     def product_chain() -> tuple[list[str], list[GeneratedImage]]:
-        grouped = run.chat(
-            "convergence_functions",
-            "convergence_functions",
-            {"schemes": listed, "num": num},
-            counts={"schemes": s, "schemes[].functions": num},
-        )["schemes"]
-        functions = [x for g in grouped for x in g["functions"]]
-        prompts = run.chat(
-            "product_sd_prompts", "product_sd_prompts", {"functions": functions}, counts={"prompts": total}
-        )["prompts"]
-        return functions, run.images("product_images", "product", prompts)
+        return chain("functions", "convergence_functions", "product_sd_prompts", "product")
 
     products = run.submit(product_chain)
     scenes, scene_images = scene_chain()
