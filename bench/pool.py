@@ -8,15 +8,17 @@ What runs:
   generation at a time and queue the rest, like the WebUI; `--delay` D s per image,
   default 0.5 s);
 - an embedded MongoDB (secantusdb, what the server uses when MONGO_URI is unset);
-- 4 worker PROCESSES standing in for `gunicorn -w 4` gthread workers: each has its own
-  image provider on the same database and serves each request in a thread, calling
-  `generate_many` exactly as an app does through `svc.image_provider`. Everything the
-  pool sees (4 processes, their threads, their MongoDB clients) is what it sees under
-  gunicorn; only the HTTP parsing is left out, because no route of ours generates M
-  images for an arbitrary client and the HTTP layer is not what is measured;
+- our pool, by default (`--via gunicorn`), in the real server: `gunicorn -w 4` on this
+  repository (embedded MongoDB, fake OpenAI for the one cached product-name call), C
+  clients POSTing StepIdeator's "new sketches" button (`/ideation/generate`, currentNum=M:
+  M txt2img images through the pool, each stored in GridFS and recorded), on a new
+  connection each time so the kernel picks the worker. `--via processes` instead runs 4
+  bare worker processes that call the image provider's `generate_many` as an app does
+  (no HTTP; what the first version of this benchmark measured);
 - C client threads in this process, each in a closed loop: send one request of M images
-  (64x64, so PNG encoding stays negligible next to D) to a worker chosen at random (as
-  the kernel hands connections to whichever gunicorn worker accepts), wait, repeat.
+  (512x512 through the server; 64x64 with `--via processes`), wait, repeat. The original's
+  model runs in the 4 worker processes, each request to a worker chosen at random (as the
+  kernel hands connections to whichever gunicorn worker accepts).
 
 Measured per scenario, after a 1 s warm-up, over `--seconds` seconds:
 - images/s from the instances' side: a generation occupies its instance for the last D
@@ -47,6 +49,7 @@ import platform
 import queue
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -205,6 +208,8 @@ class Harness:
                 self._control.put((kind, key))
 
     def close(self) -> None:
+        if getattr(self, "openai", None) is not None:
+            self.openai.stop()
         for q in self.cmd_qs:
             q.put(None)
         for p in self.procs:
@@ -288,6 +293,93 @@ class Harness:
             pass
         return self._measure(impl, k, m, c, fault, fakes, records, t_start, t_stop, grace, timeout_s)
 
+    # ------------------------------------------------------------------ the real server over HTTP
+    def run_http(self, k: int, m: int, c: int, fault: str | None = None, timeout_s: float = 30.0) -> dict[str, Any]:
+        """The same scenario against the real server: `gunicorn -w 4` on this repository, C clients each
+        POSTing StepIdeator's "new sketch" (`/ideation/generate`, currentNum=M: M txt2img images through
+        the pool, stored in GridFS and recorded) on a new connection each time, so the kernel picks the
+        worker as it would for browsers behind a proxy."""
+        import requests
+
+        from tests.fakes.fake_openai import FakeOpenAI
+        from tests.fakes.fake_sd import FakeSD
+
+        self.n += 1
+        if getattr(self, "openai", None) is None:
+            self.openai = FakeOpenAI().start()  # the product-name call (once per scenario, cached)
+        fakes = [FakeSD(delay=self.delay, name=f"sd{i}").start() for i in range(k)]
+        db = f"bench_pool_http_{os.getpid()}_{self.n}"
+        port = _free_port()
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "MONGO_URI": self.mongo_uri, "MONGO_DB": db,
+               "DATA_DIR": str(Path(tempfile.gettempdir()) / f"bench-pool-data-{os.getpid()}"),
+               "LLM_PROVIDER": "openai", "OPENAI_BASE_URL": self.openai.url, "OPENAI_API_KEY": "k",
+               "LLM_MODEL": "fake-model", "IMAGE_PROVIDER": "sdwebui", "SD_INSTANCES": ",".join(f.url for f in fakes),
+               "SD_TIMEOUT_S": str(timeout_s), "SD_WAIT_TIMEOUT_S": "60", "RATE_LIMIT_ENABLED": "false",
+               "LOG_LEVEL": "ERROR", "GUNICORN_THREADS": "32"}
+        log = tempfile.TemporaryFile()
+        proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), "-w",
+                                 str(WORKERS), "-b", f"127.0.0.1:{port}", "app:app"], cwd=str(ROOT), env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            _wait_http(base, proc)
+            for _ in range(WORKERS):  # warm every worker's pool and the cached product name
+                requests.post(f"{base}/ideation/generate", json=_sketch_body(1), timeout=120,
+                              headers={"Connection": "close"})
+            if fault == "dead":
+                fakes[0].dead = True
+            elif fault == "hung":
+                fakes[0].hang = True
+            t_start = time.time() + 0.2
+            t_stop = t_start + self.warmup + self.seconds
+            records: list[dict[str, Any]] = []
+
+            def client(cid: int) -> None:
+                time.sleep(max(0.0, t_start - time.time()))
+                while time.time() < t_stop:
+                    start = time.time()
+                    error, images = None, 0
+                    try:
+                        resp = requests.post(f"{base}/ideation/generate", json=_sketch_body(m), timeout=300,
+                                             headers={"Connection": "close"})
+                        body = resp.json()
+                        if body.get("success"):
+                            images = sum(1 for url in body["data"].values() if str(url).endswith(".png"))
+                        else:
+                            error = f"{resp.status_code} {body.get('message')}"[:200]
+                    except (requests.RequestException, ValueError) as exc:
+                        error = f"{type(exc).__name__}: {exc}"[:200]
+                    records.append({"client": cid, "worker": -1, "start": start, "end": time.time(),
+                                    "images": images, "empty": (m - images) if error is None else 0, "error": error})
+
+            clients = [threading.Thread(target=client, args=(cid,), daemon=True) for cid in range(c)]
+            for t in clients:
+                t.start()
+            t_start += self.warmup
+            grace = timeout_s + 3 * self.delay + 2.0 if fault == "hung" else None
+            if grace is not None:
+                time.sleep(max(0.0, t_stop + grace - time.time()))
+                fakes[0].hang = False
+            for t in clients:
+                t.join()
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+            for f in fakes:
+                f.stop()
+            try:
+                from pymongo import MongoClient
+
+                with MongoClient(self.mongo_uri) as mongo:
+                    mongo.drop_database(db)
+            except Exception:  # noqa: BLE001 - cleanup only
+                pass
+        return self._measure("pool", k, m, c, fault, fakes, records, t_start, t_stop, grace, timeout_s)
+
     def _measure(self, impl: str, k: int, m: int, c: int, fault: str | None, fakes: list[Any],
                  records: list[dict[str, Any]], t_start: float, t_stop: float, grace: float | None,
                  timeout_s: float) -> dict[str, Any]:
@@ -327,6 +419,37 @@ class Harness:
         }
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_http(base: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with {proc.returncode}")
+        try:
+            if requests.get(f"{base}/ping", timeout=1).ok:
+                return
+        except requests.RequestException:
+            time.sleep(0.2)
+    raise RuntimeError("gunicorn did not answer /ping")
+
+
+def _sketch_body(m: int) -> dict[str, Any]:
+    """StepIdeator's "generate new sketches" button with M images (the request its frontend sends)."""
+    stage = "草图的辅助生成"
+    return {"username": "bench", "designTask": "设计一款适用于丘陵果园的农业植保无人机", "currentNum": m,
+            "currentAIStage": stage, "currentStage": "草图的环境", "selectedTexts": [], "selectedCanvasRecords": [],
+            "selectedButtonInfo": {"buttonText": "生成全新草图", "aiStage": stage}}
+
+
 # ---------------------------------------------------------------------------------------------- reporting
 def _share(row: dict[str, Any]) -> str:
     return "/".join(f"{s * 100:.0f}" for s in row["share"])
@@ -345,6 +468,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer scenarios, shorter windows (about 1 minute)")
     ap.add_argument("--delay", type=float, default=None, help="seconds per image on each fake instance (0.5)")
     ap.add_argument("--seconds", type=float, default=None, help="measurement window per scenario")
+    ap.add_argument("--via", choices=["gunicorn", "processes"], default="gunicorn",
+                    help="our pool through the real server (gunicorn -w 4, HTTP, /ideation/generate; default) or "
+                         "through 4 bare worker processes calling the image provider")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
@@ -360,14 +486,22 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-pool-"))
     mongo = ensure_embedded_mongo(tmp)
     command = "python bench/pool.py" + (" --quick" if args.quick else "") + \
-        (f" --delay {args.delay}" if args.delay else "") + (f" --seconds {args.seconds}" if args.seconds else "")
+        (f" --delay {args.delay}" if args.delay else "") + (f" --seconds {args.seconds}" if args.seconds else "") + \
+        (f" --via {args.via}" if args.via != "gunicorn" else "")
     print(f"# SD pool benchmark — {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} — `{command}`")
-    print(f"# K={k} fake instances, D={delay:g} s/image, window {seconds:g} s per scenario after a "
-          f"1 s warm-up, {WORKERS} worker processes standing in for `gunicorn -w {WORKERS}` workers (same code path "
-          f"below HTTP), clients sending each request to a random worker;")
+    ours_how = (f"the server under `gunicorn -w {WORKERS}`, clients POSTing /ideation/generate (new sketches, "
+                f"currentNum=M) on a new connection each" if args.via == "gunicorn" else
+                f"{WORKERS} worker processes calling the image provider (no HTTP), each request to a random worker")
+    print(f"# K={k} fake instances, D={delay:g} s/image, window {seconds:g} s per scenario after a 1 s warm-up; "
+          f"pool: {ours_how}; original: its model in {WORKERS} worker processes, each request to a random one")
     print(f"# {platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f} at start, embedded MongoDB (secantusdb) at {mongo.uri}")
     harness = Harness(mongo.uri, delay, seconds)
+
+    def pool_run(k: int, m: int, c: int, fault: str | None = None, timeout_s: float = 30.0) -> dict[str, Any]:
+        if args.via == "gunicorn":
+            return harness.run_http(k, m, c, fault=fault, timeout_s=timeout_s)
+        return harness.run("pool", k, m, c, fault=fault, timeout_s=timeout_s)
     started = time.monotonic()
     rows: list[tuple[dict[str, Any], dict[str, Any]]] = []
     dead_rows: list[tuple[dict[str, Any], dict[str, Any]]] = []
@@ -380,7 +514,7 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for m in ms:
             for c in cs:
-                ours = harness.run("pool", k, m, c)
+                ours = pool_run(k, m, c)
                 orig = harness.run("original", k, m, c)
                 rows.append((ours, orig))
                 print(f"| {k} | {m} | {c} | {ours['images_per_s']:.2f} | {ours['ratio']:.3f} | {_share(ours)} | "
@@ -397,7 +531,7 @@ def main() -> None:
               "original ratio | original empty | original max depth |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         for m in ms:
-            ours = harness.run("pool", k, m, c_dead, fault="dead")
+            ours = pool_run(k, m, c_dead, fault="dead")
             orig = harness.run("original", k, m, c_dead, fault="dead")
             dead_rows.append((ours, orig))
             print(f"| {k} | {m} | {c_dead} | {ours['images_per_s']:.2f} | {ours['ratio']:.3f} | {ours['empty']} | "
@@ -411,7 +545,8 @@ def main() -> None:
         hung_ms = [2] if args.quick else [2, 4]
         for m in hung_ms:
             for impl in ("pool", "original"):
-                row = harness.run(impl, k, m, 4, fault="hung", timeout_s=hung_timeout)
+                row = (pool_run(k, m, 4, fault="hung", timeout_s=hung_timeout) if impl == "pool" else
+                       harness.run(impl, k, m, 4, fault="hung", timeout_s=hung_timeout))
                 hung_rows.append(row)
                 done = row["requests"] - row["stuck"]
                 print(f"| {impl} | {k} | {m} | 4 | {row['images_per_s']:.2f} | {row['ratio']:.3f} | {done} | "
