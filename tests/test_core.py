@@ -276,3 +276,22 @@ def test_sse_replays_and_resumes(openai_app: Any) -> None:
     rids = [int(line[4:]) for line in resumed.splitlines() if line.startswith("id: ")]
     assert rids == ids[3:]
     assert "event: done" in resumed
+
+
+def test_metrics_read_the_pool_queue_and_jobs_from_the_database(openai_app: Any) -> None:
+    """`sd_waiting_callers` counts waiting images (one queue entry per request, `want` each), not entries."""
+    from datetime import UTC, datetime, timedelta
+
+    db = openai_app.extensions["services"].db
+    soon = datetime.now(UTC) + timedelta(minutes=1)
+    db.sd_waiters.insert_many([
+        {"_id": "w1", "ticket": 1, "want": 3, "granted": 0, "expires_at": soon},
+        {"_id": "w2", "ticket": 2, "want": 2, "granted": 1, "expires_at": soon},
+        {"_id": "w3", "ticket": 3, "want": 0, "granted": 4, "expires_at": soon},  # served: not waiting
+        {"_id": "w4", "ticket": 4, "want": 5, "granted": 0, "expires_at": datetime.now(UTC) - timedelta(seconds=1)},
+    ])
+    db.jobs.insert_one({"_id": "metrics-job", "app": "storybook", "status": "working"})
+    text = openai_app.test_client().get("/metrics").get_data(as_text=True)
+    assert "\nsd_waiting_callers 5.0\n" in text
+    assert 'jobs{app="storybook",status="working"} 1.0' in text
+    assert "\ndatabase_up 1.0\n" in text
