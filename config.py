@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     CORS_ORIGINS: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
     MAX_CONTENT_LENGTH: int = 20 * 1024 * 1024
     AUTH_MODE: Literal["none", "basic", "apikey"] = "none"
+    # with auth on: "owner" = an image needs its owner's (or an admin's) credentials; "link" = its
+    # unguessable URL is enough (a share link), for frontends that show images with <img src>
+    IMAGE_ACCESS: Literal["owner", "link"] = "owner"
     BASIC_AUTH_USERNAME: str | None = None
     BASIC_AUTH_PASSWORD: str | None = None
     SECRET_KEY: str | None = None

@@ -6,7 +6,7 @@
 What runs:
 - K fake SD WebUI instances (tests/fakes/fake_sd.py: real HTTP servers that run one
   generation at a time and queue the rest, like the WebUI; `--delay` D s per image,
-  default 0.5 s);
+  default 1 s, the figure of the issue's measurement of the originals; real SD takes 5-20 s);
 - an embedded MongoDB (secantusdb, what the server uses when MONGO_URI is unset);
 - our pool, by default (`--via gunicorn`), in the real server: `gunicorn -w 4` on this
   repository (embedded MongoDB, fake OpenAI for the one cached product-name call), C
@@ -466,7 +466,7 @@ def _lat(row: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer scenarios, shorter windows (about 1 minute)")
-    ap.add_argument("--delay", type=float, default=None, help="seconds per image on each fake instance (0.5)")
+    ap.add_argument("--delay", type=float, default=None, help="seconds per image on each fake instance (1.0)")
     ap.add_argument("--seconds", type=float, default=None, help="measurement window per scenario")
     ap.add_argument("--via", choices=["gunicorn", "processes"], default="gunicorn",
                     help="our pool through the real server (gunicorn -w 4, HTTP, /ideation/generate; default) or "
@@ -474,8 +474,8 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    delay = args.delay or 0.5
-    seconds = args.seconds or (2.5 if args.quick else 3.5)
+    delay = args.delay or 1.0
+    seconds = args.seconds or (3.0 if args.quick else 5.0)
     k = 4
     ms = [2, 6] if args.quick else [2, 3, 4, 6]
     cs = [4] if args.quick else [1, 4, 8]

@@ -131,6 +131,21 @@ def test_images_are_owner_only_and_unguessable(secured: dict[str, Any]) -> None:
         assert client.get(f"/images/{flipped}.png", headers=h["alice"]).status_code == 404
 
 
+def test_image_access_link_serves_the_unguessable_url_without_credentials(make_app: Any) -> None:
+    """IMAGE_ACCESS=link: an <img src> without credentials works, other data stays owner-only."""
+    app = make_app(AUTH_MODE="apikey", SECRET_KEY=SECRET, IMAGE_ACCESS="link")
+    svc = app.extensions["services"]
+    client = app.test_client()
+    bob = key_headers(create_user(svc.db, "bob"))
+    image = svc.images.save(png("blue"), app="storybook", user="bob")
+    got = client.get(f"/images/{image}.png")
+    assert got.status_code == 200 and got.data.startswith(b"\x89PNG")
+    assert client.get(f"/images/{image[:-1]}{'A' if image[-1] != 'A' else 'B'}.png").status_code == 404
+    job = quick_job(svc, "bob")
+    assert client.get(f"/jobs/{job}").status_code == 401  # only images are share links
+    assert client.get(f"/jobs/{job}", headers=bob).status_code == 200
+
+
 def test_stream_token_opens_an_event_stream_without_headers(secured: dict[str, Any]) -> None:
     client, svc, h = secured["client"], secured["svc"], secured["h"]
     job = quick_job(svc, "bob")

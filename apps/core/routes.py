@@ -64,7 +64,8 @@ def get_image(path: ImagePath) -> Response:
     info, data = found
     from .auth import check_owner
 
-    check_owner(info.metadata.get("user"))
+    if svc.settings.IMAGE_ACCESS == "owner":
+        check_owner(info.metadata.get("user"))
     etag = info.metadata.get("sha256", path.image_id)
     if request.if_none_match and etag in request.if_none_match:
         resp = Response(status=304)
