@@ -19,6 +19,7 @@ max_tokens.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import fcntl
 import importlib.util
@@ -228,6 +229,19 @@ class _Loaded:
 
 _MODELS: dict[tuple[str, int, int], _Loaded] = {}
 _MODELS_LOCK = threading.Lock()
+
+
+def _close_models() -> None:
+    """Free the loaded models while the interpreter is whole: llama-cpp's own __del__ runs too late at
+    exit (its library handles are already gone) and prints a TypeError traceback."""
+    with _MODELS_LOCK:
+        for entry in _MODELS.values():
+            if entry.pid == os.getpid():
+                entry.llama.close()
+        _MODELS.clear()
+
+
+atexit.register(_close_models)
 
 
 def _threads(n_threads: int | None) -> int:
