@@ -268,17 +268,8 @@ class Harness:
         records: list[dict[str, Any]] = []
         clients = [threading.Thread(target=self._client, args=(cid, m, t_start, t_stop, records), daemon=True)
                    for cid in range(c)]
-        for t in clients:
-            t.start()
         t_start += self.warmup  # measure the steady state: connections are open, the queue has formed
-        grace = timeout_s + 3 * self.delay + 2.0 if fault == "hung" else None
-        if grace is not None:
-            # a hung WebUI never answers; after the grace period we let it go so the run can end and
-            # count the requests that were still stuck (the original would have waited forever)
-            time.sleep(max(0.0, t_stop + grace - time.time()))
-            fakes[0].hang = False
-        for t in clients:
-            t.join()
+        grace = self._drive(clients, fakes, fault, t_stop, timeout_s)
         for q in self.cmd_qs:
             q.put(("end",))
         self._collect("done", 120)
@@ -333,9 +324,10 @@ class Harness:
             t_start = time.time() + 0.2
             t_stop = t_start + self.warmup + self.seconds
             records: list[dict[str, Any]] = []
+            go = t_start  # the clients start here; the measurement starts a warm-up later
 
             def client(cid: int) -> None:
-                time.sleep(max(0.0, t_start - time.time()))
+                time.sleep(max(0.0, go - time.time()))
                 while time.time() < t_stop:
                     start = time.time()
                     error, images = None, 0
@@ -353,15 +345,8 @@ class Harness:
                                     "images": images, "empty": (m - images) if error is None else 0, "error": error})
 
             clients = [threading.Thread(target=client, args=(cid,), daemon=True) for cid in range(c)]
-            for t in clients:
-                t.start()
             t_start += self.warmup
-            grace = timeout_s + 3 * self.delay + 2.0 if fault == "hung" else None
-            if grace is not None:
-                time.sleep(max(0.0, t_stop + grace - time.time()))
-                fakes[0].hang = False
-            for t in clients:
-                t.join()
+            grace = self._drive(clients, fakes, fault, t_stop, timeout_s)
         finally:
             proc.terminate()
             try:
@@ -379,6 +364,22 @@ class Harness:
             except Exception:  # noqa: BLE001 - cleanup only
                 pass
         return self._measure("pool", k, m, c, fault, fakes, records, t_start, t_stop, grace, timeout_s)
+
+    def _drive(self, clients: list[threading.Thread], fakes: list[Any], fault: str | None, t_stop: float,
+               timeout_s: float) -> float | None:
+        """Run the client threads to the end of the window; returns the hung scenario's grace period.
+
+        A hung WebUI never answers; after the grace period we let it go so the run can end and count
+        the requests that were still stuck (the original would have waited forever)."""
+        for t in clients:
+            t.start()
+        grace = timeout_s + 3 * self.delay + 2.0 if fault == "hung" else None
+        if grace is not None:
+            time.sleep(max(0.0, t_stop + grace - time.time()))
+            fakes[0].hang = False
+        for t in clients:
+            t.join()
+        return grace
 
     def _measure(self, impl: str, k: int, m: int, c: int, fault: str | None, fakes: list[Any],
                  records: list[dict[str, Any]], t_start: float, t_stop: float, grace: float | None,

@@ -499,6 +499,12 @@ class FakeOpenAI:
             self._changed.notify_all()
         return entry
 
+    def _admit(self, kind: str) -> tuple[dict[str, Any], Response | None]:
+        """Record the request, then the answer that refuses it (bad key, injected fault), if any."""
+        entry = self._record(kind)
+        denied = self._auth()
+        return entry, (denied if denied is not None else self._fault(kind))
+
     def _auth(self) -> Response | None:
         """/v1: Bearer key (checked only when `api_key` is set). Azure (/openai/...): api-key header (or an
         Entra Bearer token) always required; deployment paths also need ?api-version=."""
@@ -619,13 +625,9 @@ class FakeOpenAI:
         @app.post("/openai/v1/moderations")
         @app.post("/openai/deployments/<deployment>/moderations")
         def moderations(deployment: str | None = None) -> Response:
-            self._record("moderations")
-            denied = self._auth()
-            if denied is not None:
-                return denied
-            fault = self._fault("moderations")
-            if fault is not None:
-                return fault
+            refused = self._admit("moderations")[1]
+            if refused is not None:
+                return refused
             body = request.get_json(silent=True)
             if not isinstance(body, dict) or "input" not in body:
                 return error_response(
@@ -648,13 +650,9 @@ class FakeOpenAI:
         @app.post("/openai/v1/images/generations")
         @app.post("/openai/deployments/<deployment>/images/generations")
         def images(deployment: str | None = None) -> Response:
-            self._record("images")
-            denied = self._auth()
-            if denied is not None:
-                return denied
-            fault = self._fault("images")
-            if fault is not None:
-                return fault
+            refused = self._admit("images")[1]
+            if refused is not None:
+                return refused
             return self._images(request.get_json(silent=True))
 
         @app.post("/v1/images/edits")
@@ -662,13 +660,9 @@ class FakeOpenAI:
         @app.post("/openai/deployments/<deployment>/images/edits")
         def image_edits(deployment: str | None = None) -> Response:
             """multipart/form-data like the real API: fields + `image` (and optional `mask`) files."""
-            entry = self._record("images")
-            denied = self._auth()
-            if denied is not None:
-                return denied
-            fault = self._fault("images")
-            if fault is not None:
-                return fault
+            entry, refused = self._admit("images")
+            if refused is not None:
+                return refused
             files = request.files.getlist("image") or request.files.getlist("image[]")
             if not files:
                 return error_response(400, "Missing required parameter: 'image'.", param="image",
@@ -693,13 +687,9 @@ class FakeOpenAI:
         @app.get("/v1/models")
         @app.get("/openai/v1/models")
         def models() -> Response:
-            self._record("models")
-            denied = self._auth()
-            if denied is not None:
-                return denied
-            fault = self._fault("models")
-            if fault is not None:
-                return fault
+            refused = self._admit("models")[1]
+            if refused is not None:
+                return refused
             return _json({"object": "list", "data": [self._model_card()]})
 
         @app.get("/v1/models/<path:model>")
