@@ -1,7 +1,7 @@
 """SD pool benchmark: the shared MongoDB-leased pool vs a faithful model of the originals' per-process pool.
 
-    python bench/pool.py            # full run (about 4 minutes)
-    python bench/pool.py --quick    # smaller run (about 1 minute)
+    python bench/pool.py            # full run (about 9 minutes)
+    python bench/pool.py --quick    # smaller run (about 2 minutes)
 
 What runs:
 - K fake SD WebUI instances (tests/fakes/fake_sd.py: real HTTP servers that run one
@@ -466,7 +466,7 @@ def _lat(row: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer scenarios, shorter windows (about 1 minute)")
+    ap.add_argument("--quick", action="store_true", help="fewer scenarios, shorter windows (about 2 minutes)")
     ap.add_argument("--delay", type=float, default=None, help="seconds per image on each fake instance (1.0)")
     ap.add_argument("--seconds", type=float, default=None, help="measurement window per scenario")
     ap.add_argument("--via", choices=["gunicorn", "processes"], default="gunicorn",
