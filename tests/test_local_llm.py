@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -240,8 +241,14 @@ def _ensure_in_forked_child(state_dir: Path) -> str:
     return url
 
 
-def test_server_mode_one_shared_server(tmp_path: Path) -> None:
+def test_server_mode_one_shared_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     state_dir = tmp_path / "llm-state"
+    # scripts/run exports PORT/HOST for gunicorn; the model server must not take them as its own
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        gunicorn_port = probe.getsockname()[1]
+    monkeypatch.setenv("PORT", str(gunicorn_port))
+    monkeypatch.setenv("HOST", "127.0.0.1")
     missing = [m for m in SERVER_EXTRA_MODULES if importlib.util.find_spec(m) is None]
     if missing:
         with pytest.raises(ModelError, match=r"llama-cpp-python\[server\]"):
@@ -256,6 +263,9 @@ def test_server_mode_one_shared_server(tmp_path: Path) -> None:
         assert len(first.text.split()) >= 5 and first.usage["completion_tokens"] > 0
         state = json.loads((state_dir / "server.json").read_text())
         assert state["base_url"] == f"http://127.0.0.1:{state['port']}"
+        assert state["port"] != gunicorn_port
+        with socket.socket() as free:  # still free for gunicorn
+            free.bind(("127.0.0.1", gunicorn_port))
 
         second = b.complete(STORY, params={"seed": 5})
         assert second.text == first.text  # same server, same seed

@@ -284,6 +284,22 @@ def _load(path: Path, n_ctx: int, threads: int) -> _Loaded:
 # --------------------------------------------------------------------------- one shared server per host
 
 
+def _server_env() -> dict[str, str]:
+    """Our environment minus what llama_cpp.server would read as its own settings.
+
+    Its settings read every field (host, port, model, n_ctx, ...) from the environment, case-insensitively,
+    and the environment wins over its command line: scripts/run's PORT=5000 made it take gunicorn's port.
+    """
+    try:
+        from llama_cpp.server.settings import ModelSettings, ServerSettings
+
+        fields = {name.lower() for name in (*ServerSettings.model_fields, *ModelSettings.model_fields)}
+    except ImportError:  # the server extra is missing: starting it fails later with a clear ModelError
+        fields = {"host", "port"}
+    fields.add("config_file")
+    return {key: value for key, value in os.environ.items() if key.lower() not in fields}
+
+
 _CHILDREN: dict[int, tuple[int, subprocess.Popen[bytes]]] = {}  # pid -> (starter pid, Popen), reaped on stop
 
 
@@ -454,7 +470,8 @@ def ensure_local_llm_server(
         with open(log_path, "ab") as log_fh:
             # own session: a Ctrl-C to gunicorn's group does not kill it mid-request; stop_* does
             proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=subprocess.STDOUT, start_new_session=True
+                cmd, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=subprocess.STDOUT, start_new_session=True,
+                env=_server_env(),
             )
         _CHILDREN[proc.pid] = (os.getpid(), proc)
         deadline = time.monotonic() + timeout_s
