@@ -50,6 +50,7 @@ def on_starting(server) -> None:  # noqa: ANN001 - gunicorn hook signature
 
     mongo = ensure_embedded_mongo(settings.DATA_DIR, settings.EMBEDDED_MONGO_PORT)
     os.environ["MONGO_URI"] = mongo.uri
+    os.environ["EMBEDDED_MONGO"] = "1"  # so /health can still say the database is the embedded one
     _started_mongo = mongo.owner
     server.log.info("embedded MongoDB at %s (%s)", mongo.uri, "started" if mongo.owner else "shared")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from flask import Response, current_app, jsonify, make_response, redirect, request
@@ -44,7 +45,8 @@ def health() -> Response:
     ok = bool(db.get("ok"))
     body: dict[str, Any] = {
         "status": "ok" if ok and llm.get("ok", False) and images.get("ok", False) else ("degraded" if ok else "down"),
-        "database": {**db, "embedded": not bool(svc.settings.MONGO_URI)},
+        # gunicorn's master hands the embedded server's URI to the workers and marks it (gunicorn.conf.py)
+        "database": {**db, "embedded": not svc.settings.MONGO_URI or os.environ.get("EMBEDDED_MONGO") == "1"},
         "model": llm,
         "images": images,
         "apps": sorted(current_app.config.get("APPS_MOUNTED", [])),
