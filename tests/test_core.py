@@ -154,7 +154,7 @@ def test_served_images_are_kept_briefly_per_process_and_deletes_apply(openai_app
     for image_id in ids:
         assert tiny.fetch(image_id) is not None
     recent = tiny._recent
-    assert recent is not None and 0 < recent._size <= budget and len(recent._items) < 40
+    assert recent is not None and 0 < recent._items.currsize <= budget and len(recent._items) < 40
 
 
 def test_image_store_checks_content_not_names(openai_app: Any) -> None:

@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import click
+from cachetools import TTLCache
 from flask import Flask, Response, current_app, g, jsonify, request
 from flask_openapi3 import APIBlueprint, Tag
 from pydantic import BaseModel, Field
@@ -137,25 +138,18 @@ def _basic_user() -> User:
 # scrypt costs tens of milliseconds of CPU on purpose; browsers resend Basic credentials with every
 # request (images, streams), so a successful check is remembered briefly. The key covers the stored
 # hash too: a password change or a deleted user invalidates it at once.
-_VERIFIED: dict[bytes, float] = {}
-_VERIFIED_TTL_S = 60.0
-_VERIFIED_MAX = 1024
-_VERIFIED_LOCK = threading.Lock()
+_VERIFIED: TTLCache[bytes, bool] = TTLCache(maxsize=1024, ttl=60.0)
+_VERIFIED_LOCK = threading.Lock()  # cachetools' caches are not thread-safe
 
 
 def _verified_recently(key: bytes) -> bool:
     with _VERIFIED_LOCK:
-        expires = _VERIFIED.get(key)
-        return expires is not None and expires > time.monotonic()
+        return _VERIFIED.get(key, False)
 
 
 def _remember_verified(key: bytes) -> None:
     with _VERIFIED_LOCK:
-        if len(_VERIFIED) >= _VERIFIED_MAX:
-            now = time.monotonic()
-            for stale in [k for k, v in _VERIFIED.items() if v <= now] or list(_VERIFIED)[: _VERIFIED_MAX // 2]:
-                _VERIFIED.pop(stale, None)
-        _VERIFIED[key] = time.monotonic() + _VERIFIED_TTL_S
+        _VERIFIED[key] = True
 
 
 def _apikey_user() -> User:

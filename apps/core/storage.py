@@ -15,13 +15,12 @@ import io
 import re
 import secrets
 import threading
-import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import gridfs
+from cachetools import TTLCache
 from PIL import Image, UnidentifiedImageError
 from pymongo.database import Database
 
@@ -98,40 +97,24 @@ class _RecentImages:
     """
 
     def __init__(self, max_bytes: int, ttl_s: float) -> None:
-        self.max_bytes, self.ttl_s = max_bytes, ttl_s
-        self._items: OrderedDict[str, tuple[float, StoredImage, bytes]] = OrderedDict()
-        self._size = 0
-        self._lock = threading.Lock()
+        self.max_bytes = max_bytes
+        self._items: TTLCache[str, tuple[StoredImage, bytes]] = TTLCache(
+            maxsize=max_bytes, ttl=ttl_s, getsizeof=lambda item: len(item[1]))
+        self._lock = threading.Lock()  # cachetools' caches are not thread-safe
 
     def get(self, image_id: str) -> tuple[StoredImage, bytes] | None:
         with self._lock:
-            item = self._items.get(image_id)
-            if item is None:
-                return None
-            if item[0] < time.monotonic():
-                self._drop(image_id)
-                return None
-            self._items.move_to_end(image_id)
-            return item[1], item[2]
+            return self._items.get(image_id)
 
     def put(self, info: StoredImage, data: bytes) -> None:
         if len(data) > self.max_bytes // 8:  # one big image must not flush everything else
             return
         with self._lock:
-            self._drop(info.id)
-            self._items[info.id] = (time.monotonic() + self.ttl_s, info, data)
-            self._size += len(data)
-            while self._size > self.max_bytes and self._items:
-                self._drop(next(iter(self._items)))
-
-    def _drop(self, image_id: str) -> None:
-        item = self._items.pop(image_id, None)
-        if item is not None:
-            self._size -= len(item[2])
+            self._items[info.id] = (info, data)
 
     def forget(self, image_id: str) -> None:
         with self._lock:
-            self._drop(image_id)
+            self._items.pop(image_id, None)
 
 
 class ImageStore:
