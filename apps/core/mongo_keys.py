@@ -8,7 +8,9 @@ it lives in apps/core with the other shared request plumbing.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
+
+from pydantic import AfterValidator
 
 T = TypeVar("T")
 
@@ -53,3 +55,7 @@ def check_storable_keys(value: T) -> T:
         path, reason = found
         raise ValueError(f"object key {path!r} {reason} (it cannot be stored)")
     return value
+
+
+# a client dict stored as sent: keys MongoDB cannot store are a 422 at validation, not a 500 at the write
+StorableDict = Annotated[dict[str, Any], AfterValidator(check_storable_keys)]

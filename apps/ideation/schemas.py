@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from apps.core.mongo_keys import check_storable_keys
+from apps.core.mongo_keys import StorableDict, check_storable_keys
 
 # letters/digits (incl. CJK), dot, dash, underscore; empty allowed (the original frontend may send "")
 USERNAME_PATTERN = r"^[\w.\-]{0,64}$"
-
-# a client dict stored as sent: keys MongoDB cannot store are a 422 here, not a 500 at the write
-StorableDict = Annotated[dict[str, Any], AfterValidator(check_storable_keys)]
 
 
 class ButtonInfo(BaseModel):

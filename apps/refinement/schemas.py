@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from apps.core.mongo_keys import check_storable_keys
+from apps.core.mongo_keys import StorableDict
 from apps.core.storage import ID_PATTERN
 
 MAX_NUM = 12  # type 0 `num`, type 3 `num`, type 2 `selectNum`
@@ -175,8 +175,7 @@ class UsernameBody(_Strict):
 
 class SaveBody(_Strict):
     username: str | None = Field(default=None, pattern=USERNAME_PATTERN)
-    # the schemes are stored as sent: keys MongoDB cannot store are a 422 here, not a 500 at the write
-    data: Annotated[dict[str, Any], AfterValidator(check_storable_keys)] | None = Field(
+    data: StorableDict | None = Field(  # the schemes are stored as sent
         default=None, description="{designSchemes: {stage: [Scheme]}, designTask, currentStage}"
     )
 
