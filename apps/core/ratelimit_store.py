@@ -28,6 +28,7 @@ MongoDB URI); query option `flush_s` via `storage_options`.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -74,8 +75,8 @@ class BatchedMongoDBStorage(MongoDBStorage):
         """The caller's count in this window after this hit (shared count + our unflushed hits)."""
         now = time.time()
         with self._lock:
-            counter = self._counters.get(key)
-            if counter is not None and counter.ends_at > now and time.monotonic() - counter.synced_at < self.flush_s:
+            counter = self._live(key, now)
+            if counter is not None and time.monotonic() - counter.synced_at < self.flush_s:
                 counter.pending += amount
                 self._ensure_flusher()
                 return counter.seen + counter.pending
@@ -83,8 +84,8 @@ class BatchedMongoDBStorage(MongoDBStorage):
         # brings back what the other processes added (so no process decides on a stale count for long)
         count, ends_at = self._add_shared(key, expiry, amount)
         with self._lock:
-            racing = self._counters.get(key)
-            pending = racing.pending if racing is not None and racing.ends_at > now else 0
+            racing = self._live(key, now)
+            pending = racing.pending if racing is not None else 0
             self._counters[key] = _Counter(seen=count, pending=pending, expiry_s=expiry, ends_at=ends_at,
                                            synced_at=time.monotonic())
             self._ensure_flusher()
@@ -92,17 +93,22 @@ class BatchedMongoDBStorage(MongoDBStorage):
 
     def get(self, key: str) -> int:
         with self._lock:
-            counter = self._counters.get(key)
-            if counter is not None and counter.ends_at > time.time():
+            counter = self._live(key, time.time())
+            if counter is not None:
                 return counter.seen + counter.pending
         return int(super().get(key))
 
     def get_expiry(self, key: str) -> float:
         with self._lock:
-            counter = self._counters.get(key)
-            if counter is not None and counter.ends_at > time.time():
+            counter = self._live(key, time.time())
+            if counter is not None:
                 return counter.ends_at
         return float(super().get_expiry(key))
+
+    def _live(self, key: str, now: float) -> _Counter | None:
+        """This process's counter for `key` if its window has not ended (lock held)."""
+        counter = self._counters.get(key)
+        return counter if counter is not None and counter.ends_at > now else None
 
     def clear(self, key: str) -> None:
         with self._lock:
@@ -141,8 +147,6 @@ class BatchedMongoDBStorage(MongoDBStorage):
     # ------------------------------------------------------------------ background flush
     def _ensure_flusher(self) -> None:
         """Start the flush thread in this process (lazily: gunicorn forks after the app may exist)."""
-        import os
-
         if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
             return
         self._pid = os.getpid()
