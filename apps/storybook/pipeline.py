@@ -489,39 +489,40 @@ class BookRunner:
         return self.svc.image_provider.generate(request)
 
     def _draw_page(self, i: int, request: ImageRequest, previous: Future | None) -> ImageResult | None:
-        def chain() -> None:
+        def draw() -> ImageResult:
             if previous is not None:
                 before = previous.result()
                 if before is not None:
                     request.init_image = before.png
                     request.denoising_strength = CHAIN_DENOISE
+            result = self._generate(request)
+            url, key = self._publish(f"page-{i}", result)
+            self._set({f"pages.{i - 1}.image_id": result.image_id, f"pages.{i - 1}.instance": result.instance,
+                       f"pages.{i - 1}.s3_key": key})
+            progress = self._advance(f"picture {i}")
+            self.emit("page.image", {"page": i, "url": url, "image_id": result.image_id,
+                                     "instance": result.instance, "seed": result.seed, "progress": progress})
+            return result
 
-        return self._draw(request, name=f"page-{i}", field=f"pages.{i - 1}", step=f"picture {i}", event="page.image",
-                          extra={"page": i}, what=f"the illustration of page {i}", before=chain)
+        return self._picture_step(draw, f"the illustration of page {i}", page=i)
 
     def _draw_cover(self, request: ImageRequest) -> ImageResult | None:
-        return self._draw(request, name="cover", field="cover", step="cover", event="cover", extra={},
-                          what="the cover illustration")
-
-    def _draw(self, request: ImageRequest, *, name: str, field: str, step: str, event: str,
-              extra: dict[str, Any], what: str, before: Callable[[], None] | None = None) -> ImageResult | None:
-        """One picture: generate, publish, store on the book, advance, emit; a model error fails the book."""
-        try:
-            if before is not None:
-                before()
+        def draw() -> ImageResult:
             result = self._generate(request)
-            url, key = self._publish(name, result)
-            if field == "cover":
-                self._set({"cover": {"image_id": result.image_id, "instance": result.instance, "s3_key": key}})
-            else:
-                self._set({f"{field}.image_id": result.image_id, f"{field}.instance": result.instance,
-                           f"{field}.s3_key": key})
-            progress = self._advance(step)
-            payload = {**extra, "url": url, "image_id": result.image_id, "instance": result.instance}
-            if field != "cover":
-                payload["seed"] = result.seed
-            self.emit(event, {**payload, "progress": progress})
+            url, key = self._publish("cover", result)
+            self._set({"cover": {"image_id": result.image_id, "instance": result.instance, "s3_key": key}})
+            progress = self._advance("cover")
+            self.emit("cover", {"url": url, "image_id": result.image_id, "instance": result.instance,
+                                "progress": progress})
             return result
+
+        return self._picture_step(draw, "the cover illustration")
+
+    def _picture_step(self, draw: Callable[[], ImageResult], what: str, **extra: Any) -> ImageResult | None:
+        """Run one picture's step: None when the book was cancelled; a failure (a model error named
+        after `what`) fails the book and is raised."""
+        try:
+            return draw()
         except JobCancelled:
             return None
         except Exception as exc:
