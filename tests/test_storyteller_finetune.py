@@ -14,11 +14,13 @@ from apps.storyteller.finetune import FALLBACK_CHAT_TEMPLATE, encode, load_recor
 
 MISSING = missing_packages()
 HAS_GGUF = importlib.util.find_spec("gguf") is not None
-needs_extra = pytest.mark.skipif(
-    bool(MISSING),
-    reason=f"the optional `finetune` extra is not installed "
-    f"(missing: {', '.join(MISSING)}): pip install -e '.[finetune]'",
-)
+
+
+def test_the_finetune_extra_is_installed() -> None:
+    """scripts/test installs it; the tests below use it rather than skip without it."""
+    assert not MISSING, f"missing: {', '.join(MISSING)}: pip install -e '.[finetune]'"
+    assert HAS_GGUF, "the `gguf` package (finetune extra) is missing"
+
 
 STORIES = [
     (
@@ -113,7 +115,6 @@ def test_load_records_reads_jsonl_and_the_original_csv(tmp_path: Path) -> None:
         load_records(bad)
 
 
-@needs_extra
 def test_encode_learns_only_the_story_and_has_no_trailing_generation_prompt(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -130,7 +131,6 @@ def test_encode_learns_only_the_story_and_has_no_trailing_generation_prompt(tmp_
     assert example["labels"][0] == -100 and example["labels"][-1] != -100
 
 
-@needs_extra
 def test_finetune_cli_trains_a_lora_adapter_and_writes_the_modelfile(make_app: Any, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
@@ -271,8 +271,6 @@ def write_base_gguf(hf_dir: Path, out: Path) -> Path:
     return out
 
 
-@needs_extra
-@pytest.mark.skipif(not HAS_GGUF, reason="the `gguf` package (finetune extra) is not installed")
 def test_gguf_adapter_gives_llama_cpp_the_same_logits_as_peft(tmp_path: Path) -> None:
     import numpy as np
     import torch

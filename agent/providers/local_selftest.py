@@ -66,7 +66,9 @@ class SelfTest:
 
     def summary(self) -> str:
         if self.ok:
-            return f"embedded model self-test ok: {self.tokens} tokens in {self.seconds:.2f} s ({self.text!r})"
+            return (
+                f"embedded model self-test ok: {self.tokens} tokens in {self.seconds:.2f} s ({self.text!r})"
+            )
         return f"embedded model self-test FAILED: {self.reason}; remedy: {self.remedy}"
 
 
@@ -123,8 +125,12 @@ def run_selftest(model_path: Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> Self
         )
     except subprocess.TimeoutExpired:
         return SelfTest(
-            False, key, f"the model did not answer an {PROBE_TOKENS}-token probe within {timeout_s:.0f} s (hang)",
-            f"check the CPU load and LOCAL_THREADS; {REBUILD}", seconds=timeout_s, checked_at=time.time(),
+            False,
+            key,
+            f"the model did not answer an {PROBE_TOKENS}-token probe within {timeout_s:.0f} s (hang)",
+            f"check the CPU load and LOCAL_THREADS; {REBUILD}",
+            seconds=timeout_s,
+            checked_at=time.time(),
         )
     seconds = time.perf_counter() - start
     if proc.returncode < 0:
@@ -134,23 +140,47 @@ def run_selftest(model_path: Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> Self
             if name == "SIGILL"
             else "llama.cpp crashed"
         )
-        return SelfTest(False, key, f"the model process died with {name}: {why}", REBUILD,
-                        seconds=seconds, checked_at=time.time())
+        return SelfTest(
+            False,
+            key,
+            f"the model process died with {name}: {why}",
+            REBUILD,
+            seconds=seconds,
+            checked_at=time.time(),
+        )
     if proc.returncode != 0:
         tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
-        return SelfTest(False, key, f"the model process exited with code {proc.returncode}: {tail[0][:200]}",
-                        "check LOCAL_MODEL_PATH (a chat GGUF file) or " + REBUILD,
-                        seconds=seconds, checked_at=time.time())
+        return SelfTest(
+            False,
+            key,
+            f"the model process exited with code {proc.returncode}: {tail[0][:200]}",
+            "check LOCAL_MODEL_PATH (a chat GGUF file) or " + REBUILD,
+            seconds=seconds,
+            checked_at=time.time(),
+        )
     try:
         found = json.loads(proc.stdout.strip().splitlines()[-1])
         text, tokens = str(found["text"]), int(found["tokens"])
     except (ValueError, KeyError, IndexError) as exc:
-        return SelfTest(False, key, f"the model probe printed no result ({exc})", REBUILD,
-                        seconds=seconds, checked_at=time.time())
+        return SelfTest(
+            False,
+            key,
+            f"the model probe printed no result ({exc})",
+            REBUILD,
+            seconds=seconds,
+            checked_at=time.time(),
+        )
     if tokens < 1 or not _looks_like_text(text):
-        return SelfTest(False, key, f"the model produced garbage: {text[:60]!r}",
-                        "point LOCAL_MODEL_PATH at a working chat GGUF or " + REBUILD,
-                        text=text, tokens=tokens, seconds=seconds, checked_at=time.time())
+        return SelfTest(
+            False,
+            key,
+            f"the model produced garbage: {text[:60]!r}",
+            "point LOCAL_MODEL_PATH at a working chat GGUF or " + REBUILD,
+            text=text,
+            tokens=tokens,
+            seconds=seconds,
+            checked_at=time.time(),
+        )
     return SelfTest(True, key, text=text, tokens=tokens, seconds=round(seconds, 3), checked_at=time.time())
 
 
@@ -178,8 +208,9 @@ def _write(state_dir: Path, result: SelfTest) -> None:
     os.replace(tmp, state_dir / "selftest.json")
 
 
-def selftest(model_path: Path, state_dir: Path, *, fresh: bool = False,
-             timeout_s: float = DEFAULT_TIMEOUT_S) -> SelfTest:
+def selftest(
+    model_path: Path, state_dir: Path, *, fresh: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> SelfTest:
     """The self-test for this library + model + CPU: from memory, from `state_dir`, or run now.
 
     Concurrent callers in one process wait for one probe; `fresh=True` runs it again (the master
