@@ -30,9 +30,10 @@ _started_llm = False
 def on_starting(server) -> None:  # noqa: ANN001 - gunicorn hook signature
     global _started_mongo, _started_llm
     _prepare_metrics_dir()
-    from config import load_settings
+    from config import exit_on_config_error, load_settings
 
-    settings = load_settings()
+    with exit_on_config_error():  # a bad setting: one line per key, no traceback, the master exits
+        settings = load_settings()
     if settings.LLM_PROVIDER == "local" and (
         settings.LOCAL_LLM_MODE == "server" or (settings.LOCAL_LLM_MODE == "auto" and server.cfg.workers > 1)
     ):
