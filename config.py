@@ -206,6 +206,8 @@ class Settings(BaseSettings):
     HOST: str = "127.0.0.1"
     PORT: int = 5000
     PUBLIC_BASE_URL: str | None = None  # absolute base for image URLs; default: the request's host
+    HEALTH_CACHE_S: float = Field(5.0, ge=0)  # /health's probes are reused this long (per process)
+    HEALTH_TIMEOUT_S: float = Field(4.0, gt=0)  # /health answers within about this, however slow a probe
 
     # --- limits (apps/core/ratelimit.py, apps/core/spend.py) and stream tokens (apps/core/auth.py)
     RATE_LIMIT_ENABLED: bool = True
