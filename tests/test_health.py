@@ -193,3 +193,16 @@ def test_a_hanging_model_server_costs_the_timeout_once(healthy: Callable[..., An
     status, body = _health(app)
     assert status == 503
     assert _models_calls(fake_openai) == 1  # the probe still running was waited for, not started again
+
+
+def test_a_model_that_cannot_run_is_not_ok(make_app: Callable[..., Any], tmp_path: Path) -> None:
+    """The embedded model's self-test (a child process) fails on a file llama.cpp cannot run."""
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\x00" * 4096)
+    app = make_app(
+        LLM_PROVIDER="local", LOCAL_MODEL_PATH=str(broken), LOCAL_LLM_MODE="inprocess", HEALTH_TIMEOUT_S=60
+    )
+    status, body = _health(app)
+    assert status == 503 and body["status"] == "degraded", body
+    problem = _problem(body, "model")
+    assert body["model"]["selftest"] == "failed" and problem["error"] and problem["remedy"]
