@@ -84,7 +84,6 @@ class HealthCheck:
         self._cached: dict[str, Any] | None = None
         self._cached_at = 0.0
         self._running: dict[str, _Probe] = {}
-        self.runs = 0  # full checks made (not answered from the cache)
 
     # ---- the report
     def report(self) -> dict[str, Any]:
@@ -94,7 +93,6 @@ class HealthCheck:
                 return self._cached
             body = self._check()
             self._cached, self._cached_at = body, time.monotonic()
-            self.runs += 1
             return body
 
     def _check(self) -> dict[str, Any]:
@@ -106,17 +104,16 @@ class HealthCheck:
         }
         probes: dict[str, _Probe] = {}
         for part, fn in checks.items():
+            # a probe still running from last time is waited for again, not started twice
             probe = self._running.get(part)
-            if (
-                probe is None or probe.done.is_set()
-            ):  # a probe still running from last time is waited for again
+            if probe is None or probe.done.is_set():
                 probe = self._running[part] = _Probe(fn)
             probes[part] = probe
         deadline = time.monotonic() + self.timeout_s
         results: dict[str, dict[str, Any]] = {}
         for part, probe in probes.items():
-            if probe.done.wait(max(0.0, deadline - time.monotonic())) and probe.result is not None:
-                results[part] = probe.result
+            if probe.done.wait(max(0.0, deadline - time.monotonic())):
+                results[part] = probe.result or {"ok": False, "error": "the probe ended without a result"}
                 del self._running[part]
             else:
                 waited = time.monotonic() - probe.started
