@@ -1194,8 +1194,12 @@ class SDPoolProvider:
         try:
             out = self.pool.health()
         except PyMongoError as exc:
-            out = {"ok": False, "provider": self.name, "error": f"database: {exc}",
-                   "instances": [{"url": u} for u in self.pool.urls]}
+            out = {
+                "ok": False,
+                "provider": self.name,
+                "error": f"database: {exc}",
+                "instances": [{"url": u} for u in self.pool.urls],
+            }
         for row in out["instances"]:
             row["answers"] = answers.get(row["url"], False)
         out["answering"] = sum(answers.values())
@@ -1205,8 +1209,10 @@ class SDPoolProvider:
         # an answering instance the pool still marks down rejoins at its next probe; callers wait for it
         out["ok"] = out["answering"] > 0
         if not out["ok"]:
-            out["error"] = (f"no SD instance answers GET /sdapi/v1/progress within {self.pool.ping_timeout_s:g} s: "
-                            + ", ".join(self.pool.urls))
+            out["error"] = (
+                f"no SD instance answers GET /sdapi/v1/progress within {self.pool.ping_timeout_s:g} s: "
+                + ", ".join(self.pool.urls)
+            )
         return out
 
     def stats(self) -> dict[str, Any]:
