@@ -48,7 +48,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER app
 EXPOSE 5000
 VOLUME ["/data"]
-# /health is 200 while the database answers (503 when it does not); the model/images may be "degraded"
+# liveness (/ping), not readiness (/health): a down SD WebUI or model server makes /health 503, and
+# restarting this container would not bring either back (docs/production.md, "Health")
 HEALTHCHECK --interval=30s --timeout=6s --start-period=30s --retries=3 \
-  CMD python -c "import os, sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '5000'), timeout=5).status == 200 else 1)"
+  CMD python -c "import os, sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:%s/ping' % os.environ.get('PORT', '5000'), timeout=5).status == 200 else 1)"
 CMD ["gunicorn", "-c", "gunicorn.conf.py", "app:app"]

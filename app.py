@@ -14,7 +14,7 @@ from typing import Any
 from flask_cors import CORS
 from flask_openapi3 import Info, OpenAPI
 
-from config import Settings, load_settings
+from config import Settings, exit_on_config_error, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -159,12 +159,14 @@ def __getattr__(name: str) -> Any:
     global _app
     if name == "app":
         if _app is None:
-            _app = create_app()
+            with exit_on_config_error():  # worker or `flask --app app`: one line per bad key, no traceback
+                _app = create_app()
         return _app
     raise AttributeError(name)
 
 
 if __name__ == "__main__":
-    settings = load_settings()
-    application = create_app()
+    with exit_on_config_error():
+        settings = load_settings()
+        application = create_app()
     application.run(host=settings.HOST, port=settings.PORT, threaded=True, use_reloader=False)

@@ -1,18 +1,25 @@
 """One typed settings object, read from the environment and `.env`.
 
 Every key is documented in `.env.example`. Parsing is strict: a boolean that is not
-one of true/false/yes/no/1/0 is an error at start-up, not a silent False.
+one of true/false/yes/no/1/0 is an error at start-up, not a silent False, and a URL
+setting that is not a URL stops the start instead of failing the first request minutes
+later. Entry points wrap start-up in `exit_on_config_error()`, so an operator sees one
+line per bad key (`config error: KEY: why`) and no traceback.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from dotenv import load_dotenv
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 
@@ -20,6 +27,91 @@ PROJECT_ROOT = Path(__file__).resolve().parent
 APP_PAINT = 0
 
 APP_NAMES = ("storybook", "ideation", "refinement", "storyteller")
+
+
+# exit status of a start stopped by bad settings: gunicorn's WORKER_BOOT_ERROR, so a master whose
+# worker finds a bad setting halts instead of respawning it forever (any non-zero code would do elsewhere)
+CONFIG_ERROR_EXIT = 3
+
+# settings whose values never appear in an error line
+_SECRET_MARKERS = ("KEY", "PASSWORD", "SECRET", "TOKEN")
+
+
+def check_http_url(value: str, example: str) -> str:
+    """`value` if it is an http(s) URL with a host (and a numeric port, if any); else ValueError saying why."""
+    if any(c.isspace() for c in value):
+        raise ValueError(f"{value!r} contains whitespace; expected an http(s) URL such as {example}")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a valid URL ({exc}); expected e.g. {example}") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise ValueError(f"{value!r} is not an http(s) URL; expected e.g. {example}")
+    if not parts.hostname:
+        raise ValueError(f"{value!r} has no host; expected e.g. {example}")
+    return value
+
+
+def check_mongo_uri(value: str) -> str:
+    """`value` if pymongo can parse it as a connection string, without any network lookup."""
+    from pymongo.errors import ConfigurationError
+    from pymongo.uri_parser import parse_uri
+
+    try:
+        if value.startswith("mongodb+srv://"):
+            # parse_uri resolves SRV records (DNS) after parsing; settings must load offline and fast,
+            # so run only the syntax checks that parse_uri runs first
+            from pymongo.uri_parser_shared import _validate_uri
+
+            _validate_uri(value, default_port=None)
+        else:
+            parse_uri(value)
+    except (
+        ConfigurationError,
+        ValueError,
+    ) as exc:  # InvalidURI is a ConfigurationError; bad ports: ValueError
+        # the message, never the URI: it may hold a password
+        raise ValueError(f"not a MongoDB connection string: {exc} (e.g. mongodb://127.0.0.1:27017)") from None
+    return value
+
+
+class ConfigError(ValueError):
+    """Settings that cannot start the server: one `(key, why)` per problem, printable as one line each."""
+
+    def __init__(self, problems: list[tuple[str | None, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(self.lines()))
+
+    def lines(self) -> list[str]:
+        return [
+            f"config error: {key}: {why}" if key else f"config error: {why}" for key, why in self.problems
+        ]
+
+    @classmethod
+    def from_validation(cls, exc: ValidationError) -> ConfigError:
+        problems: list[tuple[str | None, str]] = []
+        for err in exc.errors():
+            key = ".".join(str(part) for part in err.get("loc", ())) or None
+            why = str(err.get("msg", "invalid"))
+            for prefix in ("Value error, ", "Assertion failed, "):
+                why = why.removeprefix(prefix)
+            secret = key is not None and any(m in key.upper() for m in _SECRET_MARKERS)
+            if key and not secret and err.get("type") != "value_error" and "input" in err:
+                why = f"{why} (got {err['input']!r})"
+            problems.append((key, why))
+        return cls(problems)
+
+
+@contextmanager
+def exit_on_config_error(code: int = CONFIG_ERROR_EXIT) -> Iterator[None]:
+    """Turn a ConfigError inside the block into its lines on stderr and SystemExit(code), no traceback."""
+    try:
+        yield
+    except ConfigError as exc:
+        sys.stderr.write("".join(line + "\n" for line in exc.lines()))
+        sys.stderr.flush()
+        raise SystemExit(code) from None
 
 
 def _split_csv(value: Any) -> list[str]:
@@ -77,7 +169,8 @@ class Settings(BaseSettings):
     OPENAI_IMAGE_MODEL: str = "gpt-image-1"
     MAX_IMAGE_BYTES: int = 10 * 1024 * 1024
     MAX_IMAGE_SIDE: int = 4096
-    IMAGE_CACHE_MB: int = Field(64, ge=0)  # recently served images kept per process (0: off); they never change
+    # recently served images kept per process (0: off); they never change
+    IMAGE_CACHE_MB: int = Field(64, ge=0)
 
     # --- apps
     STORYBOOK_MAX_PAGES: int = 20
@@ -85,7 +178,8 @@ class Settings(BaseSettings):
     IDEATION_CHECKPOINT_SKETCH: str = "realisticVisionV60B1_v60B1VAE"
     IDEATION_CHECKPOINT_MODEL: str = "v2-1_512-ema-pruned"
     IDEATION_CHECKPOINT_CONTROL: str = "v1-5-pruned-emaonly"
-    IDEATION_MULTIVIEW_CMD: str | None = None  # argv (shell-free) of a multi-view tool; {input} {output} placeholders
+    # argv (shell-free) of a multi-view tool; {input} {output} placeholders
+    IDEATION_MULTIVIEW_CMD: str | None = None
     IDEATION_MULTIVIEW_TIMEOUT_S: float = 600.0
     REFINEMENT_LANGUAGE: Literal["zh", "en"] = "zh"
     STORYTELLER_MODEL: str | None = None  # e.g. the fine-tuned Ollama model name; None = provider default
@@ -112,13 +206,17 @@ class Settings(BaseSettings):
     HOST: str = "127.0.0.1"
     PORT: int = 5000
     PUBLIC_BASE_URL: str | None = None  # absolute base for image URLs; default: the request's host
+    HEALTH_CACHE_S: float = Field(5.0, ge=0)  # /health's probes are reused this long (per process)
+    HEALTH_TIMEOUT_S: float = Field(4.0, gt=0)  # /health answers within about this, however slow a probe
 
     # --- limits (apps/core/ratelimit.py, apps/core/spend.py) and stream tokens (apps/core/auth.py)
     RATE_LIMIT_ENABLED: bool = True
     RATE_LIMIT_DEFAULT: str = "600/minute"  # every request of one user (auth on) or client IP, all routes
-    RATE_LIMIT_GENERATE: str = "60/minute"  # requests that start model work (POST /storybook/..., .../generate)
+    # requests that start model work (POST /storybook/..., .../generate)
+    RATE_LIMIT_GENERATE: str = "60/minute"
     RATE_LIMIT_STRATEGY: Literal["fixed-window", "moving-window"] = "fixed-window"
-    RATE_LIMIT_BATCH_S: float = Field(0.2, ge=0)  # fixed-window counts added to MongoDB this often (0: every request)
+    # fixed-window counts added to MongoDB this often (0: every request)
+    RATE_LIMIT_BATCH_S: float = Field(0.2, ge=0)
     RATE_LIMIT_STORAGE_URI: str | None = None  # default: the MongoDB in use (shared by workers and hosts)
     MODEL_DAILY_CALL_CAP: int = 1000  # model calls per user per UTC day (auth on, admins exempt); 0 = off
     STREAM_TOKEN_TTL_S: int = 3600  # life of a `?token=` for EventSource URLs
@@ -131,11 +229,46 @@ class Settings(BaseSettings):
 
     @field_validator("SD_INSTANCES")
     @classmethod
-    def _strip_slash(cls, value: list[str]) -> list[str]:
+    def _sd_urls(cls, value: list[str]) -> list[str]:
+        for i, url in enumerate(value, 1):
+            try:
+                check_http_url(url, "http://127.0.0.1:7860")
+            except ValueError as exc:
+                where = f"instance {i} of {len(value)}: " if len(value) > 1 else ""
+                raise ValueError(f"{where}{exc} (comma-separated SD WebUI base URLs)") from None
         return [v.rstrip("/") for v in value]
 
-    @field_validator("LLM_PROVIDER", "IMAGE_PROVIDER", "ROOT_APP", "MONGO_URI", "RATE_LIMIT_STORAGE_URI",
-                     mode="before")
+    @field_validator("OPENAI_BASE_URL")
+    @classmethod
+    def _openai_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_http_url(value, "https://api.openai.com/v1")
+
+    @field_validator("AZURE_OPENAI_ENDPOINT")
+    @classmethod
+    def _azure_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_http_url(value, "https://<resource>.openai.azure.com")
+
+    @field_validator("PUBLIC_BASE_URL")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_http_url(value, "https://stories.example.org")
+
+    @field_validator("MONGO_URI")
+    @classmethod
+    def _mongo_uri(cls, value: str | None) -> str | None:
+        return None if value is None else check_mongo_uri(value)
+
+    @field_validator(
+        "LLM_PROVIDER",
+        "IMAGE_PROVIDER",
+        "ROOT_APP",
+        "MONGO_URI",
+        "RATE_LIMIT_STORAGE_URI",
+        "OPENAI_BASE_URL",
+        "AZURE_OPENAI_ENDPOINT",
+        "PUBLIC_BASE_URL",
+        mode="before",
+    )
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
@@ -152,7 +285,8 @@ class Settings(BaseSettings):
         if self.IMAGE_PROVIDER is None:
             self.IMAGE_PROVIDER = "sdwebui" if self.SD_INSTANCES else "placeholder"
         if self.IMAGE_PROVIDER == "sdwebui" and not self.SD_INSTANCES:
-            raise ValueError("IMAGE_PROVIDER=sdwebui needs SD_INSTANCES (comma-separated WebUI base URLs)")
+            # no field to attach this to: the key leads the message (ConfigError prints it as is)
+            raise ValueError("IMAGE_PROVIDER: sdwebui needs SD_INSTANCES (comma-separated WebUI base URLs)")
         if self.AUTH_MODE == "basic" and not (self.BASIC_AUTH_USERNAME and self.BASIC_AUTH_PASSWORD):
             # no pair configured: basic auth still works for users created with `flask users create`
             pass
@@ -160,11 +294,19 @@ class Settings(BaseSettings):
 
 
 def load_settings(overrides: dict[str, Any] | None = None, *, use_env: bool = True) -> Settings:
-    """Build Settings from `.env` + environment, then apply explicit overrides (tests)."""
-    if use_env:
-        load_dotenv(PROJECT_ROOT / ".env", override=False)
-        return Settings(**(overrides or {}))
-    return Settings.model_validate(overrides or {})
+    """Build Settings from `.env` + environment, then apply explicit overrides (tests).
+
+    Raises ConfigError (a ValueError) naming every bad key.
+    """
+    try:
+        if use_env:
+            load_dotenv(PROJECT_ROOT / ".env", override=False)
+            return Settings(**(overrides or {}))
+        return Settings.model_validate(overrides or {})
+    except ValidationError as exc:
+        raise ConfigError.from_validation(exc) from exc
+    except SettingsError as exc:  # a source that could not be read or decoded at all
+        raise ConfigError([(None, str(exc))]) from exc
 
 
 @lru_cache(maxsize=1)

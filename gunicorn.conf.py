@@ -30,9 +30,10 @@ _started_llm = False
 def on_starting(server) -> None:  # noqa: ANN001 - gunicorn hook signature
     global _started_mongo, _started_llm
     _prepare_metrics_dir()
-    from config import load_settings
+    from config import exit_on_config_error, load_settings
 
-    settings = load_settings()
+    with exit_on_config_error():  # a bad setting: one line per key, no traceback, the master exits
+        settings = load_settings()
     if settings.LLM_PROVIDER == "local" and not _local_model_runs(server, settings):
         pass  # workers start anyway: /health says why the model is not ok, model calls fail cleanly
     elif settings.LLM_PROVIDER == "local" and (

@@ -1050,6 +1050,27 @@ class SDInstancePool:
         return {"ok": up > 0, "provider": PROVIDER, "instances": rows, "up": up, "down": len(rows) - up,
                 "busy": busy, "free": up - busy, "queue": queue}
 
+    def answering(self, timeout_s: float | None = None) -> dict[str, bool]:
+        """Which instances answer the pool's own probe (`SDClient.ping`) now; all pinged at once.
+
+        For /health: the shared state says what the pool last saw (an instance nobody used yet is
+        "up" whether or not anything listens), this says whether an image request could be served.
+        Changes no state: leases and down/up marks stay the pool's business.
+        """
+        wait_s = timeout_s or self.ping_timeout_s
+        found: dict[str, bool] = {}
+
+        def one(url: str) -> None:
+            found[url] = self.clients[url].ping(wait_s)
+
+        threads = [threading.Thread(target=one, args=(u,), name="sd-health", daemon=True) for u in self.urls]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + wait_s + 1.0
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return {u: found.get(u, False) for u in self.urls}
+
     def stats(self) -> dict[str, Any]:
         docs = {d["_id"]: d for d in self.db.sd_instances.find({"_id": {"$in": self.urls}},
                                                                  {"served": 1, "state": 1, "checkpoint": 1})}
@@ -1168,11 +1189,30 @@ class SDPoolProvider:
         return seg
 
     def health(self) -> dict[str, Any]:
+        """The pool's shared view plus a ping of every instance: ok when at least one answers."""
+        answers = self.pool.answering()
         try:
             out = self.pool.health()
         except PyMongoError as exc:
-            return {"ok": False, "provider": self.name, "error": f"database: {exc}"}
+            out = {
+                "ok": False,
+                "provider": self.name,
+                "error": f"database: {exc}",
+                "instances": [{"url": u} for u in self.pool.urls],
+            }
+        for row in out["instances"]:
+            row["answers"] = answers.get(row["url"], False)
+        out["answering"] = sum(answers.values())
         out["sam"] = self.sam_enabled
+        if "error" in out:  # the shared state cannot be read: no lease can be taken either
+            return out
+        # an answering instance the pool still marks down rejoins at its next probe; callers wait for it
+        out["ok"] = out["answering"] > 0
+        if not out["ok"]:
+            out["error"] = (
+                f"no SD instance answers GET /sdapi/v1/progress within {self.pool.ping_timeout_s:g} s: "
+                + ", ".join(self.pool.urls)
+            )
         return out
 
     def stats(self) -> dict[str, Any]:

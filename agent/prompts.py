@@ -294,6 +294,8 @@ class PromptLibrary:
         self.env = make_environment()
         self._cache: dict[str, _Entry] = {}
         self._lock = threading.Lock()
+        # (fingerprint, problems) of the last whole-library check, for check_cached()
+        self._checked: tuple[tuple[tuple[str, tuple[int, int, int, int]], ...], list[str]] | None = None
 
     # -- lookup -------------------------------------------------------------------------------------
     def _path_for(self, name: str) -> Path:
@@ -412,6 +414,31 @@ class PromptLibrary:
                 if not rendered.messages[-1]["content"]:
                     errors.append(f"{name} [sample {sample}]: the user message renders empty")
         return errors
+
+    def fingerprint(self) -> tuple[tuple[str, tuple[int, int, int, int]], ...]:
+        """Every template's name and file signature: it changes when a template is added, removed or edited."""
+        found: list[tuple[str, tuple[int, int, int, int]]] = []
+        for name in self.names():
+            try:
+                found.append((name, _signature(os.stat(self._path_for(name)))))
+            except OSError:
+                found.append((name, (0, 0, 0, 0)))  # vanished between listing and stat: check() reports it
+        return tuple(found)
+
+    def check_cached(self) -> tuple[int, list[str]]:
+        """(number of templates, check() of all of them), re-checked only when the fingerprint changed.
+
+        For /health, which asks every few seconds: an unchanged library costs one stat per file.
+        """
+        fingerprint = self.fingerprint()
+        with self._lock:
+            cached = self._checked
+        if cached is not None and cached[0] == fingerprint:
+            return len(fingerprint), list(cached[1])
+        errors = self.check([name for name, _ in fingerprint])
+        with self._lock:
+            self._checked = (fingerprint, errors)
+        return len(fingerprint), list(errors)
 
 
 _libraries: dict[Path, PromptLibrary] = {}

@@ -36,6 +36,7 @@ _PARAM_KEYS = (
     "frequency_penalty",
 )
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
+HEALTH_TIMEOUT_S = 3.0  # /health's probe of the model server: short, it answers within a few seconds
 
 
 def parse_retry_after(headers: Any) -> float | None:
@@ -99,6 +100,36 @@ def to_model_error(exc: BaseException, provider: str, timeout: float | None = No
     if isinstance(exc, openai.APIError):  # e.g. an error event inside a stream
         return ModelError(f"{provider} reported an error: {_message(exc)}", provider=provider, retryable=True)
     return ModelError(f"{provider} call failed: {type(exc).__name__}: {exc}", provider=provider)
+
+
+def probe_models(
+    client: openai.OpenAI, provider: str, timeout_s: float = HEALTH_TIMEOUT_S, *, model: str | None = None
+) -> dict[str, Any]:
+    """`GET {base}/models` with the configured key, no retries: {"ok", "latency_ms", "error"?, ...}.
+
+    Free on OpenAI and Azure (a chat would cost tokens) and served by Ollama, vLLM and llama.cpp, so
+    a refused connection, a wrong base URL (404) or a rejected key (401) shows up before a request needs it.
+    """
+    start = time.perf_counter()
+    try:
+        page = client.with_options(timeout=timeout_s, max_retries=0).models.list()
+    except Exception as exc:  # noqa: BLE001 - every failure is reported as text
+        err = to_model_error(exc, provider, timeout_s)
+        out: dict[str, Any] = {"ok": False, "error": err.message}
+        if err.status == 404:
+            root = (
+                "the resource endpoint, https://<resource>.openai.azure.com"
+                if provider == "azure"
+                else ("the API root, usually ending in /v1")
+            )
+            out["error"] += f" (no models list at this base URL: is it {root}?)"
+        return {**out, "latency_ms": round((time.perf_counter() - start) * 1000, 1)}
+    out = {"ok": True, "latency_ms": round((time.perf_counter() - start) * 1000, 1)}
+    ids = [getattr(m, "id", None) for m in (page.data or [])]
+    if model is not None and ids:
+        # informative only: llama.cpp and some proxies serve any name they are asked for
+        out["model_listed"] = model in ids
+    return out
 
 
 def has_images(messages: list[Message]) -> bool:
@@ -343,4 +374,11 @@ class OpenAICompatProvider:
         }
 
     def health(self) -> dict[str, Any]:
-        return {"ok": True, "provider": self.name, "model": self.model, "base_url": str(self.client.base_url)}
+        """One cheap authenticated call (the models list): proves the server answers and takes the key."""
+        timeout = min(HEALTH_TIMEOUT_S, self.timeout or HEALTH_TIMEOUT_S)
+        return {
+            "provider": self.name,
+            "model": self.model,
+            "base_url": str(self.client.base_url),
+            **probe_models(self.client, self.name, timeout, model=self.model),
+        }

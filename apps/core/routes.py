@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from flask import Response, current_app, jsonify, make_response, redirect, request
@@ -10,8 +9,8 @@ from flask_openapi3 import APIBlueprint, Tag
 from pydantic import BaseModel, Field
 
 from .context import services
-from .db import ping as db_ping
 from .errors import ApiError
+from .health import health_report
 from .jobs import public_job
 from .sse import job_event_stream, last_event_id, sse_response
 from .storage import ID_PATTERN
@@ -37,22 +36,14 @@ def ping() -> Response:
 
 @core_bp.get("/health")
 def health() -> Response:
-    """Database, language model and image service status."""
-    svc = services()
-    db = db_ping(svc.db)
-    llm = svc.llm.health()
-    images = svc.image_provider.health()
-    ok = bool(db.get("ok"))
-    body: dict[str, Any] = {
-        "status": "ok" if ok and llm.get("ok", False) and images.get("ok", False) else ("degraded" if ok else "down"),
-        # gunicorn's master hands the embedded server's URI to the workers and marks it (gunicorn.conf.py)
-        "database": {**db, "embedded": not svc.settings.MONGO_URI or os.environ.get("EMBEDDED_MONGO") == "1"},
-        "model": llm,
-        "images": images,
-        "apps": sorted(current_app.config.get("APPS_MOUNTED", [])),
-    }
+    """Readiness: database, model, images and prompts probed (cached a few seconds); 200 only when all are ok.
+
+    503 with `status` degraded (a part fails; `problems` says which, why and what to do) or down
+    (no database). Liveness is `/ping`.
+    """
+    body, status = health_report(current_app)
     resp = jsonify(body)
-    resp.status_code = 200 if ok else 503
+    resp.status_code = status
     return resp
 
 

@@ -684,8 +684,10 @@ class FakeOpenAI:
                 return error_response(404, f"No such file: {file_id}")
             return Response(raw, mimetype="image/png")
 
+        # /openai/models: Azure's data-plane list (?api-version=), what AzureOpenAI.models.list() calls
         @app.get("/v1/models")
         @app.get("/openai/v1/models")
+        @app.get("/openai/models")
         def models() -> Response:
             refused = self._admit("models")[1]
             if refused is not None:
