@@ -93,6 +93,8 @@ def _participants(db: Database, match: dict[str, Any], study: str | None, limit:
         p["first"] = min(filter(None, (p["first"], first)), default=None)
     if study:
         for doc in db[PARTICIPANTS].find({"study": study}):
+            if match.get("app") and doc["participant"] not in people and doc.get("app") != match["app"]:
+                continue  # filtered by app: someone assigned in another app and not seen in this one
             p = people.setdefault(
                 str(doc["participant"]),
                 {
@@ -111,7 +113,8 @@ def _participants(db: Database, match: dict[str, Any], study: str | None, limit:
 
 
 def _gallery(db: Database, match: dict[str, Any], who: str, items: int) -> list[dict[str, Any]]:
-    query = {**match, "$or": [{"user": who}, {"user": None, "session": who}]}
+    # what the participant saw: texts and pictures (moderation checks are counted, not shown)
+    query = {**match, "kind": {"$ne": "moderation"}, "$or": [{"user": who}, {"user": None, "session": who}]}
     out = []
     for doc in db.generations.find(query).sort([("created_at", 1), ("_id", 1)]).limit(items):
         output = doc.get("output")
