@@ -367,3 +367,19 @@ def test_dashboard_access_and_validation(make_app: Any, story_fake: Any) -> None
     assert bad.status_code == 422 and bad.get_json()["detail"][0]["loc"][-1] == "participants"
     bad_app = c.get("/dashboard/?app=paint", headers=basic("admin", "pw"))
     assert bad_app.status_code == 422
+
+
+def test_fixed_and_random_assignment(db: Any, tmp_path: Path) -> None:
+    text = "description: d\nassignment: fixed\nparticipants: {zoe: b}\nconditions: {a: {}, b: {}}\n"
+    fixed = StudyAssigner(db, parse_study("f", tmp_path / "f.yaml", text))
+    assert fixed.assign("zoe") == "b"
+    assert [fixed.assign(p) for p in ("u1", "u2", "u3")] == ["a", "b", "a"]  # unlisted: round robin
+    assert fixed.for_call("storybook", None, "s9").fields() == {"study": "f", "condition": "b"}
+    assert fixed.for_call("storybook", None, None).condition is None  # nobody to assign
+    rand = StudyAssigner(db, parse_study("r", tmp_path / "r.yaml", text.replace("fixed", "random")))
+    got = {rand.assign(f"x{i}") for i in range(30)}
+    assert got == {"a", "b"}
+    fresh = StudyAssigner(db, rand.study)  # a restart: the stored answer, not a new draw
+    assert all(fresh.assign(f"x{i}") == rand.assign(f"x{i}") for i in range(30))
+    with pytest.raises(StudyError, match="participants.zoe names no condition 'c'"):
+        parse_study("f", tmp_path / "f.yaml", text.replace("zoe: b", "zoe: c"))
