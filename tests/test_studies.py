@@ -383,3 +383,29 @@ def test_fixed_and_random_assignment(db: Any, tmp_path: Path) -> None:
     assert all(fresh.assign(f"x{i}") == rand.assign(f"x{i}") for i in range(30))
     with pytest.raises(StudyError, match="participants.zoe names no condition 'c'"):
         parse_study("f", tmp_path / "f.yaml", text.replace("zoe: b", "zoe: c"))
+
+
+def test_storyteller_sessions_see_their_conditions_prompt(make_app: Any, fake_openai: Any) -> None:
+    """Auth off: each storyteller session is a participant; the warm one's shown prompt, the model
+    call and its record all use story.warm.j2."""
+    from tests.test_storyteller_api import write
+    from tests.test_storyteller_support import P
+
+    app = make_app(LLM_PROVIDER="openai", OPENAI_BASE_URL=fake_openai.url, OPENAI_API_KEY="k",
+                   LLM_MODEL="fake-model", STUDY="example")  # fmt: skip
+    db = app.extensions["services"].db
+    shown = {}
+    for who in ("first", "second"):
+        c = app.test_client()
+        resp = c.post("/storyteller/setstory/", json=P)
+        assert resp.status_code == 200
+        session = resp.headers["X-Storyteller-Session"]
+        shown[who] = (session, resp.get_json()[0])
+        write(c, session)
+    warm = "Tell it in a warm, affectionate voice."
+    assert warm not in shown["first"][1] and warm in shown["second"][1]
+    for who, cond in (("first", "neutral"), ("second", "warm")):
+        session = shown[who][0]
+        assert db[PARTICIPANTS].find_one({"participant": session})["condition"] == cond
+        rec = db.generations.find_one({"session": session, "template": "storyteller/story"})
+        assert rec["condition"] == cond and (warm in rec["messages"][-1]["content"]) == (cond == "warm")

@@ -168,3 +168,21 @@ def register_cli(app: Flask) -> None:
                 f"{entry.get('calls', 0)} call(s), {entry.get('failed', 0)} failed, "
                 f"${entry.get('cost_usd', 0):.4f}"
             )
+
+
+def study_render(
+    svc: Services,
+    template: str,
+    variables: dict[str, Any],
+    *,
+    app: str | None,
+    user: str | None,
+    session: str | None,
+) -> Any:
+    """Render as the LLM front door would for this participant (their condition's variant), for apps
+    that show or store a prompt before the call (storyteller's prompt panel and its rewrites)."""
+    assigner = svc.extras.get("study")
+    variant = assigner.for_call(app, user, session).variant(template) if assigner is not None else None
+    if variant is None:
+        return svc.prompts.render(template, variables)
+    return svc.prompts.render(template, variables, variant=variant)
