@@ -409,3 +409,15 @@ def test_storyteller_sessions_see_their_conditions_prompt(make_app: Any, fake_op
         assert db[PARTICIPANTS].find_one({"participant": session})["condition"] == cond
         rec = db.generations.find_one({"session": session, "template": "storyteller/story"})
         assert rec["condition"] == cond and (warm in rec["messages"][-1]["content"]) == (cond == "warm")
+
+
+def test_export_progress_only_on_a_terminal() -> None:
+    import io
+
+    from apps.core.export_rows import Progress
+
+    quiet, shown = io.StringIO(), io.StringIO()
+    Progress(False, quiet).update("generations", 5, 10, final=True)
+    Progress(True, shown).update("generations", 5, 10, final=True)
+    assert quiet.getvalue() == ""
+    assert shown.getvalue() == "\r[###############...............] generations 5/10\n"
