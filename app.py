@@ -39,6 +39,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> OpenAPI:
     init_auth(app)
     init_ratelimit(app, settings)
     init_cli(app)
+    init_studies(app, services)
     services.jobs.start()
     return app
 
@@ -56,6 +57,13 @@ def init_config(app: OpenAPI, settings: Settings) -> None:
     from apps.core.errors import validation_error_response
 
     app.validation_error_callback = validation_error_response
+
+
+def init_studies(app: OpenAPI, services: Any) -> None:
+    """STUDY conditions, cost per call, model metrics, /dashboard/, `flask study|calls`."""
+    from apps.core.studies import init_studies as _init
+
+    _init(app, services)
 
 
 def init_logging(app: OpenAPI, settings: Settings) -> None:

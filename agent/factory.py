@@ -82,6 +82,7 @@ class RecordingImageProvider:
         prompt = {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
         params = {"width": request.width, "height": request.height, "steps": request.steps,
                   "cfg_scale": request.cfg_scale, "seed": request.seed, "checkpoint": request.checkpoint,
+                  "sampler": request.sampler_name,
                   "img2img": request.init_image is not None, "mask": request.mask is not None,
                   "denoising_strength": request.denoising_strength if request.init_image else None,
                   "controlnet": [{k: v for k, v in u.items() if k not in ("image", "input_image")}
@@ -126,7 +127,7 @@ class RecordingImageProvider:
 
 
 def _ctx(ctx: dict[str, Any]) -> dict[str, Any]:
-    return {k: ctx.get(k) for k in ("app", "user", "session", "job", "step")}
+    return {k: ctx.get(k) for k in ("app", "user", "session", "job", "step", "template")}
 
 
 def build_image_provider(settings: Settings, db: Database | None, store: StoreFn | None = None) -> ImageProvider:

@@ -632,6 +632,7 @@ class LLM:
             )
         self.moderator = moderator
         self._local_moderator: Any = None
+        self.study: Any = None  # agent.studies.StudyAssigner while STUDY is set: variants + param overrides
 
     # ---- retries and slots
 
@@ -773,18 +774,25 @@ class LLM:
         """
         ctx = _context(context)
         merged: dict[str, Any] = {}
-        template_name = template_hash = None
+        template_name = template_hash = variant = None
+        assignment = self.study.for_call(ctx.app, ctx.user, ctx.session) if self.study is not None else None
         if template is not None:
             if self.prompts is None:
                 raise ModelError("no prompt library configured", provider=self.provider.name)
-            rendered = self.prompts.render(template, variables or {}, sample=sample)
+            chosen = assignment.variant(template) if assignment is not None else None
+            if chosen is not None:
+                rendered = self.prompts.render(template, variables or {}, sample=sample, variant=chosen)
+            else:
+                rendered = self.prompts.render(template, variables or {}, sample=sample)
             messages = rendered.messages
             merged.update(rendered.params or {})
-            template_name, template_hash = rendered.name, rendered.hash
+            template_name, template_hash, variant = rendered.name, rendered.hash, chosen
             if schema is None and rendered.response_format == "json":
                 schema = rendered.schema or {"type": "object"}
         messages = _check_messages(messages)
         merged.update({k: v for k, v in (params or {}).items() if v is not None})
+        if assignment is not None:
+            merged.update(assignment.params)  # the condition's params win: they are the manipulation
         if json_output is False:
             schema = None
         elif json_output and schema is None:
@@ -805,6 +813,7 @@ class LLM:
             "step": ctx.step,
             "template": template_name,
             "template_hash": template_hash,
+            "variant": variant,
         }
         if stream:
             if schema is not None:

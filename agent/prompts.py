@@ -32,6 +32,7 @@ from jinja2 import meta
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SUFFIX = ".j2"
+VARIANT_SEP = "."  # settings/<app>/<name>.<variant>.j2 is a variant of <app>/<name> (studies)
 
 ALLOWED_KEYS = (
     "description",
@@ -94,6 +95,7 @@ class RenderedPrompt:
     params: dict[str, Any]
     response_format: str
     schema: dict[str, Any] | None
+    variant: str | None = None  # the study condition's variant file used (`<name>.<variant>.j2`), else None
 
 
 def _tojson(value: Any, indent: int | None = None) -> str:
@@ -304,14 +306,27 @@ class PromptLibrary:
             raise PromptError(f"bad template name {name!r}: use '<app>/<name>', e.g. 'storybook/title'")
         return self.root.joinpath(*parts[:-1], parts[-1] + SUFFIX)
 
-    def names(self) -> list[str]:
-        """Every template as '<app>/<name>', sorted."""
+    def names(self, *, variants: bool = False) -> list[str]:
+        """Every template as '<app>/<name>', sorted; variant files (`<name>.<variant>.j2`) only when asked."""
         if not self.root.is_dir():
             return []
-        return sorted(
+        found = (
             p.relative_to(self.root).with_suffix("").as_posix()
             for p in self.root.rglob("*" + SUFFIX)
             if p.is_file()
+        )
+        return sorted(n for n in found if variants or VARIANT_SEP not in n.rsplit("/", 1)[-1])
+
+    def variants(self, name: str) -> list[str]:
+        """The variants of one template: 'warm' for the file `<name>.warm.j2` beside `<name>.j2`."""
+        base = self._path_for(name)
+        prefix = base.name[: -len(SUFFIX)] + VARIANT_SEP
+        if not base.parent.is_dir():
+            return []
+        return sorted(
+            p.name[len(prefix) : -len(SUFFIX)]
+            for p in base.parent.glob(prefix + "*" + SUFFIX)
+            if p.is_file() and VARIANT_SEP not in p.name[len(prefix) : -len(SUFFIX)]
         )
 
     def _unknown(self, name: str) -> PromptError:
@@ -356,9 +371,20 @@ class PromptLibrary:
 
     # -- rendering ----------------------------------------------------------------------------------
     def render(
-        self, name: str, variables: dict[str, Any] | None = None, *, sample: str | None = None
+        self,
+        name: str,
+        variables: dict[str, Any] | None = None,
+        *,
+        sample: str | None = None,
+        variant: str | None = None,
     ) -> RenderedPrompt:
-        """Fill in a template. With `sample`, start from that sample's variables, then apply `variables`."""
+        """Fill in a template. With `sample`, start from that sample's variables, then apply `variables`.
+
+        `variant` (a study condition's choice) renders `<name>.<variant>.j2` instead; the result keeps
+        the base name, so records of every condition group under one template.
+        """
+        if variant is not None:
+            return self._render_variant(name, variant, variables, sample)
         entry = self._entry(name)
         if entry.error is not None:
             raise PromptError(str(entry.error))
@@ -396,10 +422,29 @@ class PromptLibrary:
             schema=copy.deepcopy(tpl.schema),
         )
 
+    def _render_variant(
+        self, name: str, variant: str, variables: dict[str, Any] | None, sample: str | None
+    ) -> RenderedPrompt:
+        if not isinstance(variant, str) or not _SEGMENT.match(variant) or VARIANT_SEP in variant:
+            raise PromptError(f"bad variant {variant!r} of {name!r}: use a plain word such as 'warm'")
+        self.get(name)  # the base template must exist (and parse): a variant never stands alone
+        if variant not in self.variants(name):
+            known = ", ".join(self.variants(name)) or "none"
+            raise PromptError(
+                f"template {name!r} has no variant {variant!r}: no file "
+                f"{self._path_for(name + VARIANT_SEP + variant)} (variants: {known})"
+            )
+        rendered = self.render(name + VARIANT_SEP + variant, variables, sample=sample)
+        rendered.name, rendered.variant = name, variant
+        return rendered
+
     def check(self, names: Iterable[str] | None = None) -> list[str]:
-        """Load every template and render it with every sample; one string per problem (empty = all OK)."""
+        """Load every template (and variant) and render it with every sample; one string per problem."""
         errors: list[str] = []
-        for name in names if names is not None else self.names():
+        if names is None:
+            names = self.names(variants=True)
+            errors.extend(self._check_variants(names))
+        for name in names:
             try:
                 tpl = self.get(name)
             except PromptError as exc:
@@ -439,6 +484,28 @@ class PromptLibrary:
         with self._lock:
             self._checked = (fingerprint, errors)
         return len(fingerprint), list(errors)
+
+    def _check_variants(self, names: list[str]) -> list[str]:
+        """A variant needs its base template and must answer in the same format (the app reads it)."""
+        errors: list[str] = []
+        for full in names:
+            folder, _, stem = full.rpartition("/")
+            if VARIANT_SEP not in stem:
+                continue
+            base = (folder + "/" if folder else "") + stem.split(VARIANT_SEP, 1)[0]
+            if not self._path_for(base).is_file():
+                errors.append(f"{full}: a variant of {base!r}, but there is no {self._path_for(base)}")
+                continue
+            try:
+                base_tpl, tpl = self.get(base), self.get(full)
+            except PromptError:
+                continue  # the render loop of check() reports the broken file itself
+            if tpl.response_format != base_tpl.response_format:
+                errors.append(
+                    f"{full}: response_format {tpl.response_format!r} differs from {base!r}'s "
+                    f"{base_tpl.response_format!r}; the app reads both the same way"
+                )
+        return errors
 
 
 _libraries: dict[Path, PromptLibrary] = {}

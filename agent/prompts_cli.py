@@ -229,17 +229,20 @@ def run_cmd(ctx: click.Context, name: str, sample: str | None, pairs: tuple[str,
 @prompts_group.command("check")
 @click.pass_context
 def check_cmd(ctx: click.Context) -> None:
-    """Render every template with every sample; exit 1 on any problem."""
+    """Render every template, variant and sample, and check the study files; exit 1 on any problem."""
+    from agent.studies import check_studies, study_names
+
     lib = _library(ctx)
-    names = lib.names()
-    errors = lib.check(names)
+    names = lib.names(variants=True)
+    errors = lib.check() + check_studies(lib.root, lib)
     if errors:
         for err in errors:
             click.echo(f"ERROR {err}", err=True)
         broken = {e.split(" ", 1)[0].rstrip(":") for e in errors}
         click.echo(f"{len(broken)} of {len(names)} templates have problems", err=True)
         ctx.exit(1)
-    click.echo(f"{len(names)} templates OK")
+    studies = study_names(lib.root)
+    click.echo(f"{len(names)} templates OK" + (f", {len(studies)} studies OK" if studies else ""))
 
 
 def register(app: Any) -> None:

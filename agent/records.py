@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -69,6 +70,10 @@ class GenerationRecorder:
 
     def __init__(self, db: Database | None) -> None:
         self.db = db
+        # annotators add fields before the insert (study, condition, cost); observers see the stored
+        # document (metrics). Both are wired by apps/core/studies.py; a failing hook is logged only.
+        self.annotators: list[Callable[[dict[str, Any]], dict[str, Any]]] = []
+        self.observers: list[Callable[[dict[str, Any]], None]] = []
 
     def record(
         self,
@@ -94,6 +99,7 @@ class GenerationRecorder:
         instance: str | None = None,
         model: str | None = None,
         extra: dict[str, Any] | None = None,
+        variant: str | None = None,
     ) -> str | None:
         """Insert one record; returns its id (str), or None when there is no database or it failed.
 
@@ -113,6 +119,7 @@ class GenerationRecorder:
             "step": step,
             "template": template,
             "template_hash": template_hash,
+            "variant": variant,
             "messages": _scrub(messages),
             "prompt": _scrub(prompt),
             "params": _scrub(params or {}),
@@ -130,6 +137,11 @@ class GenerationRecorder:
             "created_at": now,
             **_scrub(extra or {}),
         }
+        for annotate in self.annotators:
+            try:
+                doc.update(annotate(doc))
+            except Exception:  # noqa: BLE001 - a hook must never cost the record
+                log.exception("a generation record annotator failed")
         try:
             self.db.generations.insert_one(doc)
         except (
@@ -145,4 +157,9 @@ class GenerationRecorder:
         except PyMongoError as exc:
             log.error("could not record a %s generation (%s): %s", kind, provider, exc)
             return None
+        for observe in self.observers:
+            try:
+                observe(doc)
+            except Exception:  # noqa: BLE001 - metrics must never cost the call
+                log.exception("a generation record observer failed")
         return str(doc["_id"])

@@ -112,6 +112,8 @@ class JobManager:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        # (app, owner, job id) -> extra fields (study, condition); set by apps/core/studies.py
+        self.annotate: Callable[[str, str | None, str], dict[str, Any]] | None = None
 
     # ---- lifecycle
     def start(self) -> None:
@@ -150,6 +152,8 @@ class JobManager:
             "runner": self.worker, "lease_until": now + timedelta(seconds=self.lease_s),
             "created_at": now, "started_at": None, "finished_at": None, **(extra or {}),
         }
+        if self.annotate is not None:
+            doc.update(self.annotate(app, owner, job_id))
         self.db.jobs.insert_one(doc)
         with self._lock:
             self._active.add(job_id)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from agent.llm import CallContext
 from agent.types import ModelError
 from apps.core.errors import ApiError
+from apps.core.studies import study_render
 
 from .schemas import StorySettings
 from .store import StoryStore
@@ -124,7 +125,9 @@ def set_story(
         )
     template = story_template(svc)
     variables = settings.prompt_variables()
-    rendered = svc.prompts.render(template, variables)
+    rendered = study_render(
+        svc, template, variables, app=APP, user=caller.user or session.get("user"), session=session["_id"]
+    )
     story = _story_snapshot(template, variables, rendered)
     store.update_session(
         session["_id"],
@@ -165,7 +168,9 @@ def session_story(svc: Services, session: dict[str, Any]) -> dict[str, Any]:
     if story is None:
         variables = {"max_words": DEFAULT_WORDS}
         return _story_snapshot(DEFAULT_TEMPLATE, variables, svc.prompts.render(DEFAULT_TEMPLATE, variables))
-    rendered = svc.prompts.render(story["template"], story["variables"])
+    rendered = study_render(
+        svc, story["template"], story["variables"], app=APP, user=session.get("user"), session=session["_id"]
+    )
     return _story_snapshot(story["template"], story["variables"], rendered)
 
 
