@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from agent.types import ImageProvider
 
 
-@dataclass
+@dataclass(eq=False)  # identity equality: tracked in a WeakSet until closed (apps/core/lifecycle.py)
 class Services:
     settings: Settings
     client: MongoClient
@@ -43,13 +43,26 @@ class Services:
     extras: dict[str, Any] = field(default_factory=dict)
 
     closers: list[Callable[[], None]] = field(default_factory=list)
+    closed: bool = False
 
     def close(self, grace_s: float = 0) -> None:
         """Drain jobs, then close everything holding threads or sockets (image pool, limiter store,
-        database), so a worker or a test exits without a hang. Each closer runs even if one fails."""
+        database), so a worker or a test exits without a hang. Each closer runs even if one fails.
+        Idempotent: the exit hook (apps/core/lifecycle.py) closes whatever was not closed before."""
+        if self.closed:
+            return
+        self.closed = True
+        from .lifecycle import untrack
+
+        untrack(self)
         self.jobs.shutdown(grace_s=grace_s)
         inner = getattr(self.image_provider, "inner", self.image_provider)
-        steps = [getattr(inner, "close", None), *reversed(self.closers), self.client.close]
+        steps = [
+            getattr(inner, "close", None),
+            getattr(self.llm, "close", None),
+            *reversed(self.closers),
+            self.client.close,
+        ]
         for step in steps:
             if step is None:
                 continue
