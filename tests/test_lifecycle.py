@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import textwrap
@@ -178,3 +179,95 @@ def test_flask_command_exits_with_server_running(command: str, running_db: Path,
     assert (running_db / "embedded-mongo.json").read_text() == state, "the shared database was stopped"
     if command == "export":
         assert (tmp_path / "out").is_dir()
+
+
+# ---------------------------------------------------------------------------------- graceful shutdown
+def _log(tmp_path: Path, base: str) -> str:
+    """The gunicorn_server fixture's log of the server at `base`."""
+    return (tmp_path / f"gunicorn-{base.rsplit(':', 1)[1]}.log").read_text()
+
+
+def _drawn(fake_sd: Any) -> list[dict[str, Any]]:
+    """The generations the fake WebUI was asked for (answered or interrupted)."""
+    return [r for r in fake_sd.requests if r["path"] in ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")]
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_mid_book_loses_nothing(
+    gunicorn_server: Any,
+    fake_openai: Any,
+    fake_sd: Any,
+    mongo_client: MongoClient,
+    db_name: str,
+    tmp_path: Path,
+) -> None:
+    """SIGTERM to the master while a book's pictures are being drawn: the job ends failed/shutdown (it
+    cannot finish inside the grace period), every picture the WebUI was asked for has its generation
+    record, no SD instance stays leased, the worker exits inside graceful_timeout, and nothing in the
+    log is a traceback."""
+    from tests.test_faults import alive, gunicorn_pids, start_book, story_app_env, until
+
+    graceful = 10
+    fake_sd.delay = 4.0  # 3 pictures, one instance: ~12 s of drawing, more than the 5 s of grace
+    env = story_app_env(
+        fake_openai, IMAGE_PROVIDER="sdwebui", SD_INSTANCES=fake_sd.url, GRACEFUL_TIMEOUT=str(graceful)
+    )
+    base = gunicorn_server(workers=1, **env)
+    db = mongo_client[db_name]
+    book = start_book(base, pages=2)
+    until(lambda: db.sd_instances.count_documents({"holder": {"$ne": None}}) > 0, 30, "a picture to be drawn")
+    master, _ = gunicorn_pids(base)
+    started = time.monotonic()
+    os.kill(master, signal.SIGTERM)
+    until(lambda: not alive(master), 40, "gunicorn to exit")
+    took = time.monotonic() - started
+
+    doc = db.jobs.find_one({"_id": book})
+    assert doc["status"] == "failed" and doc["error"]["code"] == "shutdown", doc
+    assert "shut down" in doc["error"]["message"]
+    assert db.storybooks.find_one({"_id": book})["status"] == "failed"
+    records = list(db.generations.find({"job": book, "kind": "image"}))
+    asked = [(r["path"], r["status"], r.get("interrupted"), r["time"]) for r in _drawn(fake_sd)]
+    recorded = [(r.get("ok"), r.get("error"), r.get("step"), r["created_at"]) for r in records]
+    drawn = [r for r in records if r.get("ok")]
+    assert len(drawn) == len(asked) >= 1, (recorded, asked, _log(tmp_path, base)[-3000:])
+    for refused in (r for r in records if not r.get("ok")):  # asked for a lease after the shutdown began
+        assert "shutting down" in str(refused.get("error")), refused
+    assert db.generations.count_documents({"job": book, "kind": {"$ne": "image"}}) >= 1  # the plan, pages
+    held = list(db.sd_instances.find({"holder": {"$ne": None}}, {"holder": 1, "lease_until": 1}))
+    assert held == [], f"SD instances still leased after shutdown: {held}"
+    assert took < graceful + 5, f"shutdown took {took:.1f}s"
+    log = _log(tmp_path, base)
+    assert "Traceback" not in log, log[-5000:]
+    assert "SIGKILL" not in log, log[-3000:]
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_lets_a_short_book_finish(
+    gunicorn_server: Any,
+    fake_openai: Any,
+    fake_sd: Any,
+    mongo_client: MongoClient,
+    db_name: str,
+    tmp_path: Path,
+) -> None:
+    """A book that fits in the grace period finishes `done` during the drain, with every record."""
+    from tests.test_faults import alive, gunicorn_pids, start_book, story_app_env, until
+
+    fake_sd.delay = 0.5
+    env = story_app_env(
+        fake_openai, IMAGE_PROVIDER="sdwebui", SD_INSTANCES=fake_sd.url, GRACEFUL_TIMEOUT="20"
+    )
+    base = gunicorn_server(workers=1, **env)
+    db = mongo_client[db_name]
+    book = start_book(base, pages=2)
+    until(lambda: db.sd_instances.count_documents({"holder": {"$ne": None}}) > 0, 30, "a picture to be drawn")
+    master, _ = gunicorn_pids(base)
+    os.kill(master, signal.SIGTERM)
+    until(lambda: not alive(master), 40, "gunicorn to exit")
+    doc = db.jobs.find_one({"_id": book})
+    assert doc["status"] == "done", doc.get("error")
+    assert db.generations.count_documents({"job": book, "kind": "image"}) == len(_drawn(fake_sd)) == 3
+    assert db.sd_instances.count_documents({"holder": {"$ne": None}}) == 0
+    log = _log(tmp_path, base)
+    assert "Traceback" not in log, log[-5000:]

@@ -45,7 +45,21 @@ class Services:
     closers: list[Callable[[], None]] = field(default_factory=list)
     closed: bool = False
 
-    def close(self, grace_s: float = 0) -> None:
+    def __post_init__(self) -> None:
+        self.jobs.on_abort(self._interrupt_images)
+
+    def _interrupt_images(self) -> None:
+        """Shutdown: in-flight SD generations return what they have, so their jobs end in time."""
+        inner = getattr(self.image_provider, "inner", self.image_provider)
+        interrupt = getattr(inner, "interrupt_held", None)
+        if interrupt is not None:
+            interrupt()
+
+    def begin_shutdown(self, grace_s: float, abort_s: float = 5.0) -> None:
+        """Stop taking jobs now and start draining them in the background (from a SIGTERM handler)."""
+        self.jobs.begin_shutdown(grace_s, abort_s)
+
+    def close(self, grace_s: float = 0, abort_s: float = 5.0) -> None:
         """Drain jobs, then close everything holding threads or sockets (image pool, limiter store,
         database), so a worker or a test exits without a hang. Each closer runs even if one fails.
         Idempotent: the exit hook (apps/core/lifecycle.py) closes whatever was not closed before."""
@@ -55,7 +69,9 @@ class Services:
         from .lifecycle import untrack
 
         untrack(self)
-        self.jobs.shutdown(grace_s=grace_s)
+        # jobs first: their threads finish their model calls, write generation records and release SD
+        # leases while the database is still open; only then the image pool, limiter store and database
+        self.jobs.shutdown(grace_s=grace_s, abort_s=abort_s)
         inner = getattr(self.image_provider, "inner", self.image_provider)
         steps = [
             getattr(inner, "close", None),
