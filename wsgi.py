@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from app import create_app
 
@@ -35,6 +37,30 @@ def _require_mongo_uri() -> None:
         raise SystemExit(1)
 
 
+WS_UNSUPPORTED = (
+    "WebSocket is not supported under uWSGI (flask-sock needs the raw client socket, which uWSGI does not "
+    "put in the WSGI environ); use the SSE stream (GET /storyteller/stream) or run gunicorn"
+)
+
+
+def _refuse_websockets(app: Any) -> Callable[[dict, Callable], Iterable[bytes]]:
+    """Under uWSGI a WebSocket upgrade gets a clear 501 instead of a 500 and a traceback in the log."""
+    from apps.core.errors import error_response
+
+    wsgi_app = app.wsgi_app
+
+    def middleware(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        if environ.get("HTTP_UPGRADE", "").lower() == "websocket":
+            with app.request_context(environ):
+                resp = error_response(501, WS_UNSUPPORTED, code="websocket_unsupported")
+            return resp(environ, start_response)
+        return wsgi_app(environ, start_response)
+
+    return middleware
+
+
 _require_mongo_uri()
 application = create_app()
+if UWSGI:
+    application.wsgi_app = _refuse_websockets(application)  # type: ignore[method-assign]
 app = application

@@ -68,6 +68,12 @@ def test_uwsgi_serves_the_app_on_the_port_from_the_environment(
         )
     try:
         wait_for_port(port, 60, proc)
+        # both workers loaded (lazy-apps: each builds its own app) before any request (one that reaches a
+        # worker still importing waits for it) and before the SIGTERM (which must not interrupt an import)
+        deadline = time.monotonic() + 90
+        while log_path.read_text().count(") ready in ") < 2 and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert log_path.read_text().count(") ready in ") == 2, log_path.read_text()[-3000:]
         deadline = time.monotonic() + 30
         while True:  # the socket is bound by the master before the workers have loaded the app
             ping = requests.get(f"http://127.0.0.1:{port}/ping", timeout=10)
@@ -78,12 +84,17 @@ def test_uwsgi_serves_the_app_on_the_port_from_the_environment(
         health = requests.get(f"http://127.0.0.1:{port}/health", timeout=30)
         assert health.status_code == 200, health.text
         assert health.json()["database"]["ok"] is True
-        # both workers loaded (lazy-apps: each builds its own app) before the SIGTERM, so the stop below
-        # tests a clean shutdown, not an interrupted import
-        deadline = time.monotonic() + 60
-        while log_path.read_text().count(") ready in ") < 2 and time.monotonic() < deadline:
-            time.sleep(0.3)
-        assert log_path.read_text().count(") ready in ") == 2, log_path.read_text()[-3000:]
+        ws = requests.get(
+            f"http://127.0.0.1:{port}/storyteller/ws",
+            timeout=10,
+            headers={
+                "Connection": "Upgrade",
+                "Upgrade": "websocket",
+                "Sec-WebSocket-Version": "13",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            },
+        )
+        assert ws.status_code == 501 and "not supported under uWSGI" in ws.text, ws.text
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
