@@ -111,13 +111,14 @@ def post_worker_init(worker) -> None:  # noqa: ANN001
     """Start draining jobs the moment SIGTERM arrives, not after the open connections close: the SSE
     streams of running jobs end only when their jobs end, and gunicorn waits for them."""
     import signal
+    import threading
 
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_term(sig: int, frame) -> None:  # noqa: ANN001
         services = _services()
-        if services is not None:
-            services.begin_shutdown(JOB_GRACE_S, ABORT_S)  # returns at once; a thread drains
+        if services is not None:  # from a thread: a signal handler must not wait for a lock
+            threading.Thread(target=services.begin_shutdown, args=(JOB_GRACE_S, ABORT_S), daemon=True).start()
         if callable(previous):
             previous(sig, frame)
 

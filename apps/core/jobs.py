@@ -165,7 +165,7 @@ class JobManager:
             self._drain = threading.Thread(
                 target=self._drain_jobs, args=(grace_s, abort_s), name="job-drain", daemon=True
             )
-        self._drain.start()
+            self._drain.start()  # under the lock: shutdown() never sees a drain that is not started yet
 
     def shutdown(self, grace_s: float = 30.0, abort_s: float = 5.0) -> None:
         """Stop taking work, let running jobs finish for up to grace_s, stop the rest (up to abort_s more),
