@@ -23,8 +23,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> OpenAPI:
     settings = load_settings(test_config)
     app = OpenAPI(
         __name__,
-        info=Info(title="Creativity apps server", version="0.1.0",
-                  description="storybook, ideation (StepIdeator), refinement (InsPilot/Refinity), storyteller"),
+        info=Info(
+            title="Creativity apps server",
+            version="0.1.0",
+            description="storybook, ideation (StepIdeator), refinement (InsPilot/Refinity), storyteller",
+        ),
         doc_prefix="/docs",
         doc_url="/openapi.json",
         validation_error_status=422,
@@ -35,6 +38,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> OpenAPI:
     init_resilience(app)
     init_cors(app, settings)
     services = init_services(app, settings)
+    init_indexes(app)
     init_routes(app, settings)
     init_auth(app)
     init_ratelimit(app, settings)
@@ -99,35 +103,47 @@ def init_ratelimit(app: OpenAPI, settings: Settings) -> None:
 def init_cors(app: OpenAPI, settings: Settings) -> None:
     origins = settings.CORS_ORIGINS or ["*"]
     # credentials can't be combined with "*"; echo the origin instead when everything is allowed
-    CORS(app, origins=origins if origins != ["*"] else r".*", supports_credentials=True,
-         expose_headers=["Content-Type", "ETag", "Retry-After", "X-Request-ID"], max_age=600)
+    CORS(
+        app,
+        origins=origins if origins != ["*"] else r".*",
+        supports_credentials=True,
+        expose_headers=["Content-Type", "ETag", "Retry-After", "X-Request-ID"],
+        max_age=600,
+    )
 
 
 def init_services(app: OpenAPI, settings: Settings) -> Any:
     from agent.factory import build_image_provider, build_llm
     from agent.prompts import PromptLibrary
-    from agent.records import create_generation_indexes
     from apps.core.context import Services
-    from apps.core.db import connect, create_indexes
+    from apps.core.db import connect
     from apps.core.jobs import JobManager
+    from apps.core.lifecycle import track
     from apps.core.sse import JobWatcher
     from apps.core.storage import ImageStore
 
     client, db = connect(settings)
-    create_indexes(db)
-    create_generation_indexes(db)
-    store = ImageStore(db, max_bytes=settings.MAX_IMAGE_BYTES, max_side=settings.MAX_IMAGE_SIDE,
-                       cache_bytes=settings.IMAGE_CACHE_MB << 20)
+    store = ImageStore(
+        db,
+        max_bytes=settings.MAX_IMAGE_BYTES,
+        max_side=settings.MAX_IMAGE_SIDE,
+        cache_bytes=settings.IMAGE_CACHE_MB << 20,
+    )
     prompts = PromptLibrary(settings.PROMPTS_DIR)
     jobs = JobManager(db, workers=settings.JOB_WORKERS, lease_s=settings.JOB_LEASE_S)
     services = Services(
-        settings=settings, client=client, db=db, images=store, jobs=jobs,
+        settings=settings,
+        client=client,
+        db=db,
+        images=store,
+        jobs=jobs,
         watcher=JobWatcher(jobs, poll_s=settings.SSE_POLL_S),
         llm=build_llm(settings, db, prompts),
         image_provider=build_image_provider(settings, db, store.save),
         prompts=prompts,
     )
     app.extensions["services"] = services
+    track(services)  # closed at exit before the embedded database stops (flask commands, dev server)
     return services
 
 
@@ -143,10 +159,11 @@ def init_routes(app: OpenAPI, settings: Settings) -> None:
 
 
 def init_indexes(app: OpenAPI) -> None:
-    """Again after the apps are imported, so their @register_indexes functions run too (idempotent)."""
-    from apps.core.db import create_indexes
+    """Every index of the core and of every app, from one explicit list (no import-order dependence):
+    each process (every gunicorn worker) creates them all at start."""
+    from apps.indexes import create_all_indexes
 
-    create_indexes(app.extensions["services"].db)
+    create_all_indexes(app.extensions["services"].db)
 
 
 def init_cli(app: OpenAPI) -> None:

@@ -2,7 +2,8 @@
 
 The master starts the embedded MongoDB once for the host (when MONGO_URI is unset)
 and hands its URI to the workers through the environment; it stops it on exit.
-Workers drain their running jobs for up to `graceful_timeout` on shutdown.
+On SIGTERM each worker stops taking jobs, lets running ones finish within `graceful_timeout`
+(or stops them and marks them failed, code `shutdown`), then closes its database clients.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-bind = os.environ.get("GUNICORN_BIND", f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '5000')}")
+bind = os.environ.get(
+    "GUNICORN_BIND", f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '5000')}"
+)
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_class = "gthread"
 threads = int(os.environ.get("GUNICORN_THREADS", "32"))  # each open SSE stream / websocket holds a thread
@@ -42,8 +45,12 @@ def on_starting(server) -> None:  # noqa: ANN001 - gunicorn hook signature
         # one model per host instead of one copy per worker
         from agent.providers.local import ensure_local_llm_server
 
-        url = ensure_local_llm_server(settings.LOCAL_MODEL_PATH, settings.LOCAL_N_CTX,
-                                      settings.DATA_DIR / "local-llm", settings.LOCAL_THREADS)
+        url = ensure_local_llm_server(
+            settings.LOCAL_MODEL_PATH,
+            settings.LOCAL_N_CTX,
+            settings.DATA_DIR / "local-llm",
+            settings.LOCAL_THREADS,
+        )
         os.environ["LOCAL_LLM_SHARED"] = "1"
         _started_llm = True
         server.log.info("shared local model server at %s", url)
@@ -107,10 +114,42 @@ def on_exit(server) -> None:  # noqa: ANN001
         stop_embedded_mongo(load_settings().DATA_DIR)
 
 
-def worker_exit(server, worker) -> None:  # noqa: ANN001
-    """Drain this worker's jobs (up to graceful_timeout), failing any that can't finish."""
+# Shutdown budget inside graceful_timeout (after which the master SIGKILLs the worker): running jobs
+# get JOB_GRACE_S to finish, then ABORT_S to stop (in-flight image generations are interrupted, records
+# written, leases released); the last seconds close the pool, limiter store and database.
+_reserve_s = min(10.0, graceful_timeout / 2)
+JOB_GRACE_S = max(0.0, graceful_timeout - _reserve_s)
+ABORT_S = max(1.0, _reserve_s - 2.0)
+
+
+def _services():  # noqa: ANN202 - the worker's Services, if its app was built
     import app as app_module
 
     application = getattr(app_module, "_app", None)
-    if application is not None:
-        application.extensions["services"].close(grace_s=max(0, graceful_timeout - 5))
+    return application.extensions["services"] if application is not None else None
+
+
+def post_worker_init(worker) -> None:  # noqa: ANN001
+    """Start draining jobs the moment SIGTERM arrives, not after the open connections close: the SSE
+    streams of running jobs end only when their jobs end, and gunicorn waits for them."""
+    import signal
+    import threading
+
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(sig: int, frame) -> None:  # noqa: ANN001
+        services = _services()
+        if services is not None:  # from a thread: a signal handler must not wait for a lock
+            threading.Thread(target=services.begin_shutdown, args=(JOB_GRACE_S, ABORT_S), daemon=True).start()
+        if callable(previous):
+            previous(sig, frame)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.siginterrupt(signal.SIGTERM, False)
+
+
+def worker_exit(server, worker) -> None:  # noqa: ANN001
+    """Wait for the job drain (started at SIGTERM, or now), then close the pool, limiter store and DB."""
+    services = _services()
+    if services is not None:
+        services.close(grace_s=JOB_GRACE_S, abort_s=ABORT_S)

@@ -345,6 +345,7 @@ class SDInstancePool:
         self._empty_at = -1e9  # when we last saw the queue empty (monotonic)
         self._waker: _Waker | None = None
         self._closed = threading.Event()
+        self._stopping = threading.Event()  # shutdown: no new leases for this process's callers
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
         ensure_pool_indexes(db)
@@ -407,6 +408,9 @@ class SDInstancePool:
         return found
 
     def close(self) -> None:
+        """Stop the watcher, free every instance this process still holds (a restarted worker must not
+        find them leased for `lease_s`), leave the member list, close the HTTP clients."""
+        self._stopping.set()
         self._closed.set()
         self._notify()
         thread = self._thread
@@ -415,11 +419,46 @@ class SDInstancePool:
         if self._waker is not None:
             self._waker.close()
         try:
+            self.release_held()
             self.db.sd_pool_members.delete_one({"_id": self.process_id})
-        except PyMongoError:
-            pass
+        except PyMongoError as exc:
+            log.warning("SD pool: could not free this process's leases at close (they expire in %.0f s): %s",
+                        self.lease_s, exc)
         for client in self.clients.values():
             client.close()
+
+    def interrupt_held(self) -> int:
+        """Shutdown: grant no new lease to this process's callers (they get a 503 ModelError) and ask every
+        instance we hold to stop its generation now (the WebUI returns what it has, so the caller finishes,
+        writes its record and releases the lease). Returns how many instances were asked."""
+        self._stopping.set()
+        with self._lock:
+            urls = {lease.url for lease in self._leases.values() if lease.url}
+            slots = [slot for entry in self._entries.values() for slot in entry.waiting]
+        for slot in slots:
+            slot.event.set()  # waiting callers look again and see the pool stopping
+        for url in urls:
+            try:
+                self.clients[url].interrupt(timeout_s=self.ping_timeout_s)
+            except (SDError, RuntimeError) as exc:
+                log.warning("SD pool: could not interrupt %s at shutdown: %s", url, exc)
+        return len(urls)
+
+    def release_held(self) -> int:
+        """Free the instances whose lease belongs to this process (held, or handed to one of our queue
+        entries); a call still running on one is abandoned. Returns how many were freed."""
+        prefix = self.process_id + ":"
+        freed = 0
+        for doc in self.db.sd_instances.find({"_id": {"$in": self.urls}}, {"holder": 1}):
+            holder = doc.get("holder") or ""
+            if holder.startswith(prefix):
+                res = self.db.sd_instances.update_one(
+                    {"_id": doc["_id"], "holder": holder},
+                    {"$set": {"holder": None, "lease_until": None, "released_at": _now()}})
+                freed += res.modified_count
+        if freed:
+            log.warning("SD pool: freed %d instance(s) still leased by this process at close", freed)
+        return freed
 
     # ------------------------------------------------------------------ waking
     def _notify(self, peers: bool = False, look: bool = True) -> None:
@@ -456,8 +495,8 @@ class SDInstancePool:
     def acquire(self, checkpoint: str | None = None, exclude: Iterable[str] = (),
                 timeout_s: float | None = None) -> Lease:
         """Wait (FIFO across all processes) for a free up instance; raise ModelError(503) on timeout."""
-        if self._closed.is_set():
-            raise ModelError("the SD pool is closed", provider=PROVIDER, status=503, kind="image")
+        if self._closed.is_set() or self._stopping.is_set():
+            raise self._stopping_error()
         timeout_s = self.wait_timeout_s if timeout_s is None else timeout_s
         start = time.monotonic()
         exclude = sorted(set(exclude))
@@ -481,7 +520,13 @@ class SDInstancePool:
             lease.wait_ms = (time.monotonic() - start) * 1000
             return lease
         self._give_up(entry)
+        if self._stopping.is_set():
+            raise self._stopping_error()
         raise self._timeout_error(timeout_s)
+
+    def _stopping_error(self) -> ModelError:
+        return ModelError("the SD pool is closed: the server is shutting down", provider=PROVIDER, status=503,
+                          kind="image")
 
     def _join(self, checkpoint: str | None, exclude: list[str], slot: _Slot) -> _Entry:
         """Add a waiting caller to the queue: to the entry this process opened for the same checkpoint a
@@ -998,6 +1043,9 @@ class SDInstancePool:
                     exc.message = f"{exc.message} (after {attempts} failed attempts: {'; '.join(errors)})"
                     exc.args = (exc.message,)
                 raise
+            if self._stopping.is_set():  # handed to us after shutdown began: free it, start nothing new
+                self.release(lease, ok=False)
+                raise self._stopping_error()
             attempts += 1
             wait_ms += lease.wait_ms
             try:
@@ -1217,6 +1265,9 @@ class SDPoolProvider:
 
     def stats(self) -> dict[str, Any]:
         return self.pool.stats()
+
+    def interrupt_held(self) -> int:
+        return self.pool.interrupt_held()
 
     def close(self) -> None:
         self.pool.close()

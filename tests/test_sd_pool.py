@@ -329,6 +329,7 @@ def test_expired_lease_frees_the_instance(fake_sd: FakeSD, db: Any,
     """A holder that stops renewing (its process is gone) loses the instance when the lease runs out."""
     dying = make_provider([fake_sd], lease_s=0.6)
     lease = dying.pool.acquire()
+    dying.pool.release_held = lambda: 0  # type: ignore[method-assign] - a crashed process frees nothing
     dying.close()  # the watcher stops: the lease is never renewed nor released
     assert db.sd_instances.find_one({"_id": fake_sd.url})["holder"] == lease.id
     other = make_provider([fake_sd], lease_s=0.6)
@@ -520,3 +521,16 @@ def test_pool_needs_a_database_and_instances(db: Any) -> None:
         SDInstancePool(None, ["http://127.0.0.1:1"])  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         SDInstancePool(db, [])
+
+
+def test_close_frees_the_leases_this_process_holds(fake_sd: FakeSD, db: Any,
+                                                   make_provider: Callable[..., SDPoolProvider]) -> None:
+    """A worker that shuts down while holding an instance frees it at once (not after `lease_s`)."""
+    leaving = make_provider([fake_sd], lease_s=60)
+    lease = leaving.pool.acquire()
+    assert db.sd_instances.find_one({"_id": fake_sd.url})["holder"] == lease.id
+    leaving.close()
+    assert db.sd_instances.find_one({"_id": fake_sd.url})["holder"] is None
+    other = make_provider([fake_sd], lease_s=60)
+    result = other.generate(req("right after the restart"))
+    assert result.wait_ms < 1000

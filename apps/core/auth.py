@@ -80,8 +80,11 @@ def hash_key(key: str) -> str:
 def create_user(db: Database, name: str, *, role: str = "user", password: str | None = None) -> str:
     """Create (or update) a user; returns a new API key (shown once)."""
     key = "csk_" + secrets.token_urlsafe(32)
-    update = {"$set": {"role": role, "updated_at": datetime.now(UTC)}, "$addToSet": {"key_hashes": hash_key(key)},
-              "$setOnInsert": {"created_at": datetime.now(UTC)}}
+    update = {
+        "$set": {"role": role, "updated_at": datetime.now(UTC)},
+        "$addToSet": {"key_hashes": hash_key(key)},
+        "$setOnInsert": {"created_at": datetime.now(UTC)},
+    }
     if password:
         update["$set"]["password"] = _hash_password(password)
     db.users_auth.update_one({"name": name}, update, upsert=True)
@@ -111,8 +114,12 @@ def authenticate() -> User | None:
 
 def _stream_token_request() -> bool:
     """A GET carrying `?token=` and no other credentials (headers always win)."""
-    return (request.method in ("GET", "HEAD") and bool(request.args.get(TOKEN_PARAM))
-            and not request.headers.get("Authorization") and not request.headers.get("X-API-Key"))
+    return (
+        request.method in ("GET", "HEAD")
+        and bool(request.args.get(TOKEN_PARAM))
+        and not request.headers.get("Authorization")
+        and not request.headers.get("X-API-Key")
+    )
 
 
 def _basic_user() -> User:
@@ -188,8 +195,9 @@ def token_secret(db: Database, configured: str | None) -> bytes:
         doc = db.server_secrets.find_one({"_id": "stream_token"})
         if doc is None:
             try:
-                db.server_secrets.insert_one({"_id": "stream_token", "value": secrets.token_hex(32),
-                                              "created_at": datetime.now(UTC)})
+                db.server_secrets.insert_one(
+                    {"_id": "stream_token", "value": secrets.token_hex(32), "created_at": datetime.now(UTC)}
+                )
             except DuplicateKeyError:  # another worker created it first
                 pass
             doc = db.server_secrets.find_one({"_id": "stream_token"})
@@ -201,11 +209,17 @@ def _sign(secret: bytes, body: str) -> str:
     return _b64(hmac.new(secret, _TOKEN_CONTEXT + body.encode(), hashlib.sha256).digest())
 
 
-def make_stream_token(secret: bytes, user: User | None, job_id: str, ttl_s: int,
-                      now: float | None = None) -> tuple[str, int]:
+def make_stream_token(
+    secret: bytes, user: User | None, job_id: str, ttl_s: int, now: float | None = None
+) -> tuple[str, int]:
     """A signed token for one job's streams; returns (token, expiry as a UNIX time)."""
     expires = int((now if now is not None else time.time()) + ttl_s)
-    payload = {"u": user.name if user else None, "r": user.role if user else None, "j": job_id, "exp": expires}
+    payload = {
+        "u": user.name if user else None,
+        "r": user.role if user else None,
+        "j": job_id,
+        "exp": expires,
+    }
     body = _b64(json.dumps(payload, separators=(",", ":")).encode())
     return f"{body}.{_sign(secret, body)}", expires
 
@@ -228,10 +242,13 @@ def read_stream_token(secret: bytes, token: str, now: float | None = None) -> di
 
 def _token_user() -> User:
     svc = services()
-    payload = read_stream_token(token_secret(svc.db, svc.settings.SECRET_KEY), request.args.get(TOKEN_PARAM, ""))
+    payload = read_stream_token(
+        token_secret(svc.db, svc.settings.SECRET_KEY), request.args.get(TOKEN_PARAM, "")
+    )
     if payload is None or not payload.get("u"):
-        raise _unauthorized("invalid or expired stream token; ask POST /auth/stream-token for a new one",
-                            basic=False)
+        raise _unauthorized(
+            "invalid or expired stream token; ask POST /auth/stream-token for a new one", basic=False
+        )
     named = {str(v) for v in (request.view_args or {}).values()}
     named.update(v for k, v in request.args.items() if k != TOKEN_PARAM)
     if payload.get("j") not in named:
@@ -256,8 +273,12 @@ def check_owner(owner: str | None) -> None:
 
 # ---------------------------------------------------------------- routes
 
-auth_bp = APIBlueprint("auth", __name__, url_prefix="/auth",
-                       abp_tags=[Tag(name="auth", description="Who am I; stream tokens for EventSource URLs")])
+auth_bp = APIBlueprint(
+    "auth",
+    __name__,
+    url_prefix="/auth",
+    abp_tags=[Tag(name="auth", description="Who am I; stream tokens for EventSource URLs")],
+)
 
 
 class Me(BaseModel):
@@ -268,8 +289,12 @@ class Me(BaseModel):
 
 
 class StreamTokenBody(BaseModel):
-    job_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$",
-                        description="the job (or storybook book) to stream")
+    job_id: str = Field(
+        min_length=8,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="the job (or storybook book) to stream",
+    )
 
 
 class StreamToken(BaseModel):
@@ -285,8 +310,14 @@ def me() -> Response:
     """The caller as the server sees it (auth off: anonymous)."""
     user = authenticate()
     mode = services().settings.AUTH_MODE
-    return jsonify({"auth_mode": mode, "authenticated": user is not None,
-                    "user": user.name if user else None, "role": user.role if user else None})
+    return jsonify(
+        {
+            "auth_mode": mode,
+            "authenticated": user is not None,
+            "user": user.name if user else None,
+            "role": user.role if user else None,
+        }
+    )
 
 
 @auth_bp.post("/stream-token", responses={200: StreamToken})
@@ -300,28 +331,36 @@ def stream_token(body: StreamTokenBody) -> Response:
     check_owner(job.get("owner"))
     ttl = svc.settings.STREAM_TOKEN_TTL_S
     token, expires = make_stream_token(token_secret(svc.db, svc.settings.SECRET_KEY), user, body.job_id, ttl)
-    return jsonify({
-        "token": token, "job_id": body.job_id, "expires_in": ttl,
-        "expires_at": datetime.fromtimestamp(expires, UTC).isoformat(),
-        "stream_url": f"/jobs/{body.job_id}/events?{TOKEN_PARAM}={token}",
-    })
+    return jsonify(
+        {
+            "token": token,
+            "job_id": body.job_id,
+            "expires_in": ttl,
+            "expires_at": datetime.fromtimestamp(expires, UTC).isoformat(),
+            "stream_url": f"/jobs/{body.job_id}/events?{TOKEN_PARAM}={token}",
+        }
+    )
 
 
 def init_auth(app: Any) -> None:
-    """Register /auth/me and /auth/stream-token; make sure the users' indexes exist.
-
-    (`register_indexes` functions run in init_services, before this module is first imported.)
-    """
+    """Register /auth/me and /auth/stream-token (the users' indexes are in apps/indexes.py)."""
     app.register_api(auth_bp)
     # document how to authenticate (and keep `components.securitySchemes` an object, as OpenAPI requires)
     app.security_schemes = {
         "basic": {"type": "http", "scheme": "basic", "description": "AUTH_MODE=basic"},
         "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "AUTH_MODE=apikey"},
-        "bearer": {"type": "http", "scheme": "bearer", "description": "AUTH_MODE=apikey: the key as a bearer token"},
-        "streamToken": {"type": "apiKey", "in": "query", "name": TOKEN_PARAM,
-                        "description": "GET of a job's URLs only: POST /auth/stream-token"},
+        "bearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "AUTH_MODE=apikey: the key as a bearer token",
+        },
+        "streamToken": {
+            "type": "apiKey",
+            "in": "query",
+            "name": TOKEN_PARAM,
+            "description": "GET of a job's URLs only: POST /auth/stream-token",
+        },
     }
-    _indexes(app.extensions["services"].db)
 
 
 def register_cli(app: Flask) -> None:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from agent.types import ImageProvider
 
 
-@dataclass
+@dataclass(eq=False)  # identity equality: tracked in a WeakSet until closed (apps/core/lifecycle.py)
 class Services:
     settings: Settings
     client: MongoClient
@@ -43,13 +43,42 @@ class Services:
     extras: dict[str, Any] = field(default_factory=dict)
 
     closers: list[Callable[[], None]] = field(default_factory=list)
+    closed: bool = False
 
-    def close(self, grace_s: float = 0) -> None:
-        """Drain jobs, then close everything holding threads or sockets (image pool, limiter store,
-        database), so a worker or a test exits without a hang. Each closer runs even if one fails."""
-        self.jobs.shutdown(grace_s=grace_s)
+    def __post_init__(self) -> None:
+        self.jobs.on_abort(self._interrupt_images)
+
+    def _interrupt_images(self) -> None:
+        """Shutdown: in-flight SD generations return what they have, so their jobs end in time."""
         inner = getattr(self.image_provider, "inner", self.image_provider)
-        steps = [getattr(inner, "close", None), *reversed(self.closers), self.client.close]
+        interrupt = getattr(inner, "interrupt_held", None)
+        if interrupt is not None:
+            interrupt()
+
+    def begin_shutdown(self, grace_s: float, abort_s: float = 5.0) -> None:
+        """Stop taking jobs now and start draining them in the background (from a SIGTERM handler)."""
+        self.jobs.begin_shutdown(grace_s, abort_s)
+
+    def close(self, grace_s: float = 0, abort_s: float = 5.0) -> None:
+        """Drain jobs, then close everything holding threads or sockets (image pool, limiter store,
+        database), so a worker or a test exits without a hang. Each closer runs even if one fails.
+        Idempotent: the exit hook (apps/core/lifecycle.py) closes whatever was not closed before."""
+        if self.closed:
+            return
+        self.closed = True
+        from .lifecycle import untrack
+
+        untrack(self)
+        # jobs first: their threads finish their model calls, write generation records and release SD
+        # leases while the database is still open; only then the image pool, limiter store and database
+        self.jobs.shutdown(grace_s=grace_s, abort_s=abort_s)
+        inner = getattr(self.image_provider, "inner", self.image_provider)
+        steps = [
+            getattr(inner, "close", None),
+            getattr(self.llm, "close", None),
+            *reversed(self.closers),
+            self.client.close,
+        ]
         for step in steps:
             if step is None:
                 continue

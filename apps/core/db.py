@@ -2,8 +2,9 @@
 
 `MONGO_URI` set: use it (a replica set or Atlas in production). Unset: the
 embedded server (see embedded_mongo.py), shared by every worker on the host.
-Each app registers an index function with `register_indexes`; they all run at
-start-up, and creating an existing index is a no-op.
+Index functions are listed in `apps/indexes.py` and all run in every process at
+start-up (creating an existing index is a no-op). `register_indexes` only marks
+them, so a test can check that the list misses none.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ _INDEX_FUNCTIONS: list[IndexFn] = []
 
 
 def register_indexes(fn: IndexFn) -> IndexFn:
-    """Decorator: run `fn(db)` at start-up to create an app's indexes."""
+    """Decorator: mark `fn(db)` as an index function (it must also be listed in apps/indexes.py)."""
     if fn not in _INDEX_FUNCTIONS:
         _INDEX_FUNCTIONS.append(fn)
     return fn
@@ -54,9 +55,9 @@ def connect(settings: Settings) -> tuple[MongoClient, Database]:
     return client, client[settings.MONGO_DB]
 
 
-def create_indexes(db: Database) -> None:
-    for fn in _INDEX_FUNCTIONS:
-        fn(db)
+def registered_index_functions() -> list[IndexFn]:
+    """The marked index functions of the modules imported so far (for the completeness test)."""
+    return list(_INDEX_FUNCTIONS)
 
 
 def gridfs_bucket(db: Database) -> gridfs.GridFSBucket:

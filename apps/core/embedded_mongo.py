@@ -9,7 +9,6 @@ callers read its port and reuse it. Only the process that started it stops it.
 
 from __future__ import annotations
 
-import atexit
 import fcntl
 import json
 import logging
@@ -96,8 +95,19 @@ def ensure_embedded_mongo(data_dir: Path, port: int = 0, *, startup_timeout: flo
         storage.mkdir(parents=True, exist_ok=True)
         logfile = open(data_dir / "embedded-mongo.log", "ab")  # noqa: SIM115 - handed to the child
         proc = subprocess.Popen(
-            [sys.executable, "-m", "secantus", "--host", "127.0.0.1", "--port", str(chosen),
-             "--storage-path", str(storage), "--log-level", "WARNING"],
+            [
+                sys.executable,
+                "-m",
+                "secantus",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(chosen),
+                "--storage-path",
+                str(storage),
+                "--log-level",
+                "WARNING",
+            ],
             stdout=logfile,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a Ctrl-C in the dev server's terminal must not kill it first
@@ -112,9 +122,13 @@ def ensure_embedded_mongo(data_dir: Path, port: int = 0, *, startup_timeout: flo
                 )
             if time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"embedded MongoDB did not answer on port {chosen} within {startup_timeout}s")
+                raise RuntimeError(
+                    f"embedded MongoDB did not answer on port {chosen} within {startup_timeout}s"
+                )
             time.sleep(0.05)
-        (data_dir / STATE_FILE).write_text(json.dumps({"pid": proc.pid, "port": chosen, "owner_pid": os.getpid()}))
+        (data_dir / STATE_FILE).write_text(
+            json.dumps({"pid": proc.pid, "port": chosen, "owner_pid": os.getpid()})
+        )
         log.info("embedded MongoDB started on 127.0.0.1:%s (pid %s, data %s)", chosen, proc.pid, storage)
         return EmbeddedMongo(uri_for(chosen), proc.pid, chosen, owner=True)
 
@@ -150,6 +164,9 @@ def _reap(pid: int) -> None:
 
 
 def stop_at_exit(data_dir: Path, server: EmbeddedMongo) -> None:
-    """Register a clean stop for the process that started the server."""
+    """Stop the server at exit in the process that started it, after that process's clients are closed
+    (apps/core/lifecycle.py orders the two; plain atexit order would stop the server first)."""
     if server.owner:
-        atexit.register(stop_embedded_mongo, data_dir)
+        from .lifecycle import stop_db_at_exit
+
+        stop_db_at_exit(lambda: stop_embedded_mongo(data_dir))

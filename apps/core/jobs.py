@@ -8,6 +8,13 @@ worker on any host can report or stream a job that runs elsewhere.
 The process that runs a job heartbeats its lease. A job whose lease ran out (its
 worker was killed) is marked failed by whoever notices first: the heartbeat thread
 of any live worker, a status read, or an SSE stream.
+
+Shutdown (`begin_shutdown`, then `shutdown`): stop taking jobs at once, let running ones
+finish for a grace period (their leases keep being renewed), then ask the rest to stop
+(`JobShutdown` at their next cancellation check; abort hooks interrupt in-flight image
+generations) and wait a little more, so their model calls end and write their generation
+records before the caller closes the database. A job still running after that is marked
+failed with code `shutdown`.
 """
 
 from __future__ import annotations
@@ -41,6 +48,19 @@ TERMINAL = ("done", "failed", "cancelled")
 
 class JobCancelled(Exception):
     """Raised inside a runner when its job was cancelled."""
+
+    status = "cancelled"
+    error: dict[str, str] = {"code": "cancelled", "message": "the job was cancelled"}
+
+
+SHUTDOWN_ERROR = {"code": "shutdown", "message": "the server shut down before the job finished; retry it"}
+
+
+class JobShutdown(JobCancelled):
+    """Raised inside a runner when the server stops before the job could finish: the job ends failed."""
+
+    status = "failed"
+    error = SHUTDOWN_ERROR
 
 
 @register_indexes
@@ -85,6 +105,8 @@ class JobContext:
         self.manager.update(self.job_id, data=data)
 
     def cancelled(self) -> bool:
+        if self.manager.aborting:
+            return True
         now = time.monotonic()
         if not self._cancelled and now - self._last_cancel_check > 0.25:
             self._last_cancel_check = now
@@ -94,7 +116,7 @@ class JobContext:
 
     def check_cancelled(self) -> None:
         if self.cancelled():
-            raise JobCancelled()
+            raise JobShutdown() if self.manager.aborting else JobCancelled()
 
 
 Runner = Callable[[JobContext], Any]
@@ -110,10 +132,15 @@ class JobManager:
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="job")
         self._active: set[str] = set()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # no new jobs
+        self._abort = threading.Event()  # running jobs must stop now
+        self._beat_stop = threading.Event()  # heartbeat off (after the drain: leases renew while it runs)
+        self._idle = threading.Condition(self._lock)
         self._heartbeat: threading.Thread | None = None
         # (app, owner, job id) -> extra fields (study, condition); set by apps/core/studies.py
         self.annotate: Callable[[str, str | None, str], dict[str, Any]] | None = None
+        self._drain: threading.Thread | None = None
+        self._abort_hooks: list[Callable[[], None]] = []
 
     # ---- lifecycle
     def start(self) -> None:
@@ -121,36 +148,107 @@ class JobManager:
             self._heartbeat = threading.Thread(target=self._beat, name="job-heartbeat", daemon=True)
             self._heartbeat.start()
 
-    def shutdown(self, grace_s: float = 30.0) -> None:
-        """Stop taking work, let running jobs finish for up to grace_s, fail the rest."""
-        self._stop.set()
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
+    @property
+    def aborting(self) -> bool:
+        """True once the server asked running jobs to stop (JobContext.cancelled() says so too)."""
+        return self._abort.is_set()
+
+    def on_abort(self, hook: Callable[[], None]) -> None:
+        """Call `hook` when running jobs are asked to stop (e.g. interrupt in-flight image generations)."""
+        self._abort_hooks.append(hook)
+
+    def begin_shutdown(self, grace_s: float = 30.0, abort_s: float = 5.0) -> None:
+        """Stop taking jobs now and drain the running ones in a background thread; returns at once (safe
+        from a signal handler). Idempotent: the first call's times win."""
+        with self._lock:
+            self._stop.set()
+            if self._drain is not None:
+                return
+            self._drain = threading.Thread(
+                target=self._drain_jobs, args=(grace_s, abort_s), name="job-drain", daemon=True
+            )
+            self._drain.start()  # under the lock: shutdown() never sees a drain that is not started yet
+
+    def shutdown(self, grace_s: float = 30.0, abort_s: float = 5.0) -> None:
+        """Stop taking work, let running jobs finish for up to grace_s, stop the rest (up to abort_s more),
+        fail whatever still runs; returns when that is done."""
+        self.begin_shutdown(grace_s, abort_s)
+        assert self._drain is not None
+        self._drain.join()
+
+    def _wait_idle(self, timeout: float) -> bool:
+        """Wait until no job of this process runs; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._active, timeout=max(0.0, timeout))
+
+    def _drain_jobs(self, grace_s: float, abort_s: float) -> None:
+        started = time.monotonic()
+        if not self._wait_idle(grace_s):
             with self._lock:
-                if not self._active:
-                    break
-            time.sleep(0.1)
+                running = len(self._active)
+            log.warning(
+                "shutdown: %d job(s) still running after %.0f s; asking them to stop", running, grace_s
+            )
+            self._abort.set()
+            for hook in self._abort_hooks:
+                try:
+                    hook()
+                except Exception:  # noqa: BLE001 - one hook failing must not stop the drain
+                    log.warning("shutdown: abort hook %r failed", hook, exc_info=True)
+            self._wait_idle(abort_s)
         with self._lock:
             leftover = list(self._active)
         for job_id in leftover:
-            self._finish(job_id, "failed", error={"code": "shutdown", "message": "the server shut down before the job finished; retry it"})
+            try:
+                if self._finish(job_id, "failed", error=SHUTDOWN_ERROR):
+                    log.warning("shutdown: job %s did not stop in time; marked failed", job_id)
+            except PyMongoError as exc:
+                log.warning(
+                    "shutdown: could not mark job %s failed (%s); its lease will run out", job_id, exc
+                )
+        self._beat_stop.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        log.info(
+            "shutdown: jobs drained in %.1f s (%d left running)", time.monotonic() - started, len(leftover)
+        )
 
     # ---- create and run
-    def submit(self, *, kind: str, app: str, runner: Runner, owner: str | None = None,
-               input: dict[str, Any] | None = None, job_id: str | None = None,
-               extra: dict[str, Any] | None = None, total: int | None = None) -> str:
+    def submit(
+        self,
+        *,
+        kind: str,
+        app: str,
+        runner: Runner,
+        owner: str | None = None,
+        input: dict[str, Any] | None = None,
+        job_id: str | None = None,
+        extra: dict[str, Any] | None = None,
+        total: int | None = None,
+    ) -> str:
         """Store a queued job and hand it to the pool. Returns the job id."""
         if self._stop.is_set():
             raise ApiError(503, "server is shutting down; try again shortly")
         job_id = job_id or new_job_id()
         now = _now()
         doc = {
-            "_id": job_id, "kind": kind, "app": app, "owner": owner, "status": "queued",
-            "input": input or {}, "progress": {"current": 0, "total": total, "message": None},
-            "data": None, "result": None, "error": None, "seq": 0, "cancel_requested": False,
-            "runner": self.worker, "lease_until": now + timedelta(seconds=self.lease_s),
-            "created_at": now, "started_at": None, "finished_at": None, **(extra or {}),
+            "_id": job_id,
+            "kind": kind,
+            "app": app,
+            "owner": owner,
+            "status": "queued",
+            "input": input or {},
+            "progress": {"current": 0, "total": total, "message": None},
+            "data": None,
+            "result": None,
+            "error": None,
+            "seq": 0,
+            "cancel_requested": False,
+            "runner": self.worker,
+            "lease_until": now + timedelta(seconds=self.lease_s),
+            "created_at": now,
+            "started_at": None,
+            "finished_at": None,
+            **(extra or {}),
         }
         if self.annotate is not None:
             doc.update(self.annotate(app, owner, job_id))
@@ -165,8 +263,14 @@ class JobManager:
         try:
             doc = self.db.jobs.find_one_and_update(
                 {"_id": job_id, "status": "queued"},
-                {"$set": {"status": "working", "started_at": _now(), "runner": self.worker,
-                          "lease_until": _now() + timedelta(seconds=self.lease_s)}},
+                {
+                    "$set": {
+                        "status": "working",
+                        "started_at": _now(),
+                        "runner": self.worker,
+                        "lease_until": _now() + timedelta(seconds=self.lease_s),
+                    }
+                },
                 return_document=ReturnDocument.AFTER,
             )
             if doc is None:  # cancelled while queued
@@ -175,8 +279,8 @@ class JobManager:
             ctx = JobContext(self, job_id, doc.get("input") or {}, doc.get("owner"))
             try:
                 result = runner(ctx)
-            except JobCancelled:
-                self._finish(job_id, "cancelled", error={"code": "cancelled", "message": "the job was cancelled"})
+            except JobCancelled as exc:  # JobShutdown included: it ends failed with code "shutdown"
+                self._finish(job_id, exc.status, error=dict(exc.error))
             except ModelError as exc:
                 log.warning("job %s failed on a model call: %s", job_id, exc.message)
                 self._finish(job_id, "failed", error={"code": "model_error", **exc.to_dict()})
@@ -184,14 +288,22 @@ class JobManager:
                 self._finish(job_id, "failed", error={"code": exc.code, "message": exc.message})
             except Exception as exc:  # noqa: BLE001 - any runner bug must end the job, not leave it working
                 log.exception("job %s crashed", job_id)
-                self._finish(job_id, "failed", error={"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"})
+                self._finish(
+                    job_id,
+                    "failed",
+                    error={"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"},
+                )
             else:
                 self._finish(job_id, "done", result=result)
-        except PyMongoError:
-            log.exception("job %s: database error while running; the reaper will mark it failed", job_id)
+        except PyMongoError as exc:
+            if self._stop.is_set():  # the process is going away; the drain (or the reaper) ends the job
+                log.warning("job %s: database error during shutdown: %s", job_id, exc)
+            else:
+                log.exception("job %s: database error while running; the reaper will mark it failed", job_id)
         finally:
-            with self._lock:
+            with self._idle:
                 self._active.discard(job_id)
+                self._idle.notify_all()
 
     def _finish(self, job_id: str, status: str, *, result: Any = None, error: dict | None = None) -> bool:
         update: dict[str, Any] = {"status": status, "finished_at": _now(), "error": error}
@@ -200,13 +312,22 @@ class JobManager:
         # status and the terminal event's sequence number change in one update, so a reader never
         # sees a finished job whose last event is still to come without also seeing a higher seq
         doc = self.db.jobs.find_one_and_update(
-            {"_id": job_id, "status": {"$in": list(ACTIVE)}}, {"$set": update, "$inc": {"seq": 1}},
-            projection={"seq": 1}, return_document=ReturnDocument.AFTER,
+            {"_id": job_id, "status": {"$in": list(ACTIVE)}},
+            {"$set": update, "$inc": {"seq": 1}},
+            projection={"seq": 1},
+            return_document=ReturnDocument.AFTER,
         )
         if doc is None:
             return False
-        self.db.job_events.insert_one({"job": job_id, "seq": doc["seq"], "type": status,
-                                       "data": {"status": status, "error": error}, "at": _now()})
+        self.db.job_events.insert_one(
+            {
+                "job": job_id,
+                "seq": doc["seq"],
+                "type": status,
+                "data": {"status": status, "error": error},
+                "at": _now(),
+            }
+        )
         return True
 
     # ---- reads and writes
@@ -235,7 +356,11 @@ class JobManager:
         return self.get(doc["_id"]) if doc else None
 
     def events_after(self, job_id: str, seq: int, limit: int = 500) -> list[dict[str, Any]]:
-        return list(self.db.job_events.find({"job": job_id, "seq": {"$gt": seq}}, {"_id": 0}).sort("seq", 1).limit(limit))
+        return list(
+            self.db.job_events.find({"job": job_id, "seq": {"$gt": seq}}, {"_id": 0})
+            .sort("seq", 1)
+            .limit(limit)
+        )
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         doc = self.get(job_id)
@@ -245,13 +370,17 @@ class JobManager:
             return doc
         self.db.jobs.update_one({"_id": job_id}, {"$set": {"cancel_requested": True}})
         if doc["status"] == "queued":
-            self._finish(job_id, "cancelled", error={"code": "cancelled", "message": "the job was cancelled before it started"})
+            self._finish(
+                job_id,
+                "cancelled",
+                error={"code": "cancelled", "message": "the job was cancelled before it started"},
+            )
         return self.db.jobs.find_one({"_id": job_id}) or doc
 
     # ---- liveness
     def _beat(self) -> None:
         interval = max(0.5, self.lease_s / 3)
-        while not self._stop.wait(interval):
+        while not self._beat_stop.wait(interval):
             try:
                 with self._lock:
                     ids = list(self._active)
@@ -267,26 +396,43 @@ class JobManager:
     def reap(self) -> int:
         """Fail every active job whose lease ran out (its worker died). Returns how many."""
         count = 0
-        for doc in self.db.jobs.find({"status": {"$in": list(ACTIVE)}, "lease_until": {"$lt": _now()}}).limit(100):
+        for doc in self.db.jobs.find({"status": {"$in": list(ACTIVE)}, "lease_until": {"$lt": _now()}}).limit(
+            100
+        ):
             count += self._reap_one(doc)
         return count
 
     def _reap_one(self, doc: dict[str, Any]) -> int:
-        return int(self._finish(doc["_id"], "failed", error={
-            "code": "runner_died",
-            "message": f"the worker running this job ({doc.get('runner')}) stopped responding; retry the job",
-        }))
+        return int(
+            self._finish(
+                doc["_id"],
+                "failed",
+                error={
+                    "code": "runner_died",
+                    "message": f"the worker running this job ({doc.get('runner')}) stopped responding; retry the job",
+                },
+            )
+        )
 
 
 def public_job(doc: dict[str, Any]) -> dict[str, Any]:
     """The JSON view of a job document."""
+
     def iso(value: Any) -> Any:
         return value.isoformat() if isinstance(value, datetime) else value
 
     return {
-        "id": doc["_id"], "kind": doc.get("kind"), "app": doc.get("app"), "owner": doc.get("owner"),
-        "status": doc["status"], "progress": doc.get("progress"), "data": doc.get("data"),
-        "result": doc.get("result"), "error": doc.get("error"), "events": doc.get("seq", 0),
-        "created_at": iso(doc.get("created_at")), "started_at": iso(doc.get("started_at")),
+        "id": doc["_id"],
+        "kind": doc.get("kind"),
+        "app": doc.get("app"),
+        "owner": doc.get("owner"),
+        "status": doc["status"],
+        "progress": doc.get("progress"),
+        "data": doc.get("data"),
+        "result": doc.get("result"),
+        "error": doc.get("error"),
+        "events": doc.get("seq", 0),
+        "created_at": iso(doc.get("created_at")),
+        "started_at": iso(doc.get("started_at")),
         "finished_at": iso(doc.get("finished_at")),
     }

@@ -257,15 +257,9 @@ class BookRunner:
             self._stage("finishing", "finishing the illustrations")
             self._wait(futures)
             return self._finish()
-        except JobCancelled:
+        except JobCancelled as exc:  # or JobShutdown: the book ends failed, code "shutdown"
             self._abort.set()
-            self._set(
-                {
-                    "status": "cancelled",
-                    "finished_at": _now(),
-                    "error": {"code": "cancelled", "message": "the job was cancelled", "step": self.step},
-                }
-            )
+            self._set({"status": exc.status, "finished_at": _now(), "error": {**exc.error, "step": self.step}})
             self._writer.flush()
             raise
         except Exception as exc:
@@ -274,7 +268,9 @@ class BookRunner:
             raise
         finally:
             if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+                # wait for pictures already being drawn: their generation records, image writes and SD lease
+                # releases must happen before the job ends (and before a shutting-down server closes the DB)
+                pool.shutdown(wait=True, cancel_futures=True)
             self._writer.close()
 
     def _record_failure(self, exc: BaseException) -> None:
@@ -484,7 +480,7 @@ class BookRunner:
         )
 
     def _generate(self, request: ImageRequest) -> ImageResult:
-        if self._abort.is_set():
+        if self._abort.is_set() or (self.ctx is not None and self.ctx.manager.aborting):  # no new picture
             raise JobCancelled()
         return self.svc.image_provider.generate(request)
 
@@ -526,6 +522,8 @@ class BookRunner:
         except JobCancelled:
             return None
         except Exception as exc:
+            if self.ctx is not None and self.ctx.manager.aborting:  # the shutdown stopped it: not the picture's fault
+                return None
             if isinstance(exc, ModelError):
                 exc = StepFailed("model_error", f"{what} failed: {exc.message}", "illustrations",
                                  provider=exc.provider, kind=exc.kind, **extra)
