@@ -9,6 +9,7 @@ from flask import Response, current_app, jsonify, make_response, redirect, reque
 from flask_openapi3 import APIBlueprint, Tag
 from pydantic import BaseModel, Field
 
+from .auth import stream_token_route
 from .context import services
 from .db import ping as db_ping
 from .errors import ApiError
@@ -60,14 +61,9 @@ def health() -> Response:
 def get_image(path: ImagePath) -> Response:
     """An image by its unguessable id, with ETag and long-lived caching (images never change)."""
     svc = services()
-    found = svc.images.fetch(path.image_id)
-    if found is None:
-        raise ApiError(404, f"no image {path.image_id}")
-    info, data = found
-    from .auth import check_owner
+    from .image_refs import read_image
 
-    if svc.settings.IMAGE_ACCESS == "owner":
-        check_owner(info.metadata.get("user"))
+    info, data = read_image(svc, path.image_id)
     etag = info.metadata.get("sha256", path.image_id)
     if request.if_none_match and etag in request.if_none_match:
         resp = Response(status=304)
@@ -80,6 +76,7 @@ def get_image(path: ImagePath) -> Response:
 
 
 @core_bp.get("/jobs/<job_id>")
+@stream_token_route("job_id")
 def get_job(path: JobPath) -> Response:
     """Snapshot of a job: status, progress, data, error."""
     doc = _owned_job(path.job_id)
@@ -95,6 +92,7 @@ def cancel_job(path: JobPath) -> Response:
 
 
 @core_bp.get("/jobs/<job_id>/events")
+@stream_token_route("job_id")
 def job_events(path: JobPath) -> Response:
     """Server-Sent Events of a job; resumable with Last-Event-ID; heartbeat comments."""
     svc = services()
@@ -110,7 +108,7 @@ def _owned_job(job_id: str) -> dict[str, Any]:
     doc = services().jobs.get(job_id)
     if doc is None:
         raise ApiError(404, f"no job {job_id}")
-    check_owner(doc.get("owner"))
+    check_owner(doc.get("owner"), f"no job {job_id}")
     return doc
 
 

@@ -15,6 +15,7 @@ import io
 import re
 import secrets
 import threading
+import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -75,17 +76,27 @@ def inspect_image(data: bytes, *, max_bytes: int, max_side: int, field: str = "i
     if len(data) > max_bytes:
         raise ApiError(413, f"{field}: image too large ({len(data)} bytes, limit {max_bytes})")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            fmt = img.format or ""
-            width, height = img.size
-            img.verify()
+        with warnings.catch_warnings():
+            # Pillow warns (above MAX_IMAGE_PIXELS) or raises (above twice that) while reading the header;
+            # both mean "a decompression bomb": refuse before a single pixel is decoded
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                fmt = img.format or ""
+                width, height = img.size
+                _check_side(width, height, max_side, field)  # from the header only
+                img.verify()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ApiError(422, f"{field}: image dimensions too large (limit {max_side}px per side)") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ApiError(415, f"{field}: not a PNG, JPEG or WebP image") from exc
     if fmt not in ALLOWED_FORMATS:
         raise ApiError(415, f"{field}: unsupported image format {fmt or 'unknown'} (PNG, JPEG or WebP)")
+    return ALLOWED_FORMATS[fmt], width, height
+
+
+def _check_side(width: int, height: int, max_side: int, field: str) -> None:
     if width > max_side or height > max_side or width < 1 or height < 1:
         raise ApiError(422, f"{field}: image {width}x{height} exceeds {max_side}px per side")
-    return ALLOWED_FORMATS[fmt], width, height
 
 
 class _RecentImages:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shlex
 import subprocess
 import tempfile
@@ -30,12 +29,12 @@ from apps.core.context import Services
 from apps.core.db import register_indexes
 from apps.core.envelope import BusinessException
 from apps.core.export import register_export_collection
-from apps.core.storage import ID_PATTERN, absolute_image_url, decode_base64_image
+from apps.core.image_refs import read_image_ref
+from apps.core.storage import absolute_image_url, decode_base64_image
 
 from . import labels as L
 
 APP = "ideation"
-_IMAGE_URL = re.compile(rf"/images/({ID_PATTERN})\.png(?:$|\?)")
 
 for _name in ("ideation_requests", "ideation_users", "ideation_time_records"):
     register_export_collection(_name, APP, "username")
@@ -138,12 +137,9 @@ class IdeationService:
         ref = records[0]
         if not isinstance(ref, str) or not ref.strip():
             raise BusinessException(1, L.MSG_IMAGE_MISSING)
-        match = _IMAGE_URL.search(ref)
-        if match:
-            image_id = match.group(1)
-            if self.svc.images.info(image_id) is None:
-                raise BusinessException(1, f"{L.MSG_IMAGE_MISSING}: unknown image {image_id}", status=404)
-            return self.svc.images.load(image_id), image_id
+        found = read_image_ref(self.svc, ref)  # the caller's own image (or admin), else a plain 404
+        if found is not None:
+            return found[1], found[0].id
         if ref.startswith("data:image"):
             data = decode_base64_image(ref, field="selectedCanvasRecords[0]")
             image_id = self.svc.images.save(data, app=APP, user=username or None, kind="canvas")

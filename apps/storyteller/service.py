@@ -320,7 +320,9 @@ def prepare_rewrite(
         if start is None or end is None or end > len(text):
             raise ApiError(422, f"start/end must lie within the story (0..{len(text)})")
         before, selected, after = text[:start], text[start:end], text[end:]
-    elif version is not None and before + selected + after != version["text"]:
+    if not selected.strip():  # checked before the edit below is stored: a refused request writes nothing
+        raise ApiError(422, "select the part of the story to rewrite (the selection is empty)")
+    if version is not None and before + selected + after != version["text"]:
         text = version["text"]
         flat = strip_newlines(selected)
         mapped = _map_stripped(text, before, flat) if strip_newlines(text) == before + flat + after else None
@@ -336,8 +338,6 @@ def prepare_rewrite(
             version = save_edit(svc, store, session, before + selected + after, version["_id"])
     elif version is None:
         version = save_edit(svc, store, session, before + selected + after, None)
-    if not selected.strip():
-        raise ApiError(422, "select the part of the story to rewrite (the selection is empty)")
     story = (
         session_story(svc, session)
         if version is None or not version.get("story_messages")
@@ -604,6 +604,8 @@ def run_stream(
 
 
 def request_cancel(store: StoryStore, session: dict[str, Any]) -> None:
+    if store.is_draft(session["_id"]):
+        return  # a session that was never written has nothing running
     store.update_session(session["_id"], {}, inc={"cancel_seq": 1})
 
 
