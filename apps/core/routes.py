@@ -15,7 +15,7 @@ from .db import ping as db_ping
 from .errors import ApiError
 from .jobs import public_job
 from .sse import job_event_stream, last_event_id, sse_response
-from .storage import ID_PATTERN
+from .storage import ID_PATTERN, absolute_image_urls
 
 core_bp = APIBlueprint("core", __name__, abp_tags=[Tag(name="server", description="Health, images and jobs")])
 
@@ -80,7 +80,7 @@ def get_image(path: ImagePath) -> Response:
 def get_job(path: JobPath) -> Response:
     """Snapshot of a job: status, progress, data, error."""
     doc = _owned_job(path.job_id)
-    return jsonify(public_job(doc))
+    return jsonify(absolute_image_urls(public_job(doc)))
 
 
 @core_bp.delete("/jobs/<job_id>")

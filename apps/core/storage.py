@@ -226,9 +226,65 @@ def absolute_image_url(image_id: str, base_url: str | None = None) -> str:
 
 
 def request_base_url() -> str:
-    """The base URL to capture when a job is created (PUBLIC_BASE_URL or the request's host)."""
-    from flask import request
+    """The base URL to *store* with a job or record: PUBLIC_BASE_URL, else "" (server-relative URLs).
+
+    Never the request's Host header: a client chooses it, and whatever is stored is later served to
+    others. Relative URLs are made absolute when answering (`answer_base_url`, `absolute_image_urls`).
+    """
+    from .context import services
+
+    return (services().settings.PUBLIC_BASE_URL or "").rstrip("/")
+
+
+def answer_base_url() -> str:
+    """The base for URLs in *this* answer: PUBLIC_BASE_URL, else the current request's host."""
+    from flask import has_request_context, request
 
     from .context import services
 
+    if not has_request_context():
+        return ""
     return (services().settings.PUBLIC_BASE_URL or request.host_url).rstrip("/")
+
+
+_IMAGE_PREFIX = "/images/"
+
+
+def absolute_image_urls(value: Any, base: str | None = None) -> Any:
+    """A JSON value with every stored server-relative image URL ("/images/...") made absolute.
+
+    Stored records and events hold relative URLs (see `request_base_url`); answers keep the
+    absolute URLs the frontends were built against.
+    """
+    base = answer_base_url() if base is None else base.rstrip("/")
+    if not base:
+        return value
+
+    def fix(node: Any) -> Any:
+        if isinstance(node, str):
+            return base + node if node.startswith(_IMAGE_PREFIX) else node
+        if isinstance(node, dict):
+            return {k: fix(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [fix(v) for v in node]
+        return node
+
+    return fix(value)
+
+
+def relative_image_urls(value: Any, base: str | None) -> Any:
+    """The inverse for storing: absolute URLs of ours under `base` become server-relative."""
+    if not base:
+        return value
+    prefix = base.rstrip("/") + _IMAGE_PREFIX
+
+    def fix(node: Any) -> Any:
+        if isinstance(node, str):
+            return node[len(base.rstrip("/")) :] if node.startswith(prefix) else node
+        if isinstance(node, dict):
+            return {k: fix(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [fix(v) for v in node]
+        return node
+
+    return fix(value)
