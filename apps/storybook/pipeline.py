@@ -497,25 +497,11 @@ class BookRunner:
                     request.denoising_strength = CHAIN_DENOISE
             result = self._generate(request)
             url, key = self._publish(f"page-{i}", result)
-            self._set(
-                {
-                    f"pages.{i - 1}.image_id": result.image_id,
-                    f"pages.{i - 1}.instance": result.instance,
-                    f"pages.{i - 1}.s3_key": key,
-                }
-            )
+            self._set({f"pages.{i - 1}.image_id": result.image_id, f"pages.{i - 1}.instance": result.instance,
+                       f"pages.{i - 1}.s3_key": key})
             progress = self._advance(f"picture {i}")
-            self.emit(
-                "page.image",
-                {
-                    "page": i,
-                    "url": url,
-                    "image_id": result.image_id,
-                    "instance": result.instance,
-                    "seed": result.seed,
-                    "progress": progress,
-                },
-            )
+            self.emit("page.image", {"page": i, "url": url, "image_id": result.image_id,
+                                     "instance": result.instance, "seed": result.seed, "progress": progress})
             return result
 
         return self._picture_step(draw, f"the illustration of page {i}", page=i)
@@ -526,10 +512,8 @@ class BookRunner:
             url, key = self._publish("cover", result)
             self._set({"cover": {"image_id": result.image_id, "instance": result.instance, "s3_key": key}})
             progress = self._advance("cover")
-            self.emit(
-                "cover",
-                {"url": url, "image_id": result.image_id, "instance": result.instance, "progress": progress},
-            )
+            self.emit("cover", {"url": url, "image_id": result.image_id, "instance": result.instance,
+                                "progress": progress})
             return result
 
         return self._picture_step(draw, "the cover illustration")
@@ -543,14 +527,8 @@ class BookRunner:
             return None
         except Exception as exc:
             if isinstance(exc, ModelError):
-                exc = StepFailed(
-                    "model_error",
-                    f"{what} failed: {exc.message}",
-                    "illustrations",
-                    provider=exc.provider,
-                    kind=exc.kind,
-                    **extra,
-                )
+                exc = StepFailed("model_error", f"{what} failed: {exc.message}", "illustrations",
+                                 provider=exc.provider, kind=exc.kind, **extra)
             self._fail(exc)
             raise
 
