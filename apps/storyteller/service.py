@@ -68,6 +68,9 @@ def strip_newlines(text: str) -> str:
 # --------------------------------------------------------------------------- sessions
 
 
+SESSION_NOT_FOUND = "unknown session"  # missing and not yours alike
+
+
 def resolve_session(
     store: StoryStore,
     caller: Caller,
@@ -76,12 +79,17 @@ def resolve_session(
     cookie: str | None,
     fallback: bool = True,
     create: bool = True,
+    create_named: bool = False,
 ) -> dict[str, Any] | None:
     """The session of a call: its explicit id, else the cookie's, else this client's latest, else new.
 
     The original page opens its socket on `localhost` and posts to `127.0.0.1`, so the socket
     carries no cookie; the client's latest session keeps that page working (with auth on: the
     user's latest session).
+
+    An explicit id that does not exist becomes a new session only where a session is created
+    (`create_named`: the settings POSTs); anywhere else it is the same 404 as another user's session,
+    so naming ids cannot tell which exist. A new session is written only by its first write.
     """
     for session_id in (explicit, cookie):
         if not session_id:
@@ -90,7 +98,9 @@ def resolve_session(
         if doc is not None:
             _check_user(doc, caller)
             return doc
-        if session_id == explicit and create:
+        if session_id == explicit:
+            if not (create and create_named):
+                raise ApiError(404, SESSION_NOT_FOUND)
             return store.create_session(session_id, user=caller.user, client=caller.client)
     if fallback:
         doc = store.latest_session(client=caller.client, user=caller.user)
@@ -101,7 +111,7 @@ def resolve_session(
 
 def _check_user(doc: dict[str, Any], caller: Caller) -> None:
     if caller.user is not None and doc.get("user") != caller.user and not caller.admin:
-        raise ApiError(404, "unknown session")
+        raise ApiError(404, SESSION_NOT_FOUND)
 
 
 def set_story(
