@@ -81,7 +81,7 @@ def screen_request() -> None:
     if request.mimetype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         for text in request.form.values():
             _raise_for(text)
-            if text[:1] in ("{", "["):
+            if text[:1] in ("{", "[", '"'):  # what flask-openapi3 would json.loads
                 _raise_for(_parse(text))
 
 
