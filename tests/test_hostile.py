@@ -70,11 +70,12 @@ def ideation_body(**over: Any) -> dict[str, Any]:
 
 def counts(db: Any) -> dict[str, int]:
     """Documents per collection, without the ones every request may touch (rate-limit counters...)."""
-    return {
+    found = {
         name: db[name].count_documents({})
         for name in sorted(db.list_collection_names())
         if not name.startswith(VOLATILE)
     }
+    return {name: n for name, n in found.items() if n}  # an empty collection is no write
 
 
 def upload(c: Any, data: bytes, headers: dict[str, str] | None = None) -> str:
