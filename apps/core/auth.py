@@ -11,9 +11,9 @@ Browsers' `EventSource` cannot send headers, so SSE URLs may carry `?token=`: a
 stream token from `POST /auth/stream-token {job_id}`, an HMAC-SHA256 (SECRET_KEY, or
 a random secret kept in MongoDB and shared by every worker and host when SECRET_KEY
 is unset) over the user, role, job id and expiry (STREAM_TOKEN_TTL_S). It is accepted
-only on GET requests whose URL names that job (a path parameter or query value) and
-only when no other credentials are sent; it is checked when a stream opens, so an
-open stream outlives it. `GET /auth/me` tells a frontend who it is.
+only on the GET routes marked `@stream_token_route` (a job's status and stream) whose job
+parameter is the token's job, and only when no other credentials are sent; it is checked
+when a stream opens, so an open stream outlives it. `GET /auth/me` tells a frontend who it is.
 """
 
 from __future__ import annotations

@@ -392,7 +392,7 @@ def _is_cancel(message: Any) -> bool:
         return True
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to parse: not a cancel
         return False
     return isinstance(data, dict) and data.get("type") == "cancel"
 
