@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from tests.test_hostile import counts, png, png_bomb
 
@@ -162,11 +163,36 @@ def minimal(schema: Any, spec: dict[str, Any], depth: int = 0) -> Any:
     return "fake"
 
 
-def valid_body(path: str, schema: Any, spec: dict[str, Any]) -> Any:
+def valid_body(path: str, schema: Any, spec: dict[str, Any], known: dict[str, dict[str, Any]]) -> Any:
     body = minimal(schema, spec) if schema else {}
     if isinstance(body, dict):
-        body.update(copy.deepcopy(KNOWN.get(path, {})))
+        body.update(copy.deepcopy(known.get(path, {})))
     return body
+
+
+def seed_refinement(c: Any, db: Any) -> dict[str, dict[str, Any]]:
+    """A stimulus image to refine, so the refine routes (and their mask input) get past the 404."""
+    resp = c.post(
+        "/refinement/generate", json={"appid": 0, "type": 0, "prompts": {"task": "a drone", "num": 1}}
+    )
+    assert resp.status_code == 200, resp.get_json()
+    stim = db.refinement_stimuli.find_one({"_id": resp.get_json()["data"]["stimulusIds"][0]})
+    image_id = stim["images"][0]["id"]
+    with Image.open(io.BytesIO(hostile_store(db).load(image_id))) as img:
+        size = img.size
+    buf = io.BytesIO()
+    Image.new("L", size, 255).save(buf, format="PNG")
+    mask = base64.b64encode(buf.getvalue()).decode()
+    return {
+        "/refinement/refine/img2img": {"imageId": image_id},
+        "/refinement/refine/inpaint": {"imageId": image_id, "mask": mask},
+    }
+
+
+def hostile_store(db: Any) -> Any:
+    from apps.core.storage import ImageStore
+
+    return ImageStore(db, max_bytes=50 << 20, max_side=8192, cache_bytes=0)
 
 
 # ------------------------------------------------------------------ spoilers
@@ -251,6 +277,7 @@ def test_every_post_route_survives_hostile_bodies(hostile_app: Any) -> None:
     spec = c.get("/openapi.json").get_json()
     routes = post_routes(spec)
     assert len(routes) >= 20, [p for p, _ in routes]
+    known = {**KNOWN, **seed_refinement(c, db)}
     started = time.monotonic()
     failures: list[str] = []
     tried = 0
@@ -300,7 +327,7 @@ def test_every_post_route_survives_hostile_bodies(hostile_app: Any) -> None:
                 )
             if mime == "multipart/form-data":
                 continue
-        valid = valid_body(path, schema, spec)
+        valid = valid_body(path, schema, spec, known)
         check(f"POST {path} [valid]", lambda valid=valid, url=url: c.post(url, json=valid))
         for name, raw in json_variants(valid):
             check(
