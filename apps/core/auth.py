@@ -83,6 +83,10 @@ class UserExists(Exception):
     """`create` on a name that already exists: rotating keys must be asked for explicitly."""
 
 
+class UnknownUser(LookupError):
+    """rotate/revoke of a name that does not exist."""
+
+
 def _new_key() -> str:
     return "csk_" + secrets.token_urlsafe(32)
 
@@ -107,7 +111,7 @@ def create_user(db: Database, name: str, *, role: str = "user", password: str | 
         return key
     result = db.users_auth.update_one({"name": name}, {"$set": fields})
     if result.matched_count == 0:
-        raise KeyError(name)
+        raise UnknownUser(name)
     return key
 
 
@@ -117,7 +121,7 @@ def rotate_key(db: Database, name: str) -> str:
     result = db.users_auth.update_one(
         {"name": name}, {"$set": {"key_hashes": [hash_key(key)], "updated_at": datetime.now(UTC)}})
     if result.matched_count == 0:
-        raise KeyError(name)
+        raise UnknownUser(name)
     return key
 
 
@@ -439,7 +443,7 @@ def register_cli(app: Flask) -> None:
                 f"user {name} already exists; its key was not changed. Use `flask users rotate {name}` "
                 f"for a new key (the old one stops working) or `create --rotate` to also reset role/password"
             ) from exc
-        except KeyError as exc:
+        except UnknownUser as exc:
             raise click.ClickException(f"no user {name} to rotate") from exc
         click.echo(f"user {name} ({role}) ready; API key (shown once): {key}")
 
@@ -457,7 +461,7 @@ def register_cli(app: Flask) -> None:
         """Replace a user's API keys by one new key (the old keys stop working at once)."""
         try:
             key = rotate_key(services().db, name)
-        except KeyError as exc:
+        except UnknownUser as exc:
             raise click.ClickException(f"no user {name}") from exc
         click.echo(f"user {name}: new API key (shown once): {key}")
 
