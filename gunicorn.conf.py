@@ -18,7 +18,7 @@ bind = os.environ.get(
     "GUNICORN_BIND", f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '5000')}"
 )
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-worker_class = "gthread"
+worker_class = "apps.core.gunicorn_worker.JsonErrorWorker"  # gthread, with JSON 400/414/431 answers
 threads = int(os.environ.get("GUNICORN_THREADS", "32"))  # each open SSE stream / websocket holds a thread
 timeout = 120  # gthread: heartbeat-based, long streams are fine
 graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "30"))

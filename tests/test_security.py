@@ -208,7 +208,7 @@ def test_basic_mode_users_and_the_storybook_pair(make_app: Any) -> None:
     assert wrong.status_code == 401 and wrong.headers["WWW-Authenticate"].startswith("Basic")
     # a verified password is remembered briefly (scrypt is slow on purpose), but a changed one is not
     assert client.get("/auth/me", headers=basic("carol", "pw-carol")).status_code == 200
-    create_user(app.extensions["services"].db, "carol", password="pw-new")
+    create_user(app.extensions["services"].db, "carol", password="pw-new", rotate=True)
     assert client.get("/auth/me", headers=basic("carol", "pw-carol")).status_code == 401
     assert client.get("/auth/me", headers=basic("carol", "pw-new")).status_code == 200
 

@@ -11,23 +11,25 @@ Browsers' `EventSource` cannot send headers, so SSE URLs may carry `?token=`: a
 stream token from `POST /auth/stream-token {job_id}`, an HMAC-SHA256 (SECRET_KEY, or
 a random secret kept in MongoDB and shared by every worker and host when SECRET_KEY
 is unset) over the user, role, job id and expiry (STREAM_TOKEN_TTL_S). It is accepted
-only on GET requests whose URL names that job (a path parameter or query value) and
-only when no other credentials are sent; it is checked when a stream opens, so an
-open stream outlives it. `GET /auth/me` tells a frontend who it is.
+only on the GET routes marked `@stream_token_route` (a job's status and stream) whose job
+parameter is the token's job, and only when no other credentials are sent; it is checked
+when a stream opens, so an open stream outlives it. `GET /auth/me` tells a frontend who it is.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from cachetools import TTLCache
@@ -77,18 +79,65 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def create_user(db: Database, name: str, *, role: str = "user", password: str | None = None) -> str:
-    """Create (or update) a user; returns a new API key (shown once)."""
-    key = "csk_" + secrets.token_urlsafe(32)
-    update = {
-        "$set": {"role": role, "updated_at": datetime.now(UTC)},
-        "$addToSet": {"key_hashes": hash_key(key)},
-        "$setOnInsert": {"created_at": datetime.now(UTC)},
-    }
+class UserExists(Exception):
+    """`create` on a name that already exists: rotating keys must be asked for explicitly."""
+
+
+class UnknownUser(LookupError):
+    """rotate/revoke of a name that does not exist."""
+
+
+def _new_key() -> str:
+    return "csk_" + secrets.token_urlsafe(32)
+
+
+def create_user(db: Database, name: str, *, role: str = "user", password: str | None = None,
+                rotate: bool = False) -> str:
+    """Create a user; returns its API key (shown once; only its hash is stored).
+
+    An existing name raises UserExists unless `rotate`: then its keys are replaced by the new one
+    (and its role/password updated), so re-running never leaves a second valid key behind.
+    """
+    key = _new_key()
+    now = datetime.now(UTC)
+    fields: dict[str, Any] = {"role": role, "updated_at": now, "key_hashes": [hash_key(key)]}
     if password:
-        update["$set"]["password"] = _hash_password(password)
-    db.users_auth.update_one({"name": name}, update, upsert=True)
+        fields["password"] = _hash_password(password)
+    if not rotate:
+        try:
+            db.users_auth.insert_one({"name": name, "created_at": now, **fields})
+        except DuplicateKeyError as exc:
+            raise UserExists(name) from exc
+        return key
+    result = db.users_auth.update_one({"name": name}, {"$set": fields})
+    if result.matched_count == 0:
+        raise UnknownUser(name)
     return key
+
+
+def rotate_key(db: Database, name: str) -> str:
+    """Replace every API key of `name` by one new key (role and password unchanged)."""
+    key = _new_key()
+    result = db.users_auth.update_one(
+        {"name": name}, {"$set": {"key_hashes": [hash_key(key)], "updated_at": datetime.now(UTC)}})
+    if result.matched_count == 0:
+        raise UnknownUser(name)
+    return key
+
+
+def revoke_user(db: Database, name: str) -> bool:
+    """Delete a user: its keys and password stop working at once (the Basic-auth cache is keyed by the hash)."""
+    return db.users_auth.delete_one({"name": name}).deleted_count == 1
+
+
+def list_users(db: Database) -> list[dict[str, Any]]:
+    """Name, role, key count, password set, dates: never a hash."""
+    out = []
+    for doc in db.users_auth.find({}, sort=[("name", 1)]):
+        out.append({"name": doc["name"], "role": doc.get("role", "user"), "keys": len(doc.get("key_hashes") or []),
+                    "password": bool(doc.get("password")), "created_at": doc.get("created_at"),
+                    "updated_at": doc.get("updated_at")})
+    return out
 
 
 def _unauthorized(message: str, *, basic: bool) -> ApiError:
@@ -134,12 +183,22 @@ def _basic_user() -> User:
         ):
             return User(name=name, role="admin")
     doc = services().db.users_auth.find_one({"name": name})
-    if doc and doc.get("password"):
-        cache_key = hashlib.sha256(f"{name}\0{password}\0{doc['password']}".encode()).digest()
-        if _verified_recently(cache_key) or _check_password(password, doc["password"]):
+    stored = doc.get("password") if doc else None
+    if stored:
+        cache_key = hashlib.sha256(f"{name}\0{password}\0{stored}".encode()).digest()
+        if _verified_recently(cache_key) or _check_password(password, stored):
             _remember_verified(cache_key)
             return User(name=name, role=doc.get("role", "user"))
+    else:
+        # an unknown user (or one without a password) costs the same scrypt as a wrong password,
+        # so the answer's timing does not tell which user names exist
+        _check_password(password, _dummy_hash())
     raise _unauthorized("Incorrect username or password", basic=True)
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    return _hash_password(secrets.token_urlsafe(16))
 
 
 # scrypt costs tens of milliseconds of CPU on purpose; browsers resend Basic credentials with every
@@ -240,19 +299,52 @@ def read_stream_token(secret: bytes, token: str, now: float | None = None) -> di
     return payload
 
 
+# view function (module.qualname) -> the path parameter that names its job; only these accept a token
+_TOKEN_ROUTES: dict[str, str] = {}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def stream_token_route(job_param: str) -> Callable[[F], F]:
+    """Mark a GET view (a job's stream or status) as one a stream token for `<job_param>` may open.
+
+    Put it under the route decorator. Explicit on purpose: a token must open only its job's
+    stream and status, never a route that merely mentions the id somewhere in its URL.
+    """
+
+    def mark(view: F) -> F:
+        _TOKEN_ROUTES[f"{view.__module__}.{view.__qualname__}"] = job_param
+        return view
+
+    return mark
+
+
+def token_scope_ok(payload: dict[str, Any], view: Callable[..., Any] | None,
+                   view_args: dict[str, Any] | None) -> bool:
+    """May this token open this route? Only a marked route whose job parameter is the token's job.
+
+    (The one place a token's scope is decided; a second token kind adds its own check here.)
+    """
+    if view is None:
+        return False
+    param = _TOKEN_ROUTES.get(f"{view.__module__}.{view.__qualname__}")
+    if param is None:
+        return False
+    job = (view_args or {}).get(param)
+    return isinstance(payload.get("j"), str) and job is not None and hmac.compare_digest(str(job), payload["j"])
+
+
 def _token_user() -> User:
     svc = services()
     payload = read_stream_token(
         token_secret(svc.db, svc.settings.SECRET_KEY), request.args.get(TOKEN_PARAM, "")
     )
     if payload is None or not payload.get("u"):
-        raise _unauthorized(
-            "invalid or expired stream token; ask POST /auth/stream-token for a new one", basic=False
-        )
-    named = {str(v) for v in (request.view_args or {}).values()}
-    named.update(v for k, v in request.args.items() if k != TOKEN_PARAM)
-    if payload.get("j") not in named:
-        raise _unauthorized("this stream token is for another job", basic=False)
+        raise _unauthorized("invalid or expired stream token; ask POST /auth/stream-token for a new one",
+                            basic=False)
+    view = current_app.view_functions.get(request.endpoint or "")
+    if not token_scope_ok(payload, view, request.view_args):
+        raise _unauthorized("this stream token opens only its job's stream and status", basic=False)
     return User(name=str(payload["u"]), role=str(payload.get("r") or "user"))
 
 
@@ -262,13 +354,17 @@ def current_user_name(fallback: str | None = None) -> str | None:
     return user.name if user else fallback
 
 
-def check_owner(owner: str | None) -> None:
-    """404 (not 403: don't confirm it exists) when auth is on and the caller does not own it."""
+def check_owner(owner: str | None, message: str = "not found") -> None:
+    """404 (not 403: don't confirm it exists) when auth is on and the caller does not own it.
+
+    `message` must be the one the caller answers for a missing object of the same kind, so the two
+    404 bodies are identical (no existence oracle).
+    """
     user = authenticate()
     if user is None or user.is_admin:
         return
     if owner != user.name:
-        raise ApiError(404, "not found")
+        raise ApiError(404, message)
 
 
 # ---------------------------------------------------------------- routes
@@ -328,7 +424,7 @@ def stream_token(body: StreamTokenBody) -> Response:
     job = svc.jobs.get(body.job_id)
     if job is None:
         raise ApiError(404, f"no job {body.job_id}")
-    check_owner(job.get("owner"))
+    check_owner(job.get("owner"), f"no job {body.job_id}")
     ttl = svc.settings.STREAM_TOKEN_TTL_S
     token, expires = make_stream_token(token_secret(svc.db, svc.settings.SECRET_KEY), user, body.job_id, ttl)
     return jsonify(
@@ -366,12 +462,48 @@ def init_auth(app: Any) -> None:
 def register_cli(app: Flask) -> None:
     @app.cli.group("users")
     def users() -> None:
-        """Manage users for AUTH_MODE=basic|apikey."""
+        """Manage users for AUTH_MODE=basic|apikey: create, list, rotate, revoke."""
 
     @users.command("create")
     @click.argument("name")
     @click.option("--role", type=click.Choice(["user", "admin"]), default="user")
     @click.option("--password", default=None, help="for AUTH_MODE=basic")
-    def create(name: str, role: str, password: str | None) -> None:
-        key = create_user(services().db, name, role=role, password=password)
+    @click.option("--rotate", is_flag=True, help="the user exists: replace its keys (and role/password)")
+    def create(name: str, role: str, password: str | None, rotate: bool) -> None:
+        """Create a user and print its API key once."""
+        try:
+            key = create_user(services().db, name, role=role, password=password, rotate=rotate)
+        except UserExists as exc:
+            raise click.ClickException(
+                f"user {name} already exists; its key was not changed. Use `flask users rotate {name}` "
+                f"for a new key (the old one stops working) or `create --rotate` to also reset role/password"
+            ) from exc
+        except UnknownUser as exc:
+            raise click.ClickException(f"no user {name} to rotate") from exc
         click.echo(f"user {name} ({role}) ready; API key (shown once): {key}")
+
+    @users.command("list")
+    def list_() -> None:
+        """Users, roles and how many keys each has (never the keys)."""
+        for u in list_users(services().db):
+            created = u["created_at"].strftime("%Y-%m-%d") if u["created_at"] else "-"
+            click.echo(f"{u['name']}\t{u['role']}\tkeys={u['keys']}\tpassword={'yes' if u['password'] else 'no'}"
+                       f"\tcreated={created}")
+
+    @users.command("rotate")
+    @click.argument("name")
+    def rotate(name: str) -> None:
+        """Replace a user's API keys by one new key (the old keys stop working at once)."""
+        try:
+            key = rotate_key(services().db, name)
+        except UnknownUser as exc:
+            raise click.ClickException(f"no user {name}") from exc
+        click.echo(f"user {name}: new API key (shown once): {key}")
+
+    @users.command("revoke")
+    @click.argument("name")
+    def revoke(name: str) -> None:
+        """Delete a user: every key and the password stop working at once."""
+        if not revoke_user(services().db, name):
+            raise click.ClickException(f"no user {name}")
+        click.echo(f"user {name} revoked")

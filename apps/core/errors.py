@@ -77,6 +77,7 @@ def error_response(
     envelope_code: int = 1,
 ) -> Response:
     """The single builder every handler uses."""
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # client text may hold surrogates
     if uses_envelope():
         resp = envelope_fail(message, code=envelope_code, status=status)
     else:
@@ -100,6 +101,16 @@ def _location(first: Any) -> str:
     return "body"
 
 
+def _echoable(value: Any) -> Any:
+    """The input echoed in a 422, made encodable (a lone surrogate would break the JSON answer) and short."""
+    if isinstance(value, str):
+        value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value if len(value) <= 200 else value[:200] + "..."
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**53:
+        return str(value)
+    return value
+
+
 def pydantic_detail(exc: ValidationError, location: str | None = None) -> list[dict[str, Any]]:
     out = []
     for err in exc.errors(include_url=False, include_context=False):
@@ -107,7 +118,7 @@ def pydantic_detail(exc: ValidationError, location: str | None = None) -> list[d
         where = location or _location(loc[0] if loc else None)
         item = {"loc": [where, *loc], "msg": err.get("msg", ""), "type": err.get("type", "")}
         if "input" in err and isinstance(err["input"], (str, int, float, bool, type(None))):
-            item["input"] = err["input"]
+            item["input"] = _echoable(err["input"])
         out.append(item)
     return out
 
@@ -145,6 +156,10 @@ def register_error_handlers(app: Flask) -> None:
         limit = app.config.get("MAX_CONTENT_LENGTH")
         if limit and request.content_length is not None and request.content_length > limit:
             raise RequestEntityTooLarge()
+
+    from .screening import init_screening
+
+    init_screening(app)
 
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> Response:

@@ -25,8 +25,9 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -390,6 +391,7 @@ class JobManager:
                         {"$set": {"lease_until": _now() + timedelta(seconds=self.lease_s)}},
                     )
                 self.reap()
+                self._beat_records()
             except PyMongoError as exc:
                 log.warning("job heartbeat: database unavailable (%s); retrying", exc)
 
@@ -402,6 +404,10 @@ class JobManager:
             count += self._reap_one(doc)
         return count
 
+    def _beat_records(self) -> None:
+        """Renew the leases of the records this process holds and fail expired ones (see below)."""
+        _beat_records_of(self)
+
     def _reap_one(self, doc: dict[str, Any]) -> int:
         return int(
             self._finish(
@@ -413,6 +419,80 @@ class JobManager:
                 },
             )
         )
+
+
+# ---- leased records: in-progress work stored outside `jobs` (an ideation request runs inside its HTTP
+# request, not as a job), kept alive by the same heartbeat and failed by the same reaper when their
+# process dies, instead of staying `working` forever
+
+LEASED_COLLECTIONS: set[str] = set()
+RECORD_DIED = "the worker serving this request stopped (killed or crashed) before it finished; retry it"
+
+
+def register_leased_collection(name: str) -> None:
+    """Records of `name` with `status: working` carry a lease; the reaper fails expired ones."""
+    LEASED_COLLECTIONS.add(name)
+
+
+def reap_records(db: Database, now: datetime | None = None) -> int:
+    """Fail every `working` record of a leased collection whose lease ran out. Returns how many."""
+    now = now or _now()
+    count = 0
+    for name in sorted(LEASED_COLLECTIONS):
+        result = db[name].update_many(
+            {"status": "working", "lease_until": {"$lt": now}},
+            {"$set": {"status": "failed", "error": RECORD_DIED, "error_code": "runner_died", "finished_at": now},
+             "$unset": {"lease_until": ""}},
+        )
+        count += result.modified_count
+    return count
+
+
+class _RecordLeases:
+    """The records this process is working on (collection, id), renewed by JobManager's heartbeat."""
+
+    def __init__(self) -> None:
+        self.held: set[tuple[str, Any]] = set()
+        self.lock = threading.Lock()
+
+
+def _record_leases(manager: JobManager) -> _RecordLeases:
+    leases = manager.__dict__.get("_record_leases")
+    if leases is None:
+        leases = manager.__dict__.setdefault("_record_leases", _RecordLeases())
+    return leases
+
+
+def lease_fields(manager: JobManager) -> dict[str, Any]:
+    """Fields to store with a new `working` record: who runs it and until when it is alive."""
+    return {"runner": manager.worker, "lease_until": _now() + timedelta(seconds=manager.lease_s)}
+
+
+@contextmanager
+def holding(manager: JobManager, collection: str, doc_id: Any) -> Iterator[None]:
+    """While inside, this process's heartbeat renews the record's lease."""
+    leases = _record_leases(manager)
+    with leases.lock:
+        leases.held.add((collection, doc_id))
+    try:
+        yield
+    finally:
+        with leases.lock:
+            leases.held.discard((collection, doc_id))
+
+
+def _beat_records_of(manager: JobManager) -> None:
+    leases = _record_leases(manager)
+    with leases.lock:
+        held = list(leases.held)
+    until = _now() + timedelta(seconds=manager.lease_s)
+    by_collection: dict[str, list[Any]] = {}
+    for collection, doc_id in held:
+        by_collection.setdefault(collection, []).append(doc_id)
+    for collection, ids in by_collection.items():
+        manager.db[collection].update_many({"_id": {"$in": ids}, "status": "working"},
+                                           {"$set": {"lease_until": until}})
+    reap_records(manager.db)
 
 
 def public_job(doc: dict[str, Any]) -> dict[str, Any]:

@@ -8,12 +8,13 @@ from flask import Response, current_app, jsonify, make_response, redirect, reque
 from flask_openapi3 import APIBlueprint, Tag
 from pydantic import BaseModel, Field
 
+from .auth import stream_token_route
 from .context import services
 from .errors import ApiError
 from .health import health_report
 from .jobs import public_job
 from .sse import job_event_stream, last_event_id, sse_response
-from .storage import ID_PATTERN
+from .storage import ID_PATTERN, absolute_image_urls
 
 core_bp = APIBlueprint("core", __name__, abp_tags=[Tag(name="server", description="Health, images and jobs")])
 
@@ -51,14 +52,9 @@ def health() -> Response:
 def get_image(path: ImagePath) -> Response:
     """An image by its unguessable id, with ETag and long-lived caching (images never change)."""
     svc = services()
-    found = svc.images.fetch(path.image_id)
-    if found is None:
-        raise ApiError(404, f"no image {path.image_id}")
-    info, data = found
-    from .auth import check_owner
+    from .image_refs import read_image
 
-    if svc.settings.IMAGE_ACCESS == "owner":
-        check_owner(info.metadata.get("user"))
+    info, data = read_image(svc, path.image_id)
     etag = info.metadata.get("sha256", path.image_id)
     if request.if_none_match and etag in request.if_none_match:
         resp = Response(status=304)
@@ -71,10 +67,11 @@ def get_image(path: ImagePath) -> Response:
 
 
 @core_bp.get("/jobs/<job_id>")
+@stream_token_route("job_id")
 def get_job(path: JobPath) -> Response:
     """Snapshot of a job: status, progress, data, error."""
     doc = _owned_job(path.job_id)
-    return jsonify(public_job(doc))
+    return jsonify(absolute_image_urls(public_job(doc)))
 
 
 @core_bp.delete("/jobs/<job_id>")
@@ -86,6 +83,7 @@ def cancel_job(path: JobPath) -> Response:
 
 
 @core_bp.get("/jobs/<job_id>/events")
+@stream_token_route("job_id")
 def job_events(path: JobPath) -> Response:
     """Server-Sent Events of a job; resumable with Last-Event-ID; heartbeat comments."""
     svc = services()
@@ -101,7 +99,7 @@ def _owned_job(job_id: str) -> dict[str, Any]:
     doc = services().jobs.get(job_id)
     if doc is None:
         raise ApiError(404, f"no job {job_id}")
-    check_owner(doc.get("owner"))
+    check_owner(doc.get("owner"), f"no job {job_id}")
     return doc
 
 

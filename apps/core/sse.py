@@ -20,6 +20,7 @@ from flask import Response, request, stream_with_context
 from pymongo.errors import PyMongoError
 
 from .jobs import TERMINAL, JobManager
+from .storage import absolute_image_urls
 
 GAP_WAIT_S = 2.0
 EventFormatter = Callable[[dict[str, Any]], "str | None"]
@@ -32,7 +33,8 @@ def format_sse(data: Any, *, event: str | None = None, id: int | str | None = No
         lines.append(f"id: {id}")
     if event:
         lines.append(f"event: {event}")
-    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, default=str)
+    # stored events hold server-relative image URLs; the stream answers with absolute ones
+    text = data if isinstance(data, str) else json.dumps(absolute_image_urls(data), ensure_ascii=False, default=str)
     lines.extend(f"data: {line}" for line in text.split("\n"))
     return "\n".join(lines) + "\n\n"
 

@@ -15,6 +15,7 @@ import io
 import re
 import secrets
 import threading
+import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -75,17 +76,27 @@ def inspect_image(data: bytes, *, max_bytes: int, max_side: int, field: str = "i
     if len(data) > max_bytes:
         raise ApiError(413, f"{field}: image too large ({len(data)} bytes, limit {max_bytes})")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            fmt = img.format or ""
-            width, height = img.size
-            img.verify()
+        with warnings.catch_warnings():
+            # Pillow warns (above MAX_IMAGE_PIXELS) or raises (above twice that) while reading the header;
+            # both mean "a decompression bomb": refuse before a single pixel is decoded
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                fmt = img.format or ""
+                width, height = img.size
+                _check_side(width, height, max_side, field)  # from the header only
+                img.verify()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ApiError(422, f"{field}: image dimensions too large (limit {max_side}px per side)") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ApiError(415, f"{field}: not a PNG, JPEG or WebP image") from exc
     if fmt not in ALLOWED_FORMATS:
         raise ApiError(415, f"{field}: unsupported image format {fmt or 'unknown'} (PNG, JPEG or WebP)")
+    return ALLOWED_FORMATS[fmt], width, height
+
+
+def _check_side(width: int, height: int, max_side: int, field: str) -> None:
     if width > max_side or height > max_side or width < 1 or height < 1:
         raise ApiError(422, f"{field}: image {width}x{height} exceeds {max_side}px per side")
-    return ALLOWED_FORMATS[fmt], width, height
 
 
 class _RecentImages:
@@ -215,9 +226,65 @@ def absolute_image_url(image_id: str, base_url: str | None = None) -> str:
 
 
 def request_base_url() -> str:
-    """The base URL to capture when a job is created (PUBLIC_BASE_URL or the request's host)."""
-    from flask import request
+    """The base URL to *store* with a job or record: PUBLIC_BASE_URL, else "" (server-relative URLs).
+
+    Never the request's Host header: a client chooses it, and whatever is stored is later served to
+    others. Relative URLs are made absolute when answering (`answer_base_url`, `absolute_image_urls`).
+    """
+    from .context import services
+
+    return (services().settings.PUBLIC_BASE_URL or "").rstrip("/")
+
+
+def answer_base_url() -> str:
+    """The base for URLs in *this* answer: PUBLIC_BASE_URL, else the current request's host."""
+    from flask import has_request_context, request
 
     from .context import services
 
+    if not has_request_context():
+        return ""
     return (services().settings.PUBLIC_BASE_URL or request.host_url).rstrip("/")
+
+
+_IMAGE_PREFIX = "/images/"
+
+
+def absolute_image_urls(value: Any, base: str | None = None) -> Any:
+    """A JSON value with every stored server-relative image URL ("/images/...") made absolute.
+
+    Stored records and events hold relative URLs (see `request_base_url`); answers keep the
+    absolute URLs the frontends were built against.
+    """
+    base = answer_base_url() if base is None else base.rstrip("/")
+    if not base:
+        return value
+
+    def fix(node: Any) -> Any:
+        if isinstance(node, str):
+            return base + node if node.startswith(_IMAGE_PREFIX) else node
+        if isinstance(node, dict):
+            return {k: fix(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [fix(v) for v in node]
+        return node
+
+    return fix(value)
+
+
+def relative_image_urls(value: Any, base: str | None) -> Any:
+    """The inverse for storing: absolute URLs of ours under `base` become server-relative."""
+    if not base:
+        return value
+    prefix = base.rstrip("/") + _IMAGE_PREFIX
+
+    def fix(node: Any) -> Any:
+        if isinstance(node, str):
+            return node[len(base.rstrip("/")) :] if node.startswith(prefix) else node
+        if isinstance(node, dict):
+            return {k: fix(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [fix(v) for v in node]
+        return node
+
+    return fix(value)

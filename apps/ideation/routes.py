@@ -9,7 +9,7 @@ from apps.core.auth import check_owner, current_user_name
 from apps.core.context import services
 from apps.core.envelope import BusinessException, envelope
 from apps.core.errors import ApiError
-from apps.core.storage import request_base_url
+from apps.core.storage import answer_base_url
 
 from . import labels as L
 from .schemas import GenerateBody, HistoryQuery, SaveBody, TimeRecordBody, UsernameBody, UserPath
@@ -19,7 +19,7 @@ bp = APIBlueprint("ideation", __name__, abp_tags=[Tag(name="ideation", descripti
 
 
 def _service() -> IdeationService:
-    return IdeationService(services(), request_base_url())
+    return IdeationService(services(), answer_base_url())
 
 
 @bp.route("/ping", methods=["GET", "POST"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shlex
 import subprocess
 import tempfile
@@ -30,15 +29,23 @@ from apps.core.context import Services
 from apps.core.db import register_indexes
 from apps.core.envelope import BusinessException
 from apps.core.export import register_export_collection
-from apps.core.storage import ID_PATTERN, absolute_image_url, decode_base64_image
+from apps.core.image_refs import read_image_ref
+from apps.core.jobs import holding, lease_fields, register_leased_collection
+from apps.core.storage import (
+    absolute_image_url,
+    absolute_image_urls,
+    decode_base64_image,
+    relative_image_urls,
+)
 
 from . import labels as L
 
 APP = "ideation"
-_IMAGE_URL = re.compile(rf"/images/({ID_PATTERN})\.png(?:$|\?)")
 
 for _name in ("ideation_requests", "ideation_users", "ideation_time_records"):
     register_export_collection(_name, APP, "username")
+# a request is stored `working` while it runs in its worker; if that worker dies, the reaper fails it
+register_leased_collection("ideation_requests")
 
 
 @register_indexes
@@ -115,20 +122,44 @@ class IdeationService:
             "_id": gen.request_id, "username": username, "op": op, "buttonText": info.buttonText,
             "aiStage": info.aiStage, "currentAIStage": body.currentAIStage, "currentStage": body.currentStage,
             "designTask": task, "num": num, "selectedTexts": gen.texts, "canvas_image_id": canvas_id,
-            "created_at": datetime.now(UTC), "status": "working",
+            "created_at": datetime.now(UTC), "status": "working", **lease_fields(self.svc.jobs),
         }
         self.db.ideation_requests.insert_one(record)
         try:
-            data = getattr(self, "op_" + op.replace(".", "_"))(gen)
-        except (BusinessException, ModelError) as exc:
-            self.db.ideation_requests.update_one({"_id": gen.request_id}, {"$set": {
-                "status": "failed", "error": getattr(exc, "message", str(exc)),
-                "image_ids": gen.image_ids, "latency_ms": (time.perf_counter() - started) * 1000}})
+            with holding(self.svc.jobs, "ideation_requests", gen.request_id):
+                data = getattr(self, "op_" + op.replace(".", "_"))(gen)
+        except BusinessException as exc:
+            if exc.status < 500:  # refused (wrong stage, missing canvas...): it leaves nothing behind
+                self._discard(gen, new_canvas=canvas_id is not None and not self._is_reference(body))
+                raise
+            self._failed(gen, exc, started)
+            raise
+        except ModelError as exc:
+            self._failed(gen, exc, started)
             raise
         self.db.ideation_requests.update_one({"_id": gen.request_id}, {"$set": {
-            "status": "done", "data": data, "image_ids": gen.image_ids, "texts": gen.texts_out,
-            "latency_ms": (time.perf_counter() - started) * 1000}})
+            # stored with server-relative image URLs: the Host header this answer used is the client's
+            "status": "done", "data": relative_image_urls(data, self.base_url), "image_ids": gen.image_ids,
+            "texts": gen.texts_out,
+            "latency_ms": (time.perf_counter() - started) * 1000}, "$unset": {"lease_until": ""}})
         return data
+
+    @staticmethod
+    def _is_reference(body: Any) -> bool:
+        records = body.selectedCanvasRecords or []
+        return bool(records) and isinstance(records[0], str) and not records[0].startswith("data:")
+
+    def _discard(self, gen: Generation, *, new_canvas: bool) -> None:
+        """Undo a refused request: its record and the images it stored (not a canvas it only referenced)."""
+        self.db.ideation_requests.delete_one({"_id": gen.request_id})
+        for image_id in [*gen.image_ids, *([gen.canvas_image_id] if new_canvas and gen.canvas_image_id else [])]:
+            self.svc.images.delete(image_id)
+
+    def _failed(self, gen: Generation, exc: Exception, started: float) -> None:
+        self.db.ideation_requests.update_one({"_id": gen.request_id}, {"$set": {
+            "status": "failed", "error": getattr(exc, "message", str(exc)),
+            "image_ids": gen.image_ids, "latency_ms": (time.perf_counter() - started) * 1000},
+            "$unset": {"lease_until": ""}})
 
     # ------------------------------------------------------------------ inputs
     def _canvas(self, records: list[str], username: str) -> tuple[bytes | None, str | None]:
@@ -138,12 +169,9 @@ class IdeationService:
         ref = records[0]
         if not isinstance(ref, str) or not ref.strip():
             raise BusinessException(1, L.MSG_IMAGE_MISSING)
-        match = _IMAGE_URL.search(ref)
-        if match:
-            image_id = match.group(1)
-            if self.svc.images.info(image_id) is None:
-                raise BusinessException(1, f"{L.MSG_IMAGE_MISSING}: unknown image {image_id}", status=404)
-            return self.svc.images.load(image_id), image_id
+        found = read_image_ref(self.svc, ref)  # the caller's own image (or admin), else a plain 404
+        if found is not None:
+            return found[1], found[0].id
         if ref.startswith("data:image"):
             data = decode_base64_image(ref, field="selectedCanvasRecords[0]")
             image_id = self.svc.images.save(data, app=APP, user=username or None, kind="canvas")
@@ -448,7 +476,8 @@ class IdeationService:
             requests.append({
                 "id": doc["_id"], "op": doc.get("op"), "buttonText": doc.get("buttonText"),
                 "aiStage": doc.get("aiStage"), "designTask": doc.get("designTask"), "num": doc.get("num"),
-                "status": doc.get("status"), "error": doc.get("error"), "data": doc.get("data"),
+                "status": doc.get("status"), "error": doc.get("error"),
+                "data": absolute_image_urls(doc.get("data"), self.base_url),
                 "images": [absolute_image_url(i, self.base_url) for i in doc.get("image_ids", [])],
                 "canvas": absolute_image_url(doc["canvas_image_id"], self.base_url) if doc.get("canvas_image_id") else None,
                 "created_at": doc["created_at"].isoformat() if doc.get("created_at") else None,

@@ -22,6 +22,7 @@ from agent.types import ImageRequest, ModelError
 from apps.core.context import Services
 from apps.core.envelope import BusinessException
 from apps.core.errors import ApiError
+from apps.core.image_refs import IMAGE_NOT_FOUND, read_image
 from apps.core.storage import absolute_image_url, decode_base64_image, inspect_image, to_base64
 
 from . import labels as L
@@ -59,7 +60,7 @@ class RefineService:
             {"images.id": image_id}, {"images": 1, "username": 1, "session": 1}
         )
         if stim is None:
-            raise BusinessException(1, f"no stimulus image or version {image_id}", status=404)
+            raise BusinessException(1, IMAGE_NOT_FOUND, status=404)
         img = next(i for i in stim["images"] if i["id"] == image_id)
         return {
             "id": image_id,
@@ -103,7 +104,7 @@ class RefineService:
         parent = self.node(body.imageId)
         owner = username or parent["username"]
         session = body.sessionId or parent["session"]
-        parent_png = self.svc.images.load(body.imageId)
+        _, parent_png = read_image(self.svc, body.imageId)  # the same owner rule as every image input
         with Image.open(io.BytesIO(parent_png)) as img:
             width, height = img.size
         mask_png = None

@@ -13,8 +13,10 @@ from flask_openapi3 import APIBlueprint, Tag
 from apps.core.auth import authenticate, check_owner, current_user_name
 from apps.core.context import services
 from apps.core.envelope import BusinessException, envelope
+from apps.core.image_refs import IMAGE_NOT_FOUND
 
 from . import labels as L
+from . import store as S
 from .refine import RefineService
 from .schemas import (
     Envelope,
@@ -126,7 +128,7 @@ def session_detail(path: SessionPath) -> Response:
     """One session: counts and its /generate requests (status, error, stimulus ids)."""
     service = _service()
     data = service.session(path.session_id)
-    check_owner(data.get("username"))
+    check_owner(data.get("username"), S.SESSION_NOT_FOUND)
     return envelope(data)
 
 
@@ -134,7 +136,7 @@ def session_detail(path: SessionPath) -> Response:
 def stimulus_detail(path: StimulusPath) -> Response:
     """One stimulus with its image URLs, the text chain that led to it and its provenance."""
     data = _service().stimulus(path.stimulus_id)
-    check_owner(data.get("username"))
+    check_owner(data.get("username"), S.STIMULUS_NOT_FOUND)
     return envelope(data)
 
 
@@ -142,7 +144,7 @@ def stimulus_detail(path: StimulusPath) -> Response:
 def request_detail(path: RequestPath) -> Response:
     """One /generate call as stored: inputs (sketch URLs), every step (template, hash, generation id, timing)."""
     data = _service().request(path.request_id)
-    check_owner(data.get("username"))
+    check_owner(data.get("username"), S.REQUEST_NOT_FOUND)
     return envelope(data)
 
 
@@ -150,7 +152,7 @@ def request_detail(path: RequestPath) -> Response:
 def _refine_service(image_id: str, username: str | None) -> tuple[RefineService, str | None]:
     service = RefineService(services(), _base_url())
     parent = service.node(image_id)
-    check_owner(parent["username"])
+    check_owner(parent["username"], IMAGE_NOT_FOUND)
     return service, _auth_name() or username
 
 
@@ -173,5 +175,5 @@ def refine_tree(path: ImageIdPath) -> Response:
     """The version tree that contains an image, from its root (the stimulus image): nested `children`."""
     service = RefineService(services(), _base_url())
     tree, owner = service.tree(path.image_id)
-    check_owner(owner)
+    check_owner(owner, IMAGE_NOT_FOUND)
     return envelope(tree)

@@ -460,7 +460,7 @@ class RefinementService:
     def session(self, session_id: str) -> dict[str, Any]:
         doc = self.db.refinement_sessions.find_one({"_id": session_id})
         if doc is None:
-            raise BusinessException(1, f"no session {session_id}", status=404)
+            raise BusinessException(1, S.SESSION_NOT_FOUND, status=404)
         requests = list(
             self.db.refinement_requests.find({"session": session_id})
             .sort("created_at", DESCENDING)
@@ -493,13 +493,13 @@ class RefinementService:
     def stimulus(self, stimulus_id: str) -> dict[str, Any]:
         doc = self.db.refinement_stimuli.find_one({"_id": stimulus_id})
         if doc is None:
-            raise BusinessException(1, f"no stimulus {stimulus_id}", status=404)
+            raise BusinessException(1, S.STIMULUS_NOT_FOUND, status=404)
         return S.public_stimulus(doc, self.base_url)
 
     def request(self, request_id: str) -> dict[str, Any]:
         doc = self.db.refinement_requests.find_one({"_id": request_id})
         if doc is None:
-            raise BusinessException(1, f"no request {request_id}", status=404)
+            raise BusinessException(1, S.REQUEST_NOT_FOUND, status=404)
         return S.public_request(doc, self.base_url)
 
 

@@ -113,6 +113,12 @@ def public_user(doc: dict[str, Any], session_id: str) -> dict[str, Any]:
     return out
 
 
+# one message per kind for "missing" and "not yours" alike: the 404 bodies must not tell them apart
+SESSION_NOT_FOUND = "session not found"
+STIMULUS_NOT_FOUND = "stimulus not found"
+REQUEST_NOT_FOUND = "request not found"
+
+
 # ------------------------------------------------------------------ shaping stored docs for the history API
 def history_item(stored: dict[str, Any], base_url: str | None) -> dict[str, Any]:
     image_id = stored.get("image_id")

@@ -648,7 +648,7 @@ def legacy_final_output(
     doc: dict[str, Any], base_url: str | None = None, s3: S3Images | None = None
 ) -> dict[str, Any]:
     """The original's `final_output` object (+ `cover`) from a stored book."""
-    base = base_url or doc.get("base_url")
+    base = base_url or doc.get("base_url") or None
     pages = doc.get("pages") or []
     params = doc.get("input") or {}
 

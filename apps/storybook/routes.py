@@ -18,7 +18,7 @@ from flask import Flask, Response, jsonify, request
 from flask_openapi3 import APIBlueprint, Tag
 from pydantic import BaseModel
 
-from apps.core.auth import authenticate, check_owner, current_user_name
+from apps.core.auth import authenticate, check_owner, current_user_name, stream_token_route
 from apps.core.context import services
 from apps.core.errors import ApiError, error_response
 from apps.core.jobs import public_job
@@ -189,11 +189,12 @@ def _owned_book(book_id: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
     book = service.book_doc(svc, book_id)
     if book is None:
         raise ApiError(404, f"no book {book_id}")
-    check_owner(book.get("owner"))
+    check_owner(book.get("owner"), f"no book {book_id}")
     return book, svc.jobs.get(book_id)
 
 
 @bp.get("/books/<book_id>")
+@stream_token_route("book_id")
 def get_book(path: BookPath) -> Response:
     """One book: status, progress, title, sheet, pages (text, image prompt, picture URL), cover, error."""
     book, job = _owned_book(path.book_id)
@@ -201,6 +202,7 @@ def get_book(path: BookPath) -> Response:
 
 
 @bp.get("/books/<book_id>/events")
+@stream_token_route("book_id")
 def book_events(path: BookPath) -> Response:
     """SSE, one event per step: `book.plan`, `page.delta` (text as written), `page.text`, `page.image`,
     `cover`, `stage`, `error`, then `done` (with the whole book) / `failed` / `cancelled`. Resumable."""

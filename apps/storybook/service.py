@@ -122,7 +122,7 @@ def public_book(
     s3: S3Images | None = None,
 ) -> dict[str, Any]:
     """The JSON view of a book (absolute picture URLs; freshly signed S3 URLs when S3 is on)."""
-    base = book.get("base_url")
+    base = book.get("base_url") or None  # "" (stored: relative URLs) -> this answer's host
     status, error = effective_status(book, job)
 
     params = book.get("input") or {}
@@ -184,7 +184,7 @@ def history(svc: Services, owner: str | None, *, limit: int, status: str | None)
                 "status": doc.get("status"),
                 "description": (doc.get("input") or {}).get("description"),
                 "pages": (doc.get("input") or {}).get("pages"),
-                "cover": picture_url(doc.get("cover") or {}, doc.get("base_url"), s3),
+                "cover": picture_url(doc.get("cover") or {}, doc.get("base_url") or None, s3),
                 "created_at": _iso(doc.get("created_at")),
                 "finished_at": _iso(doc.get("finished_at")),
             }

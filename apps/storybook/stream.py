@@ -22,6 +22,7 @@ from typing import Any
 
 from apps.core.jobs import TERMINAL, JobManager
 from apps.core.sse import JobWatcher, format_sse, job_event_stream
+from apps.core.storage import absolute_image_urls
 
 LEGACY_TOTAL = 4
 
@@ -127,7 +128,9 @@ class LegacySnapshots:
         snap = self.snapshot()
         if snap is None:
             return None
-        text = json.dumps(snap)  # the original's Python-default JSON (", " / ": ", ASCII escapes)
+        text = json.dumps(
+            absolute_image_urls(snap)
+        )  # the original's Python-default JSON (", " / ": ", ASCII escapes)
         if text == self._last:
             return None
         self._last = text
@@ -138,7 +141,7 @@ class LegacySnapshots:
         for event in events:
             self.apply(event)
         snap = self.snapshot()
-        self._last = json.dumps(snap) if snap is not None else None
+        self._last = json.dumps(absolute_image_urls(snap)) if snap is not None else None
 
 
 def seen_events(manager: JobManager, job_id: str, upto: int) -> list[dict[str, Any]]:

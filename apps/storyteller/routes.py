@@ -73,12 +73,19 @@ def _store() -> StoryStore:
     return StoryStore(services().db)
 
 
-def _session(explicit: str | None, *, fallback: bool = True) -> tuple[dict[str, Any], S.Caller, StoryStore]:
+def _session(
+    explicit: str | None, *, fallback: bool = True, create_named: bool = False
+) -> tuple[dict[str, Any], S.Caller, StoryStore]:
     caller = _caller()
     store = _store()
     explicit = explicit or request.args.get("session") or None
     session = S.resolve_session(
-        store, caller, explicit=explicit, cookie=request.cookies.get(COOKIE), fallback=fallback
+        store,
+        caller,
+        explicit=explicit,
+        cookie=request.cookies.get(COOKIE),
+        fallback=fallback,
+        create_named=create_named,
     )
     assert session is not None
     return session, caller, store
@@ -121,7 +128,7 @@ def page() -> Response:
 @bp.post("/setstory/")
 def setstory(body: StorySettings) -> Response:
     """Submit the settings: builds this session's story prompt; answers `["<prompt>"]` (the original shape)."""
-    session, caller, store = _session(body.session, fallback=False)
+    session, caller, store = _session(body.session, fallback=False, create_named=True)
     story = S.set_story(services(), store, session, body, caller)
     return _json([story["prompt"]], session["_id"])
 
@@ -146,7 +153,7 @@ def redopartstory(body: StoryParts) -> Response:
 @bp.post("/savestory/")
 def savestory(body: SaveStoryBody) -> Response:
     """ "Good story": marks the story shown (and the prompt that produced it) for fine-tuning."""
-    session, _, store = _session(body.session)
+    session, _, store = _session(body.session, create_named=True)
     form = body.model_dump(exclude={"session", "story", "version"})
     saved, version = S.save_feedback(
         services(), store, session, version_id=body.version, story=body.story, form=form, source="savestory"
@@ -162,7 +169,7 @@ def savestory(body: SaveStoryBody) -> Response:
 @bp.post("/api/settings")
 def api_settings(body: StorySettings) -> Response:
     """Submit the settings form; returns the session and its prompt as an object."""
-    session, caller, store = _session(body.session, fallback=False)
+    session, caller, store = _session(body.session, fallback=False, create_named=True)
     story = S.set_story(services(), store, session, body, caller)
     return _json(
         {
@@ -385,7 +392,7 @@ def _is_cancel(message: Any) -> bool:
         return True
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to parse: not a cancel
         return False
     return isinstance(data, dict) and data.get("type") == "cancel"
 

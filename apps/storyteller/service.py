@@ -69,6 +69,9 @@ def strip_newlines(text: str) -> str:
 # --------------------------------------------------------------------------- sessions
 
 
+SESSION_NOT_FOUND = "unknown session"  # missing and not yours alike
+
+
 def resolve_session(
     store: StoryStore,
     caller: Caller,
@@ -77,12 +80,17 @@ def resolve_session(
     cookie: str | None,
     fallback: bool = True,
     create: bool = True,
+    create_named: bool = False,
 ) -> dict[str, Any] | None:
     """The session of a call: its explicit id, else the cookie's, else this client's latest, else new.
 
     The original page opens its socket on `localhost` and posts to `127.0.0.1`, so the socket
     carries no cookie; the client's latest session keeps that page working (with auth on: the
     user's latest session).
+
+    An explicit id that does not exist becomes a new session only where a session is created
+    (`create_named`: the settings POSTs); anywhere else it is the same 404 as another user's session,
+    so naming ids cannot tell which exist. A new session is written only by its first write.
     """
     for session_id in (explicit, cookie):
         if not session_id:
@@ -91,7 +99,9 @@ def resolve_session(
         if doc is not None:
             _check_user(doc, caller)
             return doc
-        if session_id == explicit and create:
+        if session_id == explicit:
+            if not (create and create_named):
+                raise ApiError(404, SESSION_NOT_FOUND)
             return store.create_session(session_id, user=caller.user, client=caller.client)
     if fallback:
         doc = store.latest_session(client=caller.client, user=caller.user)
@@ -102,7 +112,7 @@ def resolve_session(
 
 def _check_user(doc: dict[str, Any], caller: Caller) -> None:
     if caller.user is not None and doc.get("user") != caller.user and not caller.admin:
-        raise ApiError(404, "unknown session")
+        raise ApiError(404, SESSION_NOT_FOUND)
 
 
 def set_story(
@@ -325,7 +335,9 @@ def prepare_rewrite(
         if start is None or end is None or end > len(text):
             raise ApiError(422, f"start/end must lie within the story (0..{len(text)})")
         before, selected, after = text[:start], text[start:end], text[end:]
-    elif version is not None and before + selected + after != version["text"]:
+    if not selected.strip():  # checked before the edit below is stored: a refused request writes nothing
+        raise ApiError(422, "select the part of the story to rewrite (the selection is empty)")
+    if version is not None and before + selected + after != version["text"]:
         text = version["text"]
         flat = strip_newlines(selected)
         mapped = _map_stripped(text, before, flat) if strip_newlines(text) == before + flat + after else None
@@ -341,8 +353,6 @@ def prepare_rewrite(
             version = save_edit(svc, store, session, before + selected + after, version["_id"])
     elif version is None:
         version = save_edit(svc, store, session, before + selected + after, None)
-    if not selected.strip():
-        raise ApiError(422, "select the part of the story to rewrite (the selection is empty)")
     story = (
         session_story(svc, session)
         if version is None or not version.get("story_messages")
@@ -609,6 +619,8 @@ def run_stream(
 
 
 def request_cancel(store: StoryStore, session: dict[str, Any]) -> None:
+    if store.is_draft(session["_id"]):
+        return  # a session that was never written has nothing running
     store.update_session(session["_id"], {}, inc={"cancel_seq": 1})
 
 

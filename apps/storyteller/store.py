@@ -55,6 +55,9 @@ class StoryStore:
         self.sessions = db[SESSIONS]
         self.versions = db[VERSIONS]
         self.feedback = db[FEEDBACK]
+        # sessions made by this request but not written yet: a call that fails or is refused
+        # leaves no empty session behind (the first real write inserts it)
+        self._drafts: dict[str, dict[str, Any]] = {}
 
     # ---- sessions
     def session(self, session_id: str) -> dict[str, Any] | None:
@@ -63,6 +66,7 @@ class StoryStore:
     def create_session(
         self, session_id: str | None, *, user: str | None, client: str | None
     ) -> dict[str, Any]:
+        """A new session, written only when something is first stored in it (see `_materialize`)."""
         at = now()
         doc = {
             "_id": session_id or new_id(),
@@ -78,8 +82,17 @@ class StoryStore:
             "generated": 0,
             "cancel_seq": 0,
         }
-        self.sessions.insert_one(doc)
+        self._drafts[doc["_id"]] = dict(doc)
         return doc
+
+    def is_draft(self, session_id: str) -> bool:
+        return session_id in self._drafts
+
+    def _materialize(self, session_id: str) -> None:
+        """Insert this request's draft session before the first write that needs it."""
+        draft = self._drafts.pop(session_id, None)
+        if draft is not None:
+            self.sessions.insert_one(draft)
 
     def latest_session(self, *, client: str | None, user: str | None) -> dict[str, Any] | None:
         query: dict[str, Any] = {"user": user} if user else {"client": client}
@@ -98,6 +111,7 @@ class StoryStore:
         }
         if inc:
             update["$inc"] = inc
+        self._materialize(session_id)
         self.sessions.update_one({"_id": session_id}, update)
 
     def cancel_seq(self, session_id: str) -> int:
@@ -107,6 +121,7 @@ class StoryStore:
     # ---- versions
     def add_version(self, session: dict[str, Any], doc: dict[str, Any]) -> dict[str, Any]:
         """Insert a version numbered within its session and make it the session's current one."""
+        self._materialize(session["_id"])
         counted = self.sessions.find_one_and_update(
             {"_id": session["_id"]},
             {"$inc": {"version_seq": 1}},

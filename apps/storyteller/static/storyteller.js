@@ -62,7 +62,9 @@
     try { data = await resp.json(); } catch (err) { data = null; }
     if (!resp.ok) {
       const msg = (data && data.error && data.error.message) || ("HTTP " + resp.status);
-      throw new Error(msg);
+      const error = new Error(msg);
+      error.status = resp.status;
+      throw error;
     }
     return data;
   }
@@ -319,7 +321,8 @@
       if (current) showVersion(current);
       setStatus(current ? "Restored version " + current.n + "." : els.status.textContent);
     } catch (err) {
-      showError("The saved session could not be restored: " + err.message);
+      // 404: this tab's session was never written (nothing submitted yet), so there is nothing to restore
+      if (err.status !== 404) showError("The saved session could not be restored: " + err.message);
     }
     refreshButtons();
   }
