@@ -153,7 +153,7 @@ class GenerateData(BaseModel):
     selected: list[str] | None = None
     requestId: str = Field(description="ours: the stored request (GET /requests/<id>)")
     stimulusIds: list[str] | None = Field(
-        default=None, description="ours: one per creative (GET /stimuli/<id>)"
+        default=None, description="ours: one per stored stimulus, type 2 included (GET /stimuli/<id>)"
     )
 
 
