@@ -89,10 +89,33 @@ def init_ratelimit(app: OpenAPI, settings: Settings) -> None:
 
 
 def init_cors(app: OpenAPI, settings: Settings) -> None:
+    """`CORS_ORIGINS=*` (the default): `Access-Control-Allow-Origin: *` and never credentials, so no page
+    on the web can read a participant's data with their browser's Basic credentials. Listed origins get
+    their origin echoed with `Access-Control-Allow-Credentials: true`."""
     origins = settings.CORS_ORIGINS or ["*"]
-    # credentials can't be combined with "*"; echo the origin instead when everything is allowed
-    CORS(app, origins=origins if origins != ["*"] else r".*", supports_credentials=True,
-         expose_headers=["Content-Type", "ETag", "Retry-After", "X-Request-ID"], max_age=600)
+    wildcard = "*" in origins
+    if wildcard and len(origins) > 1:
+        log.warning("CORS_ORIGINS mixes '*' with origins %s: serving '*' without credentials", origins)
+    app.after_request(_merge_vary)  # registered before flask-cors's, so it runs after it
+    # always_send: `*` even without an Origin (a cached copy then passes CORS too); a list only on a match
+    CORS(
+        app,
+        origins="*" if wildcard else origins,
+        send_wildcard=wildcard,
+        supports_credentials=not wildcard,
+        always_send=wildcard,
+        expose_headers=["Content-Type", "ETag", "Retry-After", "X-Request-ID"],
+        max_age=600,
+    )
+
+
+def _merge_vary(resp: Any) -> Any:
+    """One `Vary` header: routes (images) and flask-cors may each add `Origin`."""
+    values = resp.headers.getlist("Vary")
+    if len(values) > 1:
+        merged = list(dict.fromkeys(v.strip() for value in values for v in value.split(",") if v.strip()))
+        resp.headers["Vary"] = ", ".join(merged)
+    return resp
 
 
 def init_services(app: OpenAPI, settings: Settings) -> Any:
@@ -108,12 +131,20 @@ def init_services(app: OpenAPI, settings: Settings) -> Any:
     client, db = connect(settings)
     create_indexes(db)
     create_generation_indexes(db)
-    store = ImageStore(db, max_bytes=settings.MAX_IMAGE_BYTES, max_side=settings.MAX_IMAGE_SIDE,
-                       cache_bytes=settings.IMAGE_CACHE_MB << 20)
+    store = ImageStore(
+        db,
+        max_bytes=settings.MAX_IMAGE_BYTES,
+        max_side=settings.MAX_IMAGE_SIDE,
+        cache_bytes=settings.IMAGE_CACHE_MB << 20,
+    )
     prompts = PromptLibrary(settings.PROMPTS_DIR)
     jobs = JobManager(db, workers=settings.JOB_WORKERS, lease_s=settings.JOB_LEASE_S)
     services = Services(
-        settings=settings, client=client, db=db, images=store, jobs=jobs,
+        settings=settings,
+        client=client,
+        db=db,
+        images=store,
+        jobs=jobs,
         watcher=JobWatcher(jobs, poll_s=settings.SSE_POLL_S),
         llm=build_llm(settings, db, prompts),
         image_provider=build_image_provider(settings, db, store.save),

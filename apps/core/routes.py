@@ -76,7 +76,24 @@ def get_image(path: ImagePath) -> Response:
         resp.headers["Content-Length"] = str(len(data))
     resp.set_etag(etag)
     resp.headers["Cache-Control"] = "private, max-age=31536000, immutable"
+    _image_cors(resp, svc.settings)
     return resp
+
+
+def _image_cors(resp: Response, settings: Any) -> None:
+    """Images are cached for a year: a browser that loaded one with `<img>` (no Origin) answers a later
+    `fetch()` of the same URL from its cache. `Vary: Origin` always keys that cache by Origin, and where
+    anyone with the link may read the image (auth off, or IMAGE_ACCESS=link) it is `*` for everyone, so
+    even the cached copy passes CORS. A listed origin still gets its own echo (flask-cors) with credentials."""
+    resp.vary.add("Origin")
+    if settings.AUTH_MODE != "none" and settings.IMAGE_ACCESS != "link":
+        return
+    origin = request.headers.get("Origin")
+    listed = [o for o in settings.CORS_ORIGINS if o != "*"]
+    if origin and "*" not in settings.CORS_ORIGINS and origin.lower() in (o.lower() for o in listed):
+        return
+    resp.headers["Access-Control-Allow-Origin"] = "*"
+    resp.headers["Access-Control-Expose-Headers"] = "Content-Type, ETag"
 
 
 @core_bp.get("/jobs/<job_id>")
@@ -99,8 +116,9 @@ def job_events(path: JobPath) -> Response:
     """Server-Sent Events of a job; resumable with Last-Event-ID; heartbeat comments."""
     svc = services()
     _owned_job(path.job_id)
-    stream = job_event_stream(svc.jobs, svc.watcher, path.job_id, after=last_event_id(),
-                              heartbeat_s=svc.settings.SSE_HEARTBEAT_S)
+    stream = job_event_stream(
+        svc.jobs, svc.watcher, path.job_id, after=last_event_id(), heartbeat_s=svc.settings.SSE_HEARTBEAT_S
+    )
     return sse_response(stream)
 
 
