@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import re
+
 from flask import Response, jsonify, make_response, request
 from flask_openapi3 import APIBlueprint, Tag
 
-from apps.core.auth import check_owner, current_user_name
+from apps.core.auth import authenticate, check_owner, current_user_name
 from apps.core.context import services
 from apps.core.envelope import BusinessException, envelope
 from apps.core.errors import ApiError
 from apps.core.storage import request_base_url
 
 from . import labels as L
-from .schemas import GenerateBody, HistoryQuery, SaveBody, TimeRecordBody, UsernameBody, UserPath
+from .attribution import client_key
+from .schemas import (
+    USERNAME_PATTERN,
+    GenerateBody,
+    HistoryQuery,
+    SaveBody,
+    TimeRecordBody,
+    UsernameBody,
+    UserPath,
+)
 from .service import IdeationService
 
 bp = APIBlueprint("ideation", __name__, abp_tags=[Tag(name="ideation", description="StepIdeator")])
@@ -34,7 +45,12 @@ def ping() -> Response:
 def generate(body: GenerateBody) -> Response:
     """Every AI button: dispatch on `selectedButtonInfo.aiStage` × `buttonText` (Chinese labels or English ids)."""
     username = current_user_name(body.username) or ""
-    return envelope(_service().generate(body, username))
+    return envelope(_service().generate(body, username, client=_client()))
+
+
+def _client() -> str:
+    """This browser's key, which links StepIdeator's nameless uploads to its participant (attribution.py)."""
+    return client_key(request.remote_addr, request.headers.get("User-Agent"))
 
 
 def _uploaded_file(missing_message: str) -> tuple[bytes, str] | Response:
@@ -62,9 +78,13 @@ def _store_upload(missing: str, kind: str) -> str | Response:
     if isinstance(got, Response):
         return got
     data, name = got
-    username = current_user_name(request.form.get("username"))
+    stated = request.form.get("username") or request.args.get("username") or None
+    if stated is not None and not re.fullmatch(USERNAME_PATTERN, stated):
+        return _upload_error(422, "username: letters, digits, '.', '-', '_' (at most 64)")
+    username = current_user_name(stated)
+    source = "auth" if authenticate() is not None else ("form" if username else None)
     try:
-        return _service().upload(data, name, username, kind)
+        return _service().upload(data, name, username, kind, source=source, client=_client())
     except ApiError as exc:
         return _upload_error(exc.status, exc.message)
 
@@ -87,7 +107,7 @@ def upload_image() -> Response:
 def time_record(body: TimeRecordBody) -> Response:
     """Store a participant's stage timing records (appended, never overwritten)."""
     body.username = current_user_name(body.username) or ""
-    _service().time_record(body)
+    _service().time_record(body, client=_client())
     return jsonify({"success": True, "message": "Timing records saved successfully"})
 
 
