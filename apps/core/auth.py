@@ -25,6 +25,7 @@ import json
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -232,10 +233,43 @@ def _token_user() -> User:
     if payload is None or not payload.get("u"):
         raise _unauthorized("invalid or expired stream token; ask POST /auth/stream-token for a new one",
                             basic=False)
+    if payload.get("k") is not None:  # a token of another scope kind (make_scoped_token)
+        return _scoped_token_user(payload)
     named = {str(v) for v in (request.view_args or {}).values()}
     named.update(v for k, v in request.args.items() if k != TOKEN_PARAM)
     if payload.get("j") not in named:
         raise _unauthorized("this stream token is for another job", basic=False)
+    return User(name=str(payload["u"]), role=str(payload.get("r") or "user"))
+
+
+# Scoped tokens: the same signed `?token=` for streams that are not jobs (a storyteller session's SSE
+# and WebSocket). The payload names a kind (`k`) and the one thing it opens (`s`); the kind's
+# registered check decides whether *this* request is one of that thing's streams. A job token has
+# no `k` and a scoped token no `j`, so neither opens the other's streams.
+ScopeCheck = Callable[[str], bool]
+_SCOPE_CHECKS: dict[str, ScopeCheck] = {}
+
+
+def register_token_scope(kind: str, check: ScopeCheck) -> None:
+    """`check(scope_id)` is True when the current request is a stream of that scope (and nothing else)."""
+    _SCOPE_CHECKS[kind] = check
+
+
+def make_scoped_token(secret: bytes, user: User | None, kind: str, scope_id: str, ttl_s: int,
+                      now: float | None = None) -> tuple[str, int]:
+    """A signed token that opens only the streams of one `scope_id` of `kind`; (token, expiry)."""
+    expires = int((now if now is not None else time.time()) + ttl_s)
+    payload = {"u": user.name if user else None, "r": user.role if user else None, "k": kind, "s": scope_id,
+               "exp": expires}
+    body = _b64(json.dumps(payload, separators=(",", ":")).encode())
+    return f"{body}.{_sign(secret, body)}", expires
+
+
+def _scoped_token_user(payload: dict[str, Any]) -> User:
+    check = _SCOPE_CHECKS.get(str(payload.get("k")))
+    scope_id = payload.get("s")
+    if check is None or not isinstance(scope_id, str) or not scope_id or not check(scope_id):
+        raise _unauthorized("this stream token is for another stream", basic=False)
     return User(name=str(payload["u"]), role=str(payload.get("r") or "user"))
 
 

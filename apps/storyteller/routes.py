@@ -12,16 +12,18 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, Flask, Response, jsonify, make_response, render_template, request
 from flask_openapi3 import APIBlueprint, Tag
 from flask_sock import Sock
+from pydantic import BaseModel, Field
 from simple_websocket import ConnectionClosed
 from wsproto.frame_protocol import CloseReason
 
 from agent.types import ModelError
-from apps.core.auth import authenticate
+from apps.core.auth import authenticate, make_scoped_token, register_token_scope, token_secret
 from apps.core.context import services
 from apps.core.errors import ApiError
 from apps.core.sse import format_sse, sse_response
@@ -269,6 +271,59 @@ def api_version(path: VersionPath) -> Response:
     return jsonify(S.public_version(version))
 
 
+# --------------------------------------------------------------------------- stream tokens (auth on, browsers)
+
+TOKEN_KIND = "storyteller-session"
+_STREAM_ENDPOINTS = {"storyteller.stream", "storyteller_root.stream"}
+_WS_BLUEPRINTS = {"storyteller_ws", "storyteller_ws_root"}
+
+
+class StreamTokenOut(BaseModel):
+    token: str = Field(description="pass as `?token=` on this session's `stream` and `ws` URLs only")
+    session: str
+    expires_at: str
+    expires_in: int = Field(description="seconds; checked when a stream opens (an open stream outlives it)")
+    stream_url: str = Field(description="SSE URL, relative to the app's mount")
+    ws_url: str = Field(description="WebSocket URL (JSON messages), relative to the app's mount")
+
+
+def _is_session_stream(session_id: str) -> bool:
+    """A scoped token opens this session's SSE and WebSocket streams, and nothing else."""
+    endpoint = request.endpoint or ""
+    is_stream = endpoint in _STREAM_ENDPOINTS or endpoint.split(".", 1)[0] in _WS_BLUEPRINTS
+    return is_stream and request.args.get("session") == session_id
+
+
+@bp.post("/api/stream-token", responses={200: StreamTokenOut})
+def api_stream_token(body: SessionField) -> Response:
+    """A short-lived `?token=` for this session's streams: EventSource and WebSocket cannot send headers.
+
+    Sign in with the API key header first; the token opens `stream?session=S` and `ws?session=S` of this
+    one session and is refused everywhere else."""
+    caller, store = _caller(), _store()
+    session = S.resolve_session(store, caller, explicit=body.session, cookie=None, fallback=False, create=False)
+    if session is None:
+        raise ApiError(404, "unknown session")
+    svc = services()
+    ttl = svc.settings.STREAM_TOKEN_TTL_S
+    user = authenticate()
+    token, expires = make_scoped_token(
+        token_secret(svc.db, svc.settings.SECRET_KEY), user, TOKEN_KIND, session["_id"], ttl
+    )
+    query = f"session={session['_id']}&token={token}"
+    return _json(
+        {
+            "token": token,
+            "session": session["_id"],
+            "expires_at": datetime.fromtimestamp(expires, UTC).isoformat(),
+            "expires_in": ttl,
+            "stream_url": f"stream?{query}",
+            "ws_url": f"ws?{query}&format=json",
+        },
+        session["_id"],
+    )
+
+
 # --------------------------------------------------------------------------- streaming (SSE and WebSocket)
 
 
@@ -400,3 +455,4 @@ def init_app(app: Flask) -> None:
     if app.config.get("SETTINGS") is not None and app.config["SETTINGS"].ROOT_APP == "storyteller":
         app.register_blueprint(ws_bp, url_prefix="", name="storyteller_ws_root")
     cli.register(app)
+    register_token_scope(TOKEN_KIND, _is_session_stream)
