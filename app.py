@@ -37,6 +37,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> OpenAPI:
     services = init_services(app, settings)
     init_routes(app, settings)
     init_auth(app)
+    init_openapi(app, settings)
     init_ratelimit(app, settings)
     init_cli(app)
     services.jobs.start()
@@ -80,6 +81,13 @@ def init_auth(app: OpenAPI) -> None:
     from apps.core.auth import init_auth as _init
 
     _init(app)
+
+
+def init_openapi(app: OpenAPI, settings: Settings) -> None:
+    """/openapi.json for this AUTH_MODE: its security schemes, stream models, the API guide."""
+    from apps.core.openapi import init_openapi as _init
+
+    _init(app, settings.AUTH_MODE)
 
 
 def init_ratelimit(app: OpenAPI, settings: Settings) -> None:

@@ -34,13 +34,14 @@ import click
 from cachetools import TTLCache
 from flask import Flask, Response, current_app, g, jsonify, request
 from flask_openapi3 import APIBlueprint, Tag
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
 
 from .context import services
 from .db import register_indexes
 from .errors import ApiError
+from .openapi import PROTECTED, body_example
 
 
 @dataclass(frozen=True)
@@ -291,7 +292,8 @@ def check_owner(owner: str | None) -> None:
 # ---------------------------------------------------------------- routes
 
 auth_bp = APIBlueprint("auth", __name__, url_prefix="/auth",
-                       abp_tags=[Tag(name="auth", description="Who am I; stream tokens for EventSource URLs")])
+                       abp_tags=[Tag(name="auth", description="Who am I; stream tokens for EventSource URLs")],
+                       abp_security=PROTECTED)
 
 
 class Me(BaseModel):
@@ -302,6 +304,8 @@ class Me(BaseModel):
 
 
 class StreamTokenBody(BaseModel):
+    model_config = ConfigDict(**body_example({"job_id": "Qm9va0V4YW1wbGUx"}))
+
     job_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$",
                         description="the job (or storybook book) to stream")
 

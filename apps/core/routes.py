@@ -11,12 +11,18 @@ from pydantic import BaseModel, Field
 
 from .context import services
 from .db import ping as db_ping
+from .doc_models import HealthOut, JobEvent, JobOut
 from .errors import ApiError
 from .jobs import public_job
+from .openapi import PROTECTED, STREAM_PROTECTED, raw, sse
 from .sse import job_event_stream, last_event_id, sse_response
 from .storage import ID_PATTERN
 
 core_bp = APIBlueprint("core", __name__, abp_tags=[Tag(name="server", description="Health, images and jobs")])
+
+
+# images: with IMAGE_ACCESS=owner and auth on, only the owner (credentials or a job's stream token) reads one
+IMAGE_SECURITY = [*STREAM_PROTECTED, {}]
 
 
 class ImagePath(BaseModel):
@@ -35,7 +41,7 @@ def ping() -> Response:
     return resp
 
 
-@core_bp.get("/health")
+@core_bp.get("/health", responses={200: HealthOut, 503: HealthOut})
 def health() -> Response:
     """Database, language model and image service status."""
     svc = services()
@@ -56,7 +62,11 @@ def health() -> Response:
     return resp
 
 
-@core_bp.get("/images/<image_id>.png")
+@core_bp.get(
+    "/images/<image_id>.png",
+    responses={200: raw("image/png", "the image", {"type": "string", "format": "binary"})},
+    security=IMAGE_SECURITY,
+)
 def get_image(path: ImagePath) -> Response:
     """An image by its unguessable id, with ETag and long-lived caching (images never change)."""
     svc = services()
@@ -96,14 +106,14 @@ def _image_cors(resp: Response, settings: Any) -> None:
     resp.headers["Access-Control-Expose-Headers"] = "Content-Type, ETag"
 
 
-@core_bp.get("/jobs/<job_id>")
+@core_bp.get("/jobs/<job_id>", responses={200: JobOut}, security=STREAM_PROTECTED)
 def get_job(path: JobPath) -> Response:
     """Snapshot of a job: status, progress, data, error."""
     doc = _owned_job(path.job_id)
     return jsonify(public_job(doc))
 
 
-@core_bp.delete("/jobs/<job_id>")
+@core_bp.delete("/jobs/<job_id>", responses={200: JobOut}, security=PROTECTED)
 def cancel_job(path: JobPath) -> Response:
     """Cancel a queued or running job (running jobs stop at their next step)."""
     _owned_job(path.job_id)
@@ -111,7 +121,11 @@ def cancel_job(path: JobPath) -> Response:
     return jsonify(public_job(doc))
 
 
-@core_bp.get("/jobs/<job_id>/events")
+@core_bp.get(
+    "/jobs/<job_id>/events",
+    responses={200: sse(JobEvent, "the job's events (see JobEvent)")},
+    security=STREAM_PROTECTED,
+)
 def job_events(path: JobPath) -> Response:
     """Server-Sent Events of a job; resumable with Last-Event-ID; heartbeat comments."""
     svc = services()
@@ -123,8 +137,9 @@ def job_events(path: JobPath) -> Response:
 
 
 def _owned_job(job_id: str) -> dict[str, Any]:
-    from .auth import check_owner
+    from .auth import authenticate, check_owner
 
+    authenticate()  # credentials first: an unauthenticated probe gets 401, never "no job"
     doc = services().jobs.get(job_id)
     if doc is None:
         raise ApiError(404, f"no job {job_id}")

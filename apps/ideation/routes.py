@@ -11,10 +11,12 @@ from apps.core.auth import authenticate, check_owner, current_user_name
 from apps.core.context import services
 from apps.core.envelope import BusinessException, envelope
 from apps.core.errors import ApiError
+from apps.core.openapi import PROTECTED
 from apps.core.storage import request_base_url
 
 from . import labels as L
 from .attribution import client_key
+from .responses import IdeationEnvelope, TimeRecordOut, UploadImageOut, UploadOut
 from .schemas import (
     USERNAME_PATTERN,
     GenerateBody,
@@ -26,7 +28,37 @@ from .schemas import (
 )
 from .service import IdeationService
 
-bp = APIBlueprint("ideation", __name__, abp_tags=[Tag(name="ideation", description="StepIdeator")])
+bp = APIBlueprint(
+    "ideation",
+    __name__,
+    abp_tags=[Tag(name="ideation", description="StepIdeator")],
+    abp_security=PROTECTED,
+)
+_ENVELOPE = {200: IdeationEnvelope}
+# multipart bodies are read from request.files (the original's error answers), so they are documented here
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "PNG, JPEG, WebP or GIF"},
+                        "username": {
+                            "type": "string",
+                            "pattern": USERNAME_PATTERN,
+                            "description": "auth off: the participant (also `?username=`); see docs/ideation.md",
+                            "example": "10",
+                        },
+                    },
+                },
+                "encoding": {"file": {"contentType": "image/png, image/jpeg, image/webp, image/gif"}},
+            }
+        },
+    }
+}
 
 
 def _service() -> IdeationService:
@@ -41,7 +73,7 @@ def ping() -> Response:
     return resp
 
 
-@bp.post("/generate")
+@bp.post("/generate", responses=_ENVELOPE)
 def generate(body: GenerateBody) -> Response:
     """Every AI button: dispatch on `selectedButtonInfo.aiStage` × `buttonText` (Chinese labels or English ids)."""
     username = current_user_name(body.username) or ""
@@ -89,21 +121,21 @@ def _store_upload(missing: str, kind: str) -> str | Response:
         return _upload_error(exc.status, exc.message)
 
 
-@bp.post("/upload")
+@bp.post("/upload", responses={200: UploadOut}, openapi_extensions=_UPLOAD_BODY)
 def upload() -> Response:
     """Upload the selected canvas (multipart `file`); returns `{url}` ending in `.png`. Each upload is its own image."""
     url = _store_upload("No file provided", "canvas")
     return url if isinstance(url, Response) else jsonify({"url": url})
 
 
-@bp.post("/uploadImage")
+@bp.post("/uploadImage", responses={200: UploadImageOut}, openapi_extensions=_UPLOAD_BODY)
 def upload_image() -> Response:
     """Upload a user's own image (multipart `file`); returns `{success: true, url}`."""
     url = _store_upload("No file part", "upload")
     return url if isinstance(url, Response) else jsonify({"success": True, "url": url})
 
 
-@bp.post("/timeRecord")
+@bp.post("/timeRecord", responses={200: TimeRecordOut})
 def time_record(body: TimeRecordBody) -> Response:
     """Store a participant's stage timing records (appended, never overwritten)."""
     body.username = current_user_name(body.username) or ""
@@ -111,7 +143,7 @@ def time_record(body: TimeRecordBody) -> Response:
     return jsonify({"success": True, "message": "Timing records saved successfully"})
 
 
-@bp.post("/paint/start")
+@bp.post("/paint/start", responses=_ENVELOPE)
 def paint_start(body: UsernameBody) -> Response:
     """Find or create the participant's saved workspace and return it."""
     username = current_user_name(body.username)
@@ -120,7 +152,7 @@ def paint_start(body: UsernameBody) -> Response:
     return envelope(_service().paint_start(username))
 
 
-@bp.post("/paint/save")
+@bp.post("/paint/save", responses=_ENVELOPE)
 def paint_save(body: SaveBody) -> Response:
     """Save the participant's workspace (`data.designSchemes` keyed by stage label, designTask, currentStage)."""
     username = current_user_name(body.username)
@@ -130,7 +162,7 @@ def paint_save(body: SaveBody) -> Response:
     return envelope(None)
 
 
-@bp.get("/users/<username>")
+@bp.get("/users/<username>", responses=_ENVELOPE)
 def user_state(path: UserPath) -> Response:
     """A participant's saved workspace."""
     check_owner(path.username)
@@ -140,7 +172,7 @@ def user_state(path: UserPath) -> Response:
     return envelope(doc)
 
 
-@bp.get("/users/<username>/history")
+@bp.get("/users/<username>/history", responses=_ENVELOPE)
 def user_history(path: UserPath, query: HistoryQuery) -> Response:
     """Everything a participant generated and saw (requests with inputs, outputs, image URLs) and their timings."""
     check_owner(path.username)

@@ -26,10 +26,23 @@ from agent.types import ModelError
 from apps.core.auth import authenticate, make_scoped_token, register_token_scope, token_secret
 from apps.core.context import services
 from apps.core.errors import ApiError
+from apps.core.openapi import PROTECTED, document_model, raw, sse
 from apps.core.sse import format_sse, sse_response
 
 from . import cli
 from . import service as S
+from .responses import (
+    CancelMessage,
+    CancelOut,
+    PromptList,
+    RewriteOut,
+    SavedOut,
+    SettingsOut,
+    StorySessionOut,
+    StoryStreamEvent,
+    StoryVersionOut,
+    VersionsOut,
+)
 from .schemas import (
     GENRE_OPTIONS,
     REGISTER_OPTIONS,
@@ -102,7 +115,7 @@ def _json(body: Any, session_id: str, status: int = 200) -> Response:
 # --------------------------------------------------------------------------- the page
 
 
-@bp.get("/")
+@bp.get("/", responses={200: raw("text/html", "the StorAIteller page")})
 def page() -> Response:
     """The StorAIteller web page (settings, streamed story, rewrite, feedback, history)."""
     resp = make_response(
@@ -120,7 +133,7 @@ def page() -> Response:
 # --------------------------------------------------------------------------- the original contract
 
 
-@bp.post("/setstory/")
+@bp.post("/setstory/", responses={200: PromptList}, security=PROTECTED)
 def setstory(body: StorySettings) -> Response:
     """Submit the settings: builds this session's story prompt; answers `["<prompt>"]` (the original shape)."""
     session, caller, store = _session(body.session, fallback=False)
@@ -128,7 +141,7 @@ def setstory(body: StorySettings) -> Response:
     return _json([story["prompt"]], session["_id"])
 
 
-@bp.post("/redopartstory/")
+@bp.post("/redopartstory/", responses={200: PromptList}, security=PROTECTED)
 def redopartstory(body: StoryParts) -> Response:
     """Mark a part for rewriting; the next `/ws` streams before + new part + after. Answers `["<prompt>"]`."""
     session, _, store = _session(body.session)
@@ -145,7 +158,7 @@ def redopartstory(body: StoryParts) -> Response:
     return _json([pending["prompt"]], session["_id"])
 
 
-@bp.post("/savestory/")
+@bp.post("/savestory/", responses={200: SavedOut}, security=PROTECTED)
 def savestory(body: SaveStoryBody) -> Response:
     """ "Good story": marks the story shown (and the prompt that produced it) for fine-tuning."""
     session, _, store = _session(body.session)
@@ -161,7 +174,7 @@ def savestory(body: SaveStoryBody) -> Response:
 # --------------------------------------------------------------------------- JSON API (our page)
 
 
-@bp.post("/api/settings")
+@bp.post("/api/settings", responses={200: SettingsOut}, security=PROTECTED)
 def api_settings(body: StorySettings) -> Response:
     """Submit the settings form; returns the session and its prompt as an object."""
     session, caller, store = _session(body.session, fallback=False)
@@ -178,7 +191,7 @@ def api_settings(body: StorySettings) -> Response:
     )
 
 
-@bp.post("/api/rewrite")
+@bp.post("/api/rewrite", responses={200: RewriteOut}, security=PROTECTED)
 def api_rewrite(body: RewriteBody) -> Response:
     """Select a part of a version (three texts that rebuild it exactly, or start/end); stream next."""
     session, _, store = _session(body.session, fallback=False)
@@ -205,7 +218,7 @@ def api_rewrite(body: RewriteBody) -> Response:
     )
 
 
-@bp.post("/api/edit")
+@bp.post("/api/edit", responses={201: StoryVersionOut}, security=PROTECTED)
 def api_edit(body: EditBody) -> Response:
     """Save a manual edit of the story as a new version."""
     session, _, store = _session(body.session, fallback=False)
@@ -213,7 +226,7 @@ def api_edit(body: EditBody) -> Response:
     return _json(S.public_version(version), session["_id"], 201)
 
 
-@bp.post("/api/feedback")
+@bp.post("/api/feedback", responses={200: SavedOut}, security=PROTECTED)
 def api_feedback(body: FeedbackBody) -> Response:
     """ "Good story" for one version (default: the current one)."""
     session, _, store = _session(body.session, fallback=False)
@@ -232,7 +245,7 @@ def api_feedback(body: FeedbackBody) -> Response:
     )
 
 
-@bp.post("/api/cancel")
+@bp.post("/api/cancel", responses={200: CancelOut}, security=PROTECTED)
 def api_cancel(body: SessionField) -> Response:
     """Stop this session's running generation (any worker); for SSE clients, which cannot send messages."""
     session, _, store = _session(body.session, fallback=False)
@@ -240,14 +253,14 @@ def api_cancel(body: SessionField) -> Response:
     return _json({"cancelled": True, "session": session["_id"]}, session["_id"])
 
 
-@bp.get("/api/session")
+@bp.get("/api/session", responses={200: StorySessionOut}, security=PROTECTED)
 def api_session(query: SessionQuery) -> Response:
     """This session's settings, prompt, pending rewrite and current version."""
     session, _, _ = _session(query.session)
     return _json(S.public_session(session), session["_id"])
 
 
-@bp.get("/api/versions")
+@bp.get("/api/versions", responses={200: VersionsOut}, security=PROTECTED)
 def api_versions(query: SessionQuery) -> Response:
     """Version history of the session, oldest first (texts included)."""
     session, _, store = _session(query.session)
@@ -258,7 +271,7 @@ def api_versions(query: SessionQuery) -> Response:
     )
 
 
-@bp.get("/api/versions/<version_id>")
+@bp.get("/api/versions/<version_id>", responses={200: StoryVersionOut}, security=PROTECTED)
 def api_version(path: VersionPath) -> Response:
     """One version with its text, prompt and provenance."""
     caller = _caller()
@@ -294,7 +307,7 @@ def _is_session_stream(session_id: str) -> bool:
     return is_stream and request.args.get("session") == session_id
 
 
-@bp.post("/api/stream-token", responses={200: StreamTokenOut})
+@bp.post("/api/stream-token", responses={200: StreamTokenOut}, security=PROTECTED)
 def api_stream_token(body: SessionField) -> Response:
     """A short-lived `?token=` for this session's streams: EventSource and WebSocket cannot send headers.
 
@@ -335,11 +348,22 @@ def _error_message(exc: BaseException) -> str:
     return "internal error while writing the story (logged)"
 
 
-@bp.get("/stream")
+@bp.get(
+    "/stream",
+    responses={200: sse(StoryStreamEvent, "story deltas, then done, cancelled or error (see StoryStreamEvent)")},
+    security=[*PROTECTED, {"streamToken": []}],
+)
 def stream(query: StreamQuery) -> Response:
     """The `/ws` stream over Server-Sent Events: `delta`, then `done` | `cancelled` | `error` events (JSON data).
 
-    Close the EventSource after `done`/`error` (it would reconnect and write again).
+    Close the EventSource after `done`/`error` (it would reconnect and write again). With auth on, pass
+    `?token=` from `POST api/stream-token`.
+
+    The same story also streams over the WebSocket `/storyteller/ws` (not an OpenAPI operation), query
+    `session`, `action` (`next` | `story`), `format` (`text` | `json`), `token`: with `format=json` every
+    frame is a StoryStreamEvent (first `start`); by default (the original) raw text frames carrying only
+    the deltas, closed with 1000 when the story is complete and 1011 + a reason on error. Send
+    CancelMessage `{"type": "cancel"}` (or the text `cancel`) to stop; nothing is stored then.
     """
     session, caller, store = _session(query.session)
     svc = services()
@@ -456,3 +480,4 @@ def init_app(app: Flask) -> None:
         app.register_blueprint(ws_bp, url_prefix="", name="storyteller_ws_root")
     cli.register(app)
     register_token_scope(TOKEN_KIND, _is_session_stream)
+    document_model(CancelMessage)  # the WebSocket's client message (the socket is not an OpenAPI operation)
