@@ -37,6 +37,14 @@ class UploadImageOut(_Open):
     url: str = Field(description="absolute URL of the stored image, ending in .png")
 
 
+class UploadError(_Open):
+    """`/upload`, `/uploadImage` failures in the original's shape (`error`), plus `success`/`message`."""
+
+    success: bool
+    error: str
+    message: str
+
+
 class TimeRecordOut(_Open):
     success: bool
     message: str

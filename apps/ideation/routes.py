@@ -16,7 +16,7 @@ from apps.core.storage import request_base_url
 
 from . import labels as L
 from .attribution import client_key
-from .responses import IdeationEnvelope, TimeRecordOut, UploadImageOut, UploadOut
+from .responses import IdeationEnvelope, TimeRecordOut, UploadError, UploadImageOut, UploadOut
 from .schemas import (
     USERNAME_PATTERN,
     GenerateBody,
@@ -35,6 +35,7 @@ bp = APIBlueprint(
     abp_security=PROTECTED,
 )
 _ENVELOPE = {200: IdeationEnvelope}
+_UPLOAD_ERRORS = {400: UploadError, 422: UploadError}
 # multipart bodies are read from request.files (the original's error answers), so they are documented here
 _UPLOAD_BODY = {
     "requestBody": {
@@ -121,14 +122,14 @@ def _store_upload(missing: str, kind: str) -> str | Response:
         return _upload_error(exc.status, exc.message)
 
 
-@bp.post("/upload", responses={200: UploadOut}, openapi_extensions=_UPLOAD_BODY)
+@bp.post("/upload", responses={200: UploadOut, **_UPLOAD_ERRORS}, openapi_extensions=_UPLOAD_BODY)
 def upload() -> Response:
     """Upload the selected canvas (multipart `file`); returns `{url}` ending in `.png`. Each upload is its own image."""
     url = _store_upload("No file provided", "canvas")
     return url if isinstance(url, Response) else jsonify({"url": url})
 
 
-@bp.post("/uploadImage", responses={200: UploadImageOut}, openapi_extensions=_UPLOAD_BODY)
+@bp.post("/uploadImage", responses={200: UploadImageOut, **_UPLOAD_ERRORS}, openapi_extensions=_UPLOAD_BODY)
 def upload_image() -> Response:
     """Upload a user's own image (multipart `file`); returns `{success: true, url}`."""
     url = _store_upload("No file part", "upload")
