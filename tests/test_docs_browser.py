@@ -53,7 +53,9 @@ def test_authorize_and_try_it_out(browser: Any, make_app: Any, fake_openai: Any)
 
             block.locator("button.execute").click()
             expect(status).to_have_text("200", timeout=15000)
-            body = block.locator(".live-responses-table tbody .response-col_description pre").first.inner_text()
+            body = block.locator(
+                ".live-responses-table tbody .response-col_description pre"
+            ).first.inner_text()
             assert json.loads(body)["user"] == "alice"
 
             # a POST whose body Swagger fills in from the documented example

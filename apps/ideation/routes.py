@@ -46,7 +46,11 @@ _UPLOAD_BODY = {
                     "type": "object",
                     "required": ["file"],
                     "properties": {
-                        "file": {"type": "string", "format": "binary", "description": "PNG, JPEG, WebP or GIF"},
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "PNG, JPEG, WebP or GIF",
+                        },
                         "username": {
                             "type": "string",
                             "pattern": USERNAME_PATTERN,

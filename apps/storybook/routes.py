@@ -143,9 +143,7 @@ def get_updates(path: TaskPath) -> Response:
     return sse_response(stream)
 
 
-@bp.get(
-    "/get_final_output", responses={200: FinalOutput, 404: InvalidTask}, security=[*PROTECTED, {}]
-)
+@bp.get("/get_final_output", responses={200: FinalOutput, 404: InvalidTask}, security=[*PROTECTED, {}])
 def get_final_output(query: FinalOutputQuery) -> Response:
     """That task's finished book; without `task_id`, your most recent finished book (`{}` when none)."""
     svc = services()

@@ -314,7 +314,9 @@ def api_stream_token(body: SessionField) -> Response:
     Sign in with the API key header first; the token opens `stream?session=S` and `ws?session=S` of this
     one session and is refused everywhere else."""
     caller, store = _caller(), _store()
-    session = S.resolve_session(store, caller, explicit=body.session, cookie=None, fallback=False, create=False)
+    session = S.resolve_session(
+        store, caller, explicit=body.session, cookie=None, fallback=False, create=False
+    )
     if session is None:
         raise ApiError(404, "unknown session")
     svc = services()
@@ -350,7 +352,9 @@ def _error_message(exc: BaseException) -> str:
 
 @bp.get(
     "/stream",
-    responses={200: sse(StoryStreamEvent, "story deltas, then done, cancelled or error (see StoryStreamEvent)")},
+    responses={
+        200: sse(StoryStreamEvent, "story deltas, then done, cancelled or error (see StoryStreamEvent)")
+    },
     security=[*PROTECTED, {"streamToken": []}],
 )
 def stream(query: StreamQuery) -> Response:
