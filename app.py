@@ -139,20 +139,12 @@ def init_services(app: OpenAPI, settings: Settings) -> Any:
     client, db = connect(settings)
     create_indexes(db)
     create_generation_indexes(db)
-    store = ImageStore(
-        db,
-        max_bytes=settings.MAX_IMAGE_BYTES,
-        max_side=settings.MAX_IMAGE_SIDE,
-        cache_bytes=settings.IMAGE_CACHE_MB << 20,
-    )
+    store = ImageStore(db, max_bytes=settings.MAX_IMAGE_BYTES, max_side=settings.MAX_IMAGE_SIDE,
+                       cache_bytes=settings.IMAGE_CACHE_MB << 20)
     prompts = PromptLibrary(settings.PROMPTS_DIR)
     jobs = JobManager(db, workers=settings.JOB_WORKERS, lease_s=settings.JOB_LEASE_S)
     services = Services(
-        settings=settings,
-        client=client,
-        db=db,
-        images=store,
-        jobs=jobs,
+        settings=settings, client=client, db=db, images=store, jobs=jobs,
         watcher=JobWatcher(jobs, poll_s=settings.SSE_POLL_S),
         llm=build_llm(settings, db, prompts),
         image_provider=build_image_provider(settings, db, store.save),
