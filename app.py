@@ -41,6 +41,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> OpenAPI:
     init_indexes(app)
     init_routes(app, settings)
     init_auth(app)
+    init_openapi(app, settings)
     init_ratelimit(app, settings)
     init_cli(app)
     init_studies(app, services)
@@ -94,6 +95,13 @@ def init_auth(app: OpenAPI) -> None:
     _init(app)
 
 
+def init_openapi(app: OpenAPI, settings: Settings) -> None:
+    """/openapi.json for this AUTH_MODE: its security schemes, stream models, the API guide."""
+    from apps.core.openapi import init_openapi as _init
+
+    _init(app, settings.AUTH_MODE)
+
+
 def init_ratelimit(app: OpenAPI, settings: Settings) -> None:
     from apps.core.ratelimit import init_ratelimit as _init
 
@@ -101,15 +109,33 @@ def init_ratelimit(app: OpenAPI, settings: Settings) -> None:
 
 
 def init_cors(app: OpenAPI, settings: Settings) -> None:
+    """`CORS_ORIGINS=*` (the default): `Access-Control-Allow-Origin: *` and never credentials, so no page
+    on the web can read a participant's data with their browser's Basic credentials. Listed origins get
+    their origin echoed with `Access-Control-Allow-Credentials: true`."""
     origins = settings.CORS_ORIGINS or ["*"]
-    # credentials can't be combined with "*"; echo the origin instead when everything is allowed
+    wildcard = "*" in origins
+    if wildcard and len(origins) > 1:
+        log.warning("CORS_ORIGINS mixes '*' with origins %s: serving '*' without credentials", origins)
+    app.after_request(_merge_vary)  # registered before flask-cors's, so it runs after it
+    # always_send: `*` even without an Origin (a cached copy then passes CORS too); a list only on a match
     CORS(
         app,
-        origins=origins if origins != ["*"] else r".*",
-        supports_credentials=True,
+        origins="*" if wildcard else origins,
+        send_wildcard=wildcard,
+        supports_credentials=not wildcard,
+        always_send=wildcard,
         expose_headers=["Content-Type", "ETag", "Retry-After", "X-Request-ID"],
         max_age=600,
     )
+
+
+def _merge_vary(resp: Any) -> Any:
+    """One `Vary` header: routes (images) and flask-cors may each add `Origin`."""
+    values = resp.headers.getlist("Vary")
+    if len(values) > 1:
+        merged = list(dict.fromkeys(v.strip() for value in values for v in value.split(",") if v.strip()))
+        resp.headers["Vary"] = ", ".join(merged)
+    return resp
 
 
 def init_services(app: OpenAPI, settings: Settings) -> Any:

@@ -292,7 +292,11 @@ def test_r5_convergence_names_and_recommendation(c: Any, fake_openai: Any) -> No
     names = ["便携折叠跳绳", "智能计数手环", "无标注方案", "夜跑照明背心"]
     fake_openai.script({"names": names}, {"selected": [4, 1, 2]})
     data = ok(c, "/generate", R5)
-    assert list(data) == ["names", "selected", "requestId"]
+    # type 2 carries stimulusIds like types 0, 1 and 3 (issue 17 item 2): one naming stimulus, stored
+    assert list(data) == ["names", "selected", "requestId", "stimulusIds"]
+    assert len(data["stimulusIds"]) == 1
+    db = c.application.extensions["services"].db
+    assert db.refinement_stimuli.count_documents({"_id": data["stimulusIds"][0]}) == 1
     assert data["names"] == names
     assert data["selected"] == ["夜跑照明背心", "便携折叠跳绳", "智能计数手环"]
     naming, recommend = chat_bodies(fake_openai)
@@ -486,7 +490,7 @@ def test_options_preflight(c: Any) -> None:
             },
         )
         assert resp.status_code == 200, path
-        assert resp.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+        assert resp.headers["Access-Control-Allow-Origin"] == "*"
         assert "content-type" in resp.headers["Access-Control-Allow-Headers"].lower()
         assert "POST" in resp.headers["Access-Control-Allow-Methods"]
 

@@ -35,13 +35,14 @@ import click
 from cachetools import TTLCache
 from flask import Flask, Response, current_app, g, jsonify, request
 from flask_openapi3 import APIBlueprint, Tag
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
 
 from .context import services
 from .db import register_indexes
 from .errors import ApiError
+from .openapi import PROTECTED, body_example
 
 
 @dataclass(frozen=True)
@@ -342,9 +343,42 @@ def _token_user() -> User:
     if payload is None or not payload.get("u"):
         raise _unauthorized("invalid or expired stream token; ask POST /auth/stream-token for a new one",
                             basic=False)
+    if payload.get("k") is not None:  # a token of another scope kind (make_scoped_token)
+        return _scoped_token_user(payload)
     view = current_app.view_functions.get(request.endpoint or "")
     if not token_scope_ok(payload, view, request.view_args):
         raise _unauthorized("this stream token opens only its job's stream and status", basic=False)
+    return User(name=str(payload["u"]), role=str(payload.get("r") or "user"))
+
+
+# Scoped tokens: the same signed `?token=` for streams that are not jobs (a storyteller session's SSE
+# and WebSocket). The payload names a kind (`k`) and the one thing it opens (`s`); the kind's
+# registered check decides whether *this* request is one of that thing's streams. A job token has
+# no `k` and a scoped token no `j`, so neither opens the other's streams.
+ScopeCheck = Callable[[str], bool]
+_SCOPE_CHECKS: dict[str, ScopeCheck] = {}
+
+
+def register_token_scope(kind: str, check: ScopeCheck) -> None:
+    """`check(scope_id)` is True when the current request is a stream of that scope (and nothing else)."""
+    _SCOPE_CHECKS[kind] = check
+
+
+def make_scoped_token(secret: bytes, user: User | None, kind: str, scope_id: str, ttl_s: int,
+                      now: float | None = None) -> tuple[str, int]:
+    """A signed token that opens only the streams of one `scope_id` of `kind`; (token, expiry)."""
+    expires = int((now if now is not None else time.time()) + ttl_s)
+    payload = {"u": user.name if user else None, "r": user.role if user else None, "k": kind, "s": scope_id,
+               "exp": expires}
+    body = _b64(json.dumps(payload, separators=(",", ":")).encode())
+    return f"{body}.{_sign(secret, body)}", expires
+
+
+def _scoped_token_user(payload: dict[str, Any]) -> User:
+    check = _SCOPE_CHECKS.get(str(payload.get("k")))
+    scope_id = payload.get("s")
+    if check is None or not isinstance(scope_id, str) or not scope_id or not check(scope_id):
+        raise _unauthorized("this stream token is for another stream", basic=False)
     return User(name=str(payload["u"]), role=str(payload.get("r") or "user"))
 
 
@@ -369,12 +403,9 @@ def check_owner(owner: str | None, message: str = "not found") -> None:
 
 # ---------------------------------------------------------------- routes
 
-auth_bp = APIBlueprint(
-    "auth",
-    __name__,
-    url_prefix="/auth",
-    abp_tags=[Tag(name="auth", description="Who am I; stream tokens for EventSource URLs")],
-)
+auth_bp = APIBlueprint("auth", __name__, url_prefix="/auth",
+                       abp_tags=[Tag(name="auth", description="Who am I; stream tokens for EventSource URLs")],
+                       abp_security=PROTECTED)
 
 
 class Me(BaseModel):
@@ -385,12 +416,10 @@ class Me(BaseModel):
 
 
 class StreamTokenBody(BaseModel):
-    job_id: str = Field(
-        min_length=8,
-        max_length=64,
-        pattern=r"^[A-Za-z0-9_-]+$",
-        description="the job (or storybook book) to stream",
-    )
+    model_config = ConfigDict(**body_example({"job_id": "Qm9va0V4YW1wbGUx"}))
+
+    job_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$",
+                        description="the job (or storybook book) to stream")
 
 
 class StreamToken(BaseModel):

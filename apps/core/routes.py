@@ -10,13 +10,19 @@ from pydantic import BaseModel, Field
 
 from .auth import stream_token_route
 from .context import services
+from .doc_models import HealthOut, JobEvent, JobOut
 from .errors import ApiError
 from .health import health_report
 from .jobs import public_job
+from .openapi import PROTECTED, STREAM_PROTECTED, raw, sse
 from .sse import job_event_stream, last_event_id, sse_response
 from .storage import ID_PATTERN, absolute_image_urls
 
 core_bp = APIBlueprint("core", __name__, abp_tags=[Tag(name="server", description="Health, images and jobs")])
+
+
+# images: with IMAGE_ACCESS=owner and auth on, only the owner (credentials or a job's stream token) reads one
+IMAGE_SECURITY = [*STREAM_PROTECTED, {}]
 
 
 class ImagePath(BaseModel):
@@ -35,7 +41,7 @@ def ping() -> Response:
     return resp
 
 
-@core_bp.get("/health")
+@core_bp.get("/health", responses={200: HealthOut, 503: HealthOut})
 def health() -> Response:
     """Readiness: database, model, images and prompts probed (cached a few seconds); 200 only when all are ok.
 
@@ -48,7 +54,11 @@ def health() -> Response:
     return resp
 
 
-@core_bp.get("/images/<image_id>.png")
+@core_bp.get(
+    "/images/<image_id>.png",
+    responses={200: raw("image/png", "the image", {"type": "string", "format": "binary"})},
+    security=IMAGE_SECURITY,
+)
 def get_image(path: ImagePath) -> Response:
     """An image by its unguessable id, with ETag and long-lived caching (images never change)."""
     svc = services()
@@ -63,10 +73,27 @@ def get_image(path: ImagePath) -> Response:
         resp.headers["Content-Length"] = str(len(data))
     resp.set_etag(etag)
     resp.headers["Cache-Control"] = "private, max-age=31536000, immutable"
+    _image_cors(resp, svc.settings)
     return resp
 
 
-@core_bp.get("/jobs/<job_id>")
+def _image_cors(resp: Response, settings: Any) -> None:
+    """Images are cached for a year: a browser that loaded one with `<img>` (no Origin) answers a later
+    `fetch()` of the same URL from its cache. `Vary: Origin` always keys that cache by Origin, and where
+    anyone with the link may read the image (auth off, or IMAGE_ACCESS=link) it is `*` for everyone, so
+    even the cached copy passes CORS. A listed origin still gets its own echo (flask-cors) with credentials."""
+    resp.vary.add("Origin")
+    if settings.AUTH_MODE != "none" and settings.IMAGE_ACCESS != "link":
+        return
+    origin = request.headers.get("Origin")
+    listed = [o for o in settings.CORS_ORIGINS if o != "*"]
+    if origin and "*" not in settings.CORS_ORIGINS and origin.lower() in (o.lower() for o in listed):
+        return
+    resp.headers["Access-Control-Allow-Origin"] = "*"
+    resp.headers["Access-Control-Expose-Headers"] = "Content-Type, ETag"
+
+
+@core_bp.get("/jobs/<job_id>", responses={200: JobOut}, security=STREAM_PROTECTED)
 @stream_token_route("job_id")
 def get_job(path: JobPath) -> Response:
     """Snapshot of a job: status, progress, data, error."""
@@ -74,7 +101,7 @@ def get_job(path: JobPath) -> Response:
     return jsonify(absolute_image_urls(public_job(doc)))
 
 
-@core_bp.delete("/jobs/<job_id>")
+@core_bp.delete("/jobs/<job_id>", responses={200: JobOut}, security=PROTECTED)
 def cancel_job(path: JobPath) -> Response:
     """Cancel a queued or running job (running jobs stop at their next step)."""
     _owned_job(path.job_id)
@@ -82,7 +109,11 @@ def cancel_job(path: JobPath) -> Response:
     return jsonify(public_job(doc))
 
 
-@core_bp.get("/jobs/<job_id>/events")
+@core_bp.get(
+    "/jobs/<job_id>/events",
+    responses={200: sse(JobEvent, "the job's events (see JobEvent)")},
+    security=STREAM_PROTECTED,
+)
 @stream_token_route("job_id")
 def job_events(path: JobPath) -> Response:
     """Server-Sent Events of a job; resumable with Last-Event-ID; heartbeat comments."""
@@ -94,8 +125,9 @@ def job_events(path: JobPath) -> Response:
 
 
 def _owned_job(job_id: str) -> dict[str, Any]:
-    from .auth import check_owner
+    from .auth import authenticate, check_owner
 
+    authenticate()  # credentials first: an unauthenticated probe gets 401, never "no job"
     doc = services().jobs.get(job_id)
     if doc is None:
         raise ApiError(404, f"no job {job_id}")

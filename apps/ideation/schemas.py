@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from apps.core.mongo_keys import StorableDict, check_storable_keys
+from apps.core.openapi import body_example
 
 # letters/digits (incl. CJK), dot, dash, underscore; empty allowed (the original frontend may send "")
 USERNAME_PATTERN = r"^[\w.\-]{0,64}$"
@@ -20,7 +21,22 @@ class ButtonInfo(BaseModel):
 class GenerateBody(BaseModel):
     """`POST /generate`: every AI button of StepIdeator."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(
+        extra="allow",
+        title="IdeationGenerateBody",  # unique in /openapi.json (refinement has a GenerateBody too)
+        **body_example(
+            {
+                "username": "10",
+                "designTask": "设计一款适用于丘陵果园的农业植保无人机",
+                "currentNum": 2,
+                "currentAIStage": "设计摘要的辅助生成",
+                "currentStage": "设计摘要的环境",
+                "selectedTexts": [],
+                "selectedCanvasRecords": [],
+                "selectedButtonInfo": {"buttonText": "生成全新摘要", "aiStage": "设计摘要的辅助生成"},
+            }
+        ),
+    )
 
     username: str = Field(default="", pattern=USERNAME_PATTERN, description="participant id")
     designTask: str = Field(default="", max_length=2000)
@@ -34,10 +50,35 @@ class GenerateBody(BaseModel):
 
 
 class UsernameBody(BaseModel):
+    model_config = ConfigDict(title="IdeationUsernameBody", **body_example({"username": "10"}))
+
     username: str | None = Field(default=None, pattern=USERNAME_PATTERN)
 
 
 class SaveBody(BaseModel):
+    model_config = ConfigDict(
+        title="IdeationSaveBody",
+        **body_example(
+            {
+                "username": "10",
+                "data": {
+                    "designSchemes": {
+                        "草图的环境": [
+                            {
+                                "name": "",
+                                "paths": [],
+                                "texts": [{"text": "可折叠机臂", "position": {"x": 412, "y": 300}}],
+                                "canvasImage": "",
+                            }
+                        ]
+                    },
+                    "designTask": "设计一款适用于丘陵果园的农业植保无人机",
+                    "currentStage": "草图的环境",
+                },
+            }
+        ),
+    )
+
     username: str | None = Field(default=None, pattern=USERNAME_PATTERN)
     data: StorableDict | None = None
 
@@ -49,7 +90,21 @@ class TimingEntry(BaseModel):
 
 
 class TimeRecordBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(
+        extra="allow",
+        **body_example(
+            {
+                "username": "10",
+                "stageSwitchRecords": {
+                    "设计摘要的环境": [{"startTime": 1710396426000, "duration": 95000}],
+                    "草图的环境": [{"startTime": 1710396521000}],
+                },
+                "aiStageSwitchRecords": {
+                    "设计摘要的辅助生成": [{"startTime": 1710396426000, "duration": 60000}]
+                },
+            }
+        ),
+    )
     username: str = Field(default="", pattern=USERNAME_PATTERN)
     stageSwitchRecords: dict[str, list[TimingEntry]] = Field(default_factory=dict)
     aiStageSwitchRecords: dict[str, list[TimingEntry]] = Field(default_factory=dict)

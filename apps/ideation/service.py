@@ -39,6 +39,7 @@ from apps.core.storage import (
 )
 
 from . import labels as L
+from .attribution import claim_uploads, participant_of
 
 APP = "ideation"
 
@@ -53,6 +54,10 @@ def _indexes(db: Database) -> None:
     db.ideation_requests.create_index([("username", 1), ("created_at", -1)])
     db.ideation_users.create_index("username", unique=True)
     db.ideation_time_records.create_index([("username", 1), ("received_at", -1)])
+    # attribution.py: find a browser's latest named request, and its ownerless uploads
+    db.ideation_requests.create_index([("client_key", 1), ("created_at", -1)])
+    db.ideation_time_records.create_index([("client_key", 1), ("received_at", -1)])
+    db["images.files"].create_index([("metadata.client_key", 1), ("uploadDate", -1)])
     db.ideation_mainbody.create_index("created_at")
 
 
@@ -98,7 +103,7 @@ class IdeationService:
         self.base_url = base_url
 
     # ------------------------------------------------------------------ entry point
-    def generate(self, body: Any, username: str) -> Any:
+    def generate(self, body: Any, username: str, client: str | None = None) -> Any:
         info = body.selectedButtonInfo
         op = L.resolve_operation(info.aiStage, info.buttonText)
         if op is None:
@@ -114,6 +119,8 @@ class IdeationService:
             raise BusinessException(1, f"currentNum must be between 1 and {limit}", status=422)
         if op in ("brief.extend", "sketch.reference"):
             num = 1  # the UI forces 1 for these buttons
+        if client and self.settings.AUTH_MODE == "none":
+            claim_uploads(self.db, APP, client, username)
         canvas, canvas_id = self._canvas(body.selectedCanvasRecords or [], username)
         gen = Generation(username=username, task=task, op=op, num=num, texts=list(body.selectedTexts or []),
                          current_stage=L.resolve_stage(body.currentStage), canvas=canvas, canvas_image_id=canvas_id)
@@ -122,7 +129,8 @@ class IdeationService:
             "_id": gen.request_id, "username": username, "op": op, "buttonText": info.buttonText,
             "aiStage": info.aiStage, "currentAIStage": body.currentAIStage, "currentStage": body.currentStage,
             "designTask": task, "num": num, "selectedTexts": gen.texts, "canvas_image_id": canvas_id,
-            "created_at": datetime.now(UTC), "status": "working", **lease_fields(self.svc.jobs),
+            "created_at": datetime.now(UTC), "status": "working", "client_key": client,
+            **lease_fields(self.svc.jobs),
         }
         self.db.ideation_requests.insert_one(record)
         try:
@@ -423,14 +431,23 @@ class IdeationService:
                              self._sd_text("product", negative=True), self.ckpt_control, [unit])
 
     # ------------------------------------------------------------------ uploads, timings, state
-    def upload(self, data: bytes, filename: str, username: str | None, kind: str) -> str:
-        image_id = self.svc.images.save(data, app=APP, user=username or None, kind=kind, filename=filename)
+    def upload(self, data: bytes, filename: str, username: str | None, kind: str, *,
+               source: str | None = None, client: str | None = None) -> str:
+        """Store an upload; with no stated owner (auth off, no `username`) link it by `client` (attribution.py)."""
+        if not username and client and self.settings.AUTH_MODE == "none":
+            username = participant_of(self.db, client)
+            source = "client" if username else None
+        image_id = self.svc.images.save(data, app=APP, user=username or None, kind=kind, filename=filename,
+                                        user_source=source if username else None, client_key=client)
         return absolute_image_url(image_id, self.base_url)
 
-    def time_record(self, body: Any) -> None:
+    def time_record(self, body: Any, client: str | None = None) -> None:
         doc = body.model_dump()
         doc["received_at"] = datetime.now(UTC)
+        doc["client_key"] = client
         self.db.ideation_time_records.insert_one(doc)
+        if client and self.settings.AUTH_MODE == "none":
+            claim_uploads(self.db, APP, client, body.username)
 
     def paint_start(self, username: str) -> dict[str, Any]:
         now = datetime.now(UTC)

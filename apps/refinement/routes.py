@@ -14,6 +14,7 @@ from apps.core.auth import authenticate, check_owner, current_user_name
 from apps.core.context import services
 from apps.core.envelope import BusinessException, envelope
 from apps.core.image_refs import IMAGE_NOT_FOUND
+from apps.core.openapi import PROTECTED
 
 from . import labels as L
 from . import store as S
@@ -42,8 +43,18 @@ from .schemas import (
 from .service import Client, RefinementService
 
 bp = APIBlueprint(
-    "refinement", __name__, abp_tags=[Tag(name="refinement", description="InsPilot / Refinity")]
+    "refinement",
+    __name__,
+    abp_tags=[Tag(name="refinement", description="InsPilot / Refinity")],
+    abp_security=PROTECTED,
 )
+
+
+@bp.before_request
+def _auth_first() -> None:
+    """Credentials before any lookup: with auth on, an unauthenticated id probe gets 401, never 404."""
+    if request.method != "OPTIONS" and (request.endpoint or "").rsplit(".", 1)[-1] != "ping":
+        authenticate()
 
 
 def _base_url() -> str:

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from apps.core.mongo_keys import StorableDict
+from apps.core.openapi import body_example
 from apps.core.storage import ID_PATTERN
 
 MAX_NUM = 12  # type 0 `num`, type 3 `num`, type 2 `selectNum`
@@ -37,6 +38,11 @@ class _Strict(BaseModel):
 # ------------------------------------------------------------------ /generate
 class GenerateBody(_Strict):
     """`POST /generate`: every stimulus request of InsPilot."""
+
+    model_config = ConfigDict(
+        title="RefinementGenerateBody",  # unique in /openapi.json (ideation has a GenerateBody too)
+        **body_example({"appid": 0, "type": 0, "prompts": {"task": "设计一款运动辅助产品", "num": 6}}),
+    )
 
     appid: int = Field(description="application id; only 0 (the paint app) exists")
     type: int = Field(
@@ -153,7 +159,7 @@ class GenerateData(BaseModel):
     selected: list[str] | None = None
     requestId: str = Field(description="ours: the stored request (GET /requests/<id>)")
     stimulusIds: list[str] | None = Field(
-        default=None, description="ours: one per creative (GET /stimuli/<id>)"
+        default=None, description="ours: one per stored stimulus, type 2 included (GET /stimuli/<id>)"
     )
 
 
@@ -170,10 +176,28 @@ class GenerateEnvelope(Envelope):
 
 # ------------------------------------------------------------------ /paint
 class UsernameBody(_Strict):
+    model_config = ConfigDict(title="RefinementUsernameBody", **body_example({"username": "alice"}))
+
     username: str | None = Field(default=None, pattern=USERNAME_PATTERN)
 
 
 class SaveBody(_Strict):
+    model_config = ConfigDict(
+        title="RefinementSaveBody",
+        **body_example(
+            {
+                "username": "alice",
+                "data": {
+                    "designSchemes": {
+                        "快速发散": [{"name": "", "paths": [], "texts": [], "canvasImage": ""}]
+                    },
+                    "designTask": "设计一款运动辅助产品",
+                    "currentStage": "快速发散",
+                },
+            }
+        ),
+    )
+
     username: str | None = Field(default=None, pattern=USERNAME_PATTERN)
     data: StorableDict | None = Field(  # the schemes are stored as sent
         default=None, description="{designSchemes: {stage: [Scheme]}, designTask, currentStage}"
@@ -314,6 +338,12 @@ class _RefineBody(_Strict):
 class Img2ImgBody(_RefineBody):
     """A variation of an image: img2img with `strength` (0 = unchanged, 1 = new image)."""
 
+    model_config = ConfigDict(
+        **body_example(
+            {"imageId": "Xk3v9QeL0aBcDeFgHiJkLmNo", "prompt": "a foldable jump rope", "strength": 0.5}
+        )
+    )
+
     strength: float | None = Field(
         default=None, ge=0.0, le=1.0, description="denoising strength; default 0.6"
     )
@@ -321,6 +351,17 @@ class Img2ImgBody(_RefineBody):
 
 class InpaintBody(_RefineBody):
     """Regenerate the masked part of an image."""
+
+    model_config = ConfigDict(
+        **body_example(
+            {
+                "imageId": "Xk3v9QeL0aBcDeFgHiJkLmNo",
+                "mask": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8"
+                "/5+hHgAHggJ/PchI7wAAAABJRU5ErkJggg==",
+                "prompt": "a red handle",
+            }
+        )
+    )
 
     mask: str = Field(
         min_length=8,

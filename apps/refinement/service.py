@@ -298,8 +298,8 @@ class RefinementService:
         if who.session:
             self.db.refinement_sessions.update_one({"_id": who.session}, {"$set": {"last_seen_at": S.now()}})
         data["requestId"] = request_id
-        if body.type != L.TYPE_CONVERGENCE_NAMES:
-            data["stimulusIds"] = [d["_id"] for d in docs]
+        # every type, type 2 (one naming stimulus) included, so a frontend links any reply to its records
+        data["stimulusIds"] = [d["_id"] for d in docs]
         return data
 
     def _dispatch(

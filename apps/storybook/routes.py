@@ -20,12 +20,15 @@ from pydantic import BaseModel
 
 from apps.core.auth import authenticate, check_owner, current_user_name, stream_token_route
 from apps.core.context import services
+from apps.core.doc_models import JobOut
 from apps.core.errors import ApiError, error_response
 from apps.core.jobs import public_job
+from apps.core.openapi import PROTECTED, STREAM_PROTECTED, sse
 from apps.core.sse import job_event_stream, last_event_id, sse_response
 from apps.core.storage import request_base_url
 
 from . import service
+from .responses import BookEvent, BookList, BookOut, FinalOutput, InvalidTask, LegacySnapshot
 from .s3 import s3_images
 from .schemas import (
     BookBody,
@@ -102,7 +105,7 @@ def health() -> Response:
     return jsonify({"status": "healthy"})
 
 
-@bp.get("/get_storybook/", strict_slashes=False, responses={200: TaskCreated})
+@bp.get("/get_storybook/", strict_slashes=False, responses={200: TaskCreated}, security=PROTECTED)
 def get_storybook(query: LegacyCreateQuery) -> Response:
     """Start a storybook (`des` = story idea, `pgs` = pages); returns `{"task_id": int}` at once."""
     svc = services()
@@ -124,7 +127,10 @@ def get_storybook(query: LegacyCreateQuery) -> Response:
     return jsonify({"task_id": doc["legacy_id"]})
 
 
-@bp.get("/get_updates/<task_id>")
+@bp.get(
+    "/get_updates/<task_id>",
+    responses={200: sse(LegacySnapshot, "cumulative snapshots (see LegacySnapshot)"), 404: InvalidTask},
+)
 def get_updates(path: TaskPath) -> Response:
     """SSE of cumulative snapshots `{status, progress: {total: 4, current}, data}` until `done`/`failed`."""
     svc = services()
@@ -137,7 +143,7 @@ def get_updates(path: TaskPath) -> Response:
     return sse_response(stream)
 
 
-@bp.get("/get_final_output")
+@bp.get("/get_final_output", responses={200: FinalOutput, 404: InvalidTask}, security=[*PROTECTED, {}])
 def get_final_output(query: FinalOutputQuery) -> Response:
     """That task's finished book; without `task_id`, your most recent finished book (`{}` when none)."""
     svc = services()
@@ -163,7 +169,7 @@ def get_final_output(query: FinalOutputQuery) -> Response:
 # ------------------------------------------------------------------ the JSON API
 
 
-@bp.post("/books")
+@bp.post("/books", responses={202: BookOut}, security=PROTECTED)
 def create_book(body: BookBody) -> Response:
     """Start a book; 202 with the book (status `queued`) and links to its events."""
     svc = services()
@@ -176,7 +182,7 @@ def create_book(body: BookBody) -> Response:
     return resp
 
 
-@bp.get("/books")
+@bp.get("/books", responses={200: BookList}, security=PROTECTED)
 def list_books(query: HistoryQuery) -> Response:
     """A user's books, newest first (auth on: your own; admins may pass `user`)."""
     user = authenticate()
@@ -193,7 +199,7 @@ def _owned_book(book_id: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
     return book, svc.jobs.get(book_id)
 
 
-@bp.get("/books/<book_id>")
+@bp.get("/books/<book_id>", responses={200: BookOut}, security=STREAM_PROTECTED)
 @stream_token_route("book_id")
 def get_book(path: BookPath) -> Response:
     """One book: status, progress, title, sheet, pages (text, image prompt, picture URL), cover, error."""
@@ -201,7 +207,11 @@ def get_book(path: BookPath) -> Response:
     return jsonify(service.public_book(book, job, prefix=_prefix(), s3=s3_images(services())))
 
 
-@bp.get("/books/<book_id>/events")
+@bp.get(
+    "/books/<book_id>/events",
+    responses={200: sse(BookEvent, "one event per step (see BookEvent)")},
+    security=STREAM_PROTECTED,
+)
 @stream_token_route("book_id")
 def book_events(path: BookPath) -> Response:
     """SSE, one event per step: `book.plan`, `page.delta` (text as written), `page.text`, `page.image`,
@@ -227,7 +237,7 @@ def book_events(path: BookPath) -> Response:
     return sse_response(stream)
 
 
-@bp.delete("/books/<book_id>")
+@bp.delete("/books/<book_id>", responses={200: JobOut}, security=PROTECTED)
 def cancel_book(path: BookPath) -> Response:
     """Cancel a queued or running book (same as `DELETE /jobs/<id>`); returns the job."""
     _owned_book(path.book_id)

@@ -7,10 +7,12 @@ the description is 1-2000 characters after trimming, the page count 1..STORYBOOK
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from flask import current_app, has_app_context
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from apps.core.openapi import body_example
 
 DESCRIPTION_MAX = 2000
 DEFAULT_MAX_PAGES = 20
@@ -95,7 +97,18 @@ class Character(BaseModel):
 class BookBody(BaseModel):
     """`POST /storybook/books`: everything a reader (or a study) can set."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        **body_example(
+            {
+                "description": "A shy fox learns to sing with the birds",
+                "pages": 3,
+                "style": "watercolor, soft light",
+                "main_character": {"name": "Fern", "appearance": "a small red fox with a white tail tip"},
+                "language": "English",
+            }
+        ),
+    )
 
     description: str = Field(description="the story idea (1-2000 characters after trimming)")
     pages: int = Field(description="number of pages (1..STORYBOOK_MAX_PAGES)")
@@ -154,7 +167,7 @@ class HistoryQuery(BaseModel):
         description="AUTH_MODE=none: whose books (omitted: anonymous ones); admins: any user",
     )
     limit: int = Field(default=20, ge=1, le=200)
-    status: str | None = Field(default=None, pattern=r"^(queued|working|done|failed|cancelled)$")
+    status: Literal["queued", "working", "done", "failed", "cancelled"] | None = None
 
 
 def book_params(body: BookBody) -> dict[str, Any]:

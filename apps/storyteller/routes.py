@@ -12,22 +12,37 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, Flask, Response, jsonify, make_response, render_template, request
 from flask_openapi3 import APIBlueprint, Tag
 from flask_sock import Sock
+from pydantic import BaseModel, Field
 from simple_websocket import ConnectionClosed
 from wsproto.frame_protocol import CloseReason
 
 from agent.types import ModelError
-from apps.core.auth import authenticate
+from apps.core.auth import authenticate, make_scoped_token, register_token_scope, token_secret
 from apps.core.context import services
 from apps.core.errors import ApiError
+from apps.core.openapi import PROTECTED, document_model, raw, sse
 from apps.core.sse import format_sse, sse_response
 
 from . import cli
 from . import service as S
+from .responses import (
+    CancelMessage,
+    CancelOut,
+    PromptList,
+    RewriteOut,
+    SavedOut,
+    SettingsOut,
+    StorySessionOut,
+    StoryStreamEvent,
+    StoryVersionOut,
+    VersionsOut,
+)
 from .schemas import (
     GENRE_OPTIONS,
     REGISTER_OPTIONS,
@@ -107,7 +122,7 @@ def _json(body: Any, session_id: str, status: int = 200) -> Response:
 # --------------------------------------------------------------------------- the page
 
 
-@bp.get("/")
+@bp.get("/", responses={200: raw("text/html", "the StorAIteller page")})
 def page() -> Response:
     """The StorAIteller web page (settings, streamed story, rewrite, feedback, history)."""
     resp = make_response(
@@ -125,7 +140,7 @@ def page() -> Response:
 # --------------------------------------------------------------------------- the original contract
 
 
-@bp.post("/setstory/")
+@bp.post("/setstory/", responses={200: PromptList}, security=PROTECTED)
 def setstory(body: StorySettings) -> Response:
     """Submit the settings: builds this session's story prompt; answers `["<prompt>"]` (the original shape)."""
     session, caller, store = _session(body.session, fallback=False, create_named=True)
@@ -133,7 +148,7 @@ def setstory(body: StorySettings) -> Response:
     return _json([story["prompt"]], session["_id"])
 
 
-@bp.post("/redopartstory/")
+@bp.post("/redopartstory/", responses={200: PromptList}, security=PROTECTED)
 def redopartstory(body: StoryParts) -> Response:
     """Mark a part for rewriting; the next `/ws` streams before + new part + after. Answers `["<prompt>"]`."""
     session, _, store = _session(body.session)
@@ -150,7 +165,7 @@ def redopartstory(body: StoryParts) -> Response:
     return _json([pending["prompt"]], session["_id"])
 
 
-@bp.post("/savestory/")
+@bp.post("/savestory/", responses={200: SavedOut}, security=PROTECTED)
 def savestory(body: SaveStoryBody) -> Response:
     """ "Good story": marks the story shown (and the prompt that produced it) for fine-tuning."""
     session, _, store = _session(body.session, create_named=True)
@@ -166,7 +181,7 @@ def savestory(body: SaveStoryBody) -> Response:
 # --------------------------------------------------------------------------- JSON API (our page)
 
 
-@bp.post("/api/settings")
+@bp.post("/api/settings", responses={200: SettingsOut}, security=PROTECTED)
 def api_settings(body: StorySettings) -> Response:
     """Submit the settings form; returns the session and its prompt as an object."""
     session, caller, store = _session(body.session, fallback=False, create_named=True)
@@ -183,7 +198,7 @@ def api_settings(body: StorySettings) -> Response:
     )
 
 
-@bp.post("/api/rewrite")
+@bp.post("/api/rewrite", responses={200: RewriteOut}, security=PROTECTED)
 def api_rewrite(body: RewriteBody) -> Response:
     """Select a part of a version (three texts that rebuild it exactly, or start/end); stream next."""
     session, _, store = _session(body.session, fallback=False)
@@ -210,7 +225,7 @@ def api_rewrite(body: RewriteBody) -> Response:
     )
 
 
-@bp.post("/api/edit")
+@bp.post("/api/edit", responses={201: StoryVersionOut}, security=PROTECTED)
 def api_edit(body: EditBody) -> Response:
     """Save a manual edit of the story as a new version."""
     session, _, store = _session(body.session, fallback=False)
@@ -218,7 +233,7 @@ def api_edit(body: EditBody) -> Response:
     return _json(S.public_version(version), session["_id"], 201)
 
 
-@bp.post("/api/feedback")
+@bp.post("/api/feedback", responses={200: SavedOut}, security=PROTECTED)
 def api_feedback(body: FeedbackBody) -> Response:
     """ "Good story" for one version (default: the current one)."""
     session, _, store = _session(body.session, fallback=False)
@@ -237,7 +252,7 @@ def api_feedback(body: FeedbackBody) -> Response:
     )
 
 
-@bp.post("/api/cancel")
+@bp.post("/api/cancel", responses={200: CancelOut}, security=PROTECTED)
 def api_cancel(body: SessionField) -> Response:
     """Stop this session's running generation (any worker); for SSE clients, which cannot send messages."""
     session, _, store = _session(body.session, fallback=False)
@@ -245,14 +260,14 @@ def api_cancel(body: SessionField) -> Response:
     return _json({"cancelled": True, "session": session["_id"]}, session["_id"])
 
 
-@bp.get("/api/session")
+@bp.get("/api/session", responses={200: StorySessionOut}, security=PROTECTED)
 def api_session(query: SessionQuery) -> Response:
     """This session's settings, prompt, pending rewrite and current version."""
     session, _, _ = _session(query.session)
     return _json(S.public_session(session), session["_id"])
 
 
-@bp.get("/api/versions")
+@bp.get("/api/versions", responses={200: VersionsOut}, security=PROTECTED)
 def api_versions(query: SessionQuery) -> Response:
     """Version history of the session, oldest first (texts included)."""
     session, _, store = _session(query.session)
@@ -263,7 +278,7 @@ def api_versions(query: SessionQuery) -> Response:
     )
 
 
-@bp.get("/api/versions/<version_id>")
+@bp.get("/api/versions/<version_id>", responses={200: StoryVersionOut}, security=PROTECTED)
 def api_version(path: VersionPath) -> Response:
     """One version with its text, prompt and provenance."""
     caller = _caller()
@@ -274,6 +289,61 @@ def api_version(path: VersionPath) -> Response:
     ):
         raise ApiError(404, "unknown version")
     return jsonify(S.public_version(version))
+
+
+# --------------------------------------------------------------------------- stream tokens (auth on, browsers)
+
+TOKEN_KIND = "storyteller-session"
+_STREAM_ENDPOINTS = {"storyteller.stream", "storyteller_root.stream"}
+_WS_BLUEPRINTS = {"storyteller_ws", "storyteller_ws_root"}
+
+
+class StreamTokenOut(BaseModel):
+    token: str = Field(description="pass as `?token=` on this session's `stream` and `ws` URLs only")
+    session: str
+    expires_at: str
+    expires_in: int = Field(description="seconds; checked when a stream opens (an open stream outlives it)")
+    stream_url: str = Field(description="SSE URL, relative to the app's mount")
+    ws_url: str = Field(description="WebSocket URL (JSON messages), relative to the app's mount")
+
+
+def _is_session_stream(session_id: str) -> bool:
+    """A scoped token opens this session's SSE and WebSocket streams, and nothing else."""
+    endpoint = request.endpoint or ""
+    is_stream = endpoint in _STREAM_ENDPOINTS or endpoint.split(".", 1)[0] in _WS_BLUEPRINTS
+    return is_stream and request.args.get("session") == session_id
+
+
+@bp.post("/api/stream-token", responses={200: StreamTokenOut}, security=PROTECTED)
+def api_stream_token(body: SessionField) -> Response:
+    """A short-lived `?token=` for this session's streams: EventSource and WebSocket cannot send headers.
+
+    Sign in with the API key header first; the token opens `stream?session=S` and `ws?session=S` of this
+    one session and is refused everywhere else."""
+    caller, store = _caller(), _store()
+    session = S.resolve_session(
+        store, caller, explicit=body.session, cookie=None, fallback=False, create=False
+    )
+    if session is None:
+        raise ApiError(404, "unknown session")
+    svc = services()
+    ttl = svc.settings.STREAM_TOKEN_TTL_S
+    user = authenticate()
+    token, expires = make_scoped_token(
+        token_secret(svc.db, svc.settings.SECRET_KEY), user, TOKEN_KIND, session["_id"], ttl
+    )
+    query = f"session={session['_id']}&token={token}"
+    return _json(
+        {
+            "token": token,
+            "session": session["_id"],
+            "expires_at": datetime.fromtimestamp(expires, UTC).isoformat(),
+            "expires_in": ttl,
+            "stream_url": f"stream?{query}",
+            "ws_url": f"ws?{query}&format=json",
+        },
+        session["_id"],
+    )
 
 
 # --------------------------------------------------------------------------- streaming (SSE and WebSocket)
@@ -287,11 +357,24 @@ def _error_message(exc: BaseException) -> str:
     return "internal error while writing the story (logged)"
 
 
-@bp.get("/stream")
+@bp.get(
+    "/stream",
+    responses={
+        200: sse(StoryStreamEvent, "story deltas, then done, cancelled or error (see StoryStreamEvent)")
+    },
+    security=[*PROTECTED, {"streamToken": []}],
+)
 def stream(query: StreamQuery) -> Response:
     """The `/ws` stream over Server-Sent Events: `delta`, then `done` | `cancelled` | `error` events (JSON data).
 
-    Close the EventSource after `done`/`error` (it would reconnect and write again).
+    Close the EventSource after `done`/`error` (it would reconnect and write again). With auth on, pass
+    `?token=` from `POST api/stream-token`.
+
+    The same story also streams over the WebSocket `/storyteller/ws` (not an OpenAPI operation), query
+    `session`, `action` (`next` | `story`), `format` (`text` | `json`), `token`: with `format=json` every
+    frame is a StoryStreamEvent (first `start`); by default (the original) raw text frames carrying only
+    the deltas, closed with 1000 when the story is complete and 1011 + a reason on error. Send
+    CancelMessage `{"type": "cancel"}` (or the text `cancel`) to stop; nothing is stored then.
     """
     session, caller, store = _session(query.session)
     svc = services()
@@ -407,3 +490,5 @@ def init_app(app: Flask) -> None:
     if app.config.get("SETTINGS") is not None and app.config["SETTINGS"].ROOT_APP == "storyteller":
         app.register_blueprint(ws_bp, url_prefix="", name="storyteller_ws_root")
     cli.register(app)
+    register_token_scope(TOKEN_KIND, _is_session_stream)
+    document_model(CancelMessage)  # the WebSocket's client message (the socket is not an OpenAPI operation)

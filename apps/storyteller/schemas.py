@@ -9,9 +9,11 @@ mapping them to correct words for the prompt.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+
+from apps.core.openapi import body_example
 
 SESSION_PATTERN = r"^[A-Za-z0-9_-]{8,64}$"
 VERSION_PATTERN = r"^[A-Za-z0-9_-]{8,64}$"
@@ -94,8 +96,21 @@ def canonical_register(value: str) -> str:
     return REGISTERS[key]
 
 
+SETTINGS_EXAMPLE: dict[str, Any] = {
+    "maincharacter": "Mia, Leo",
+    "keywords": "lighthouse, storm",
+    "genre": "Mystery",
+    "registro": "Vivid",
+    "childsafe": True,
+    "maxnowords": 200,
+    "twist": False,
+}
+
+
 class SessionField(BaseModel):
     """Every call may name its session; otherwise the cookie (or this client's last session) is used."""
+
+    model_config = ConfigDict(**body_example({"session": "tab3f9c2a7d1e"}))
 
     session: str | None = Field(
         default=None,
@@ -107,7 +122,7 @@ class SessionField(BaseModel):
 class StorySettings(SessionField):
     """`POST /setstory/`: the settings form (the original `Payload`)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", **body_example(SETTINGS_EXAMPLE))
 
     maincharacter: str = Field(
         min_length=1, max_length=300, description="main characters' names, comma-separated"
@@ -171,6 +186,10 @@ class StorySettings(SessionField):
 class SaveStoryBody(StorySettings):
     """`POST /savestory/`: the settings form + the story shown (the original `Payloadsavestory`)."""
 
+    model_config = ConfigDict(
+        **body_example({**SETTINGS_EXAMPLE, "story": "Mia kept the lighthouse on the rock."})
+    )
+
     story: str = Field(
         max_length=MAX_STORY_CHARS, description="the story in the textarea (newlines may be removed)"
     )
@@ -184,7 +203,16 @@ class SaveStoryBody(StorySettings):
 class StoryParts(SessionField):
     """`POST /redopartstory/`: the story split around the selection (the original `Storyparts`)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(
+        extra="ignore",
+        **body_example(
+            {
+                "textbefore": "Mia kept the lighthouse. ",
+                "textselected": "One night the storm put out the lamp.",
+                "textafter": " Leo lit it again.",
+            }
+        ),
+    )
 
     textbefore: str = Field(max_length=MAX_STORY_CHARS)
     textselected: str = Field(max_length=MAX_STORY_CHARS)
@@ -198,6 +226,8 @@ class StoryParts(SessionField):
 
 class RewriteBody(SessionField):
     """`POST /api/rewrite`: select a part of a version, by the three texts or by offsets."""
+
+    model_config = ConfigDict(**body_example({"session": "tab3f9c2a7d1e", "start": 25, "end": 62}))
 
     version: str | None = Field(
         default=None, pattern=VERSION_PATTERN, description="default: the current version"
@@ -223,6 +253,10 @@ class RewriteBody(SessionField):
 class EditBody(SessionField):
     """`POST /api/edit`: store a manually edited story as a new version."""
 
+    model_config = ConfigDict(
+        **body_example({"session": "tab3f9c2a7d1e", "text": "Mia kept the lighthouse alone."})
+    )
+
     text: str = Field(min_length=1, max_length=MAX_STORY_CHARS)
     parent: str | None = Field(
         default=None, pattern=VERSION_PATTERN, description="the version that was edited"
@@ -231,6 +265,8 @@ class EditBody(SessionField):
 
 class FeedbackBody(SessionField):
     """`POST /api/feedback`: "Good story" for the exact version shown."""
+
+    model_config = ConfigDict(**body_example({"session": "tab3f9c2a7d1e", "good": True}))
 
     version: str | None = Field(
         default=None, pattern=VERSION_PATTERN, description="default: the current version"
@@ -244,14 +280,12 @@ class SessionQuery(BaseModel):
 
 
 class StreamQuery(SessionQuery):
-    format: str = Field(
+    format: Literal["text", "json"] = Field(
         default="text",
-        pattern=r"^(text|json)$",
         description="WebSocket only: raw text frames (default) or JSON messages",
     )
-    action: str = Field(
+    action: Literal["next", "story"] = Field(
         default="next",
-        pattern=r"^(next|story)$",
         description="next: the pending part rewrite if any, else the story; story: the whole story",
     )
 

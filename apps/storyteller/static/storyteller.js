@@ -9,8 +9,12 @@
     rewrite: $("rewrite"), saveEdit: $("save-edit"), good: $("good"), goodLabel: $("good-label"),
     status: $("status"), error: $("error"), progress: $("progress"), story: $("story"),
     history: $("history"), historyEmpty: $("history-empty"),
+    signin: $("signin"), apikey: $("apikey"), signout: $("signout"), who: $("who"),
   };
   const KEY = "storyteller.session";
+  // with AUTH_MODE=apikey: the key lives in this tab's sessionStorage only and goes out as X-API-Key;
+  // streams (EventSource, WebSocket: no headers) get a short-lived token scoped to this session
+  const API_KEY = "storyteller.apikey";
   // one session per tab (sessionStorage), sent with every call: two tabs never share a story
   function newSessionId() {
     const bytes = new Uint8Array(16);
@@ -48,6 +52,8 @@
 
   async function call(method, path, body) {
     const init = { method, headers: { Accept: "application/json" }, credentials: "same-origin" };
+    const apiKey = sessionStorage.getItem(API_KEY);
+    if (apiKey) init.headers["X-API-Key"] = apiKey;
     if (body !== undefined) {
       init.headers["Content-Type"] = "application/json";
       init.body = JSON.stringify(state.session ? { ...body, session: state.session } : body);
@@ -62,11 +68,64 @@
     try { data = await resp.json(); } catch (err) { data = null; }
     if (!resp.ok) {
       const msg = (data && data.error && data.error.message) || ("HTTP " + resp.status);
+      if (resp.status === 401) showSignIn(sessionStorage.getItem(API_KEY) ? "The key was refused." : "");
       const error = new Error(msg);
       error.status = resp.status;
       throw error;
     }
     return data;
+  }
+
+  // ---- sign in (AUTH_MODE=apikey); the form stays hidden while the server lets us in
+  function showSignIn(message) {
+    els.signin.hidden = false;
+    els.signout.hidden = !sessionStorage.getItem(API_KEY);
+    els.who.textContent = message || "This server needs an API key.";
+  }
+  async function whoAmI() {
+    const headers = { Accept: "application/json" };
+    const apiKey = sessionStorage.getItem(API_KEY);
+    if (apiKey) headers["X-API-Key"] = apiKey;
+    const resp = await fetch(new URL("../auth/me", window.location.href), { headers, credentials: "same-origin" });
+    return resp.ok ? resp.json() : null;
+  }
+  async function checkSignIn() {
+    let me = null;
+    try { me = await whoAmI(); } catch (err) { me = null; }
+    if (me && me.authenticated) {
+      els.signin.hidden = false;
+      els.apikey.hidden = true;
+      els.signinButton.hidden = true;
+      els.signout.hidden = !sessionStorage.getItem(API_KEY);
+      els.who.textContent = "Signed in as " + me.user + ".";
+      return true;
+    }
+    if (me && me.auth_mode === "none") { els.signin.hidden = true; return true; }
+    els.apikey.hidden = false;
+    els.signinButton.hidden = false;
+    showSignIn(sessionStorage.getItem(API_KEY) ? "The key was refused." : "");
+    return false;
+  }
+  els.signinButton = els.signin.querySelector("button[type=submit]");
+  els.signin.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const key = els.apikey.value.trim();
+    if (!key) { els.who.textContent = "Enter your API key."; return; }
+    sessionStorage.setItem(API_KEY, key);
+    els.apikey.value = "";
+    if (await checkSignIn()) { clearError(); restore(); }
+  });
+  els.signout.addEventListener("click", () => {
+    sessionStorage.removeItem(API_KEY);
+    els.apikey.hidden = false;
+    els.signinButton.hidden = false;
+    showSignIn("Signed out.");
+  });
+
+  async function streamToken() {
+    if (!sessionStorage.getItem(API_KEY)) return null;
+    const data = await post("api/stream-token", {});
+    return data.token;
   }
   const post = (path, body) => call("POST", path, body || {});
   const get = (path) => call("GET", path + (state.session ? (path.includes("?") ? "&" : "?") + "session=" +
@@ -187,13 +246,21 @@
     }
   }
 
-  function startStream(action, label) {
+  async function startStream(action, label) {
     clearError();
     state.streaming = true;
     const ctx = { text: "", finished: false };
     refreshButtons();
     setStatus(label);
     const params = new URLSearchParams({ session: state.session || "", action: action });
+    try {
+      const token = await streamToken();
+      if (token) params.set("token", token);
+    } catch (err) {
+      showError("The stream could not be authorised: " + err.message);
+      finishStream("Failed.");
+      return;
+    }
     if ("WebSocket" in window) {
       const url = new URL("ws?" + params.toString() + "&format=json", window.location.href);
       url.protocol = window.location.protocol === "https:" ? "wss:" : "ws:";
@@ -327,5 +394,5 @@
     refreshButtons();
   }
 
-  restore();
+  checkSignIn().then((ok) => { if (ok) restore(); else refreshButtons(); });
 })();
