@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agent.llm import CallContext
+from agent.textcheck import normalize, strip_meta
 from agent.types import ImageRequest, ImageResult, ModelError
 from apps.core.context import Services
 from apps.core.errors import ApiError
@@ -74,11 +75,23 @@ def clean_title(text: str) -> str:
 
 
 def clean_page(text: str) -> str:
-    """A page's text without a leading `Page 2:` label or wrapping quotes; paragraphs kept."""
-    out = _PAGE_PREFIX.sub("", (text or "").strip(), count=1).strip()
+    """A page's text without a leading `Page 2:` label, a "Here's the page text ...:" preamble (small
+    models write one) or wrapping quotes; paragraphs kept."""
+    out = _PAGE_PREFIX.sub("", strip_meta((text or "").strip()), count=1).strip()
     if len(out) >= 2 and out[0] in _QUOTES and out[-1] in _QUOTES and out.count(out[0]) == 2:
         out = out[1:-1].strip()
     return re.sub(r"\n{3,}", "\n\n", out)
+
+
+def plan_title(raw: str, instructions: str, description: str) -> str:
+    """The plan's title, unless the model copied it from the instructions ("A Short Title for the Book"):
+    then the story idea itself, which at least says what the book is about."""
+    title = clean_title(raw)
+    norm = normalize(title)
+    if title == "Untitled" or (len(norm.split()) >= 3 and norm in normalize(instructions)):
+        idea = " ".join(description.split()[:8]).strip(_QUOTES + " .")
+        return (idea[:1].upper() + idea[1:]) if idea else "Untitled"
+    return title
 
 
 def _tidy_tags(prompt: str) -> str:
@@ -333,7 +346,12 @@ class BookRunner:
             context=self._call("plan"),
         )
         data = result.data or {}
-        title = clean_title(str(data.get("title") or ""))
+        rendered = self.svc.prompts.render("storybook/plan", variables)
+        instructions = " ".join(str(m.get("content") or "") for m in rendered.messages)
+        for typed in (p["description"], p.get("style"), p.get("setting")):
+            if typed:  # the user's own words are no instruction echo ("Benny goes to Mars" as a title)
+                instructions = instructions.replace(str(typed), "\n")
+        title = plan_title(str(data.get("title") or ""), instructions, p["description"])
         raw_pages = list(data.get("pages") or [])[: self.n]
         if len(raw_pages) != self.n:  # validated against the schema; this guards a lenient provider
             raise ModelError(f"the plan has {len(raw_pages)} pages, not {self.n}", provider=result.provider)
