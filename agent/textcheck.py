@@ -64,6 +64,28 @@ def instruction_sentences(texts: Iterable[str], min_words: int = MIN_ECHO_WORDS)
     return out
 
 
+def template_sentences(texts: Iterable[str], values: Iterable[str]) -> list[str]:
+    """Instruction sentences of rendered prompt texts with the filled-in values (the user's story, the
+    plan, the previous page) cut out first: those are context, not instructions."""
+    cut = [v.strip() for v in values if isinstance(v, str) and v.strip()]
+    out = []
+    for text in texts:
+        for value in sorted(cut, key=len, reverse=True):
+            text = text.replace(value, "\n")
+        out.append(text)
+    return instruction_sentences(out)
+
+
+def copies_instructions(text: str, instructions: str, n: int = 3) -> bool:
+    """True if `text` repeats `n` consecutive words of the instructions (a title such as
+    "Two to Five Words That Name This Story" copied from the field list)."""
+    words = normalize(text).split()
+    if len(words) < n:
+        return False
+    haystack = " " + " ".join(normalize(instructions).split()) + " "
+    return any(" " + " ".join(words[i : i + n]) + " " in haystack for i in range(len(words) - n + 1))
+
+
 def find_echo(output: str, sentences: Iterable[str]) -> str | None:
     """The first instruction sentence that `output` contains (case-insensitive), else None."""
     haystack = normalize(output)
@@ -92,9 +114,16 @@ def strip_meta(text: str) -> str:
 
 
 def strip_echo(text: str, sentences: list[str]) -> str:
-    """`text` without the sentences that echo the instructions (whitespace between the rest kept simple)."""
-    kept = [s for s in split_sentences(text) if not is_echo_sentence(s, sentences)]
-    return " ".join(kept)
+    """`text` without the sentences that echo the instructions; the rest is left exactly as it was."""
+    removed = False
+    for sentence in split_sentences(text):
+        if is_echo_sentence(sentence, sentences):
+            text = text.replace(sentence, "", 1)
+            removed = True
+    if not removed:
+        return text
+    text = re.sub(r"[ \t]{2,}", " ", text)
+    return re.sub(r"\n\s*\n\s*\n+", "\n\n", text).strip()
 
 
 def ends_at_sentence_end(text: str) -> bool:
@@ -138,8 +167,8 @@ class SentenceGate:
 
     The unfinished tail is held back; `finish(truncated=True)` drops it (the reply hit max_tokens), so a
     stored text never ends mid-sentence and never holds an instruction sentence. With `word_limit`, the
-    gate is `full` at the first sentence end at or past the limit, and a sentence that would pass it by
-    more than 20% is dropped once the text already has 80% of it (the +-20% band the bench checks).
+    gate is `full` at the first sentence end at or past the limit; a sentence that would pass it by more
+    than 20% is dropped (and the gate is full if the text already has 80% of it): the +-20% band.
     """
 
     def __init__(self, sentences: list[str], *, word_limit: int | None = None, meta: bool = True) -> None:
@@ -173,8 +202,10 @@ class SentenceGate:
             return ""
         if self.word_limit:
             have, add = word_count(self.text), word_count(piece)
-            if have + add > 1.2 * self.word_limit and have >= 0.8 * self.word_limit:
-                self.full = True
+            if have + add > 1.2 * self.word_limit:
+                # past the band: stop here if the text is long enough, else skip this one long
+                # sentence and let the model go on (a shorter one may land inside the band)
+                self.full = have >= 0.8 * self.word_limit
                 self.dropped.append(body)
                 return ""
             if have + add >= self.word_limit:

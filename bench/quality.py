@@ -39,18 +39,26 @@ from agent.llm import LLM  # noqa: E402
 from agent.prompts import PromptLibrary  # noqa: E402
 from agent.textcheck import (  # noqa: E402
     cjk_share,
+    copies_instructions,
     ends_at_sentence_end,
     find_echo,
     instruction_sentences,
-    normalize,
     repeated_ngram_share,
     split_sentences,
+    strip_echo,
     strip_meta,
+    template_sentences,
     word_count,
 )
 from agent.types import ChatResult, ModelError  # noqa: E402
 from apps.refinement.pipeline import exact_counts  # noqa: E402
-from apps.storybook.pipeline import clean_page, clean_title, plan_schema  # noqa: E402
+from apps.storybook.pipeline import (  # noqa: E402
+    clean_page,
+    clean_title,
+    page_instructions,
+    plan_schema,
+    plan_title,
+)
 from apps.storyteller import service as story  # noqa: E402
 from config import load_settings  # noqa: E402
 
@@ -70,6 +78,7 @@ class Sample:
     in_limit: bool | None = None
     zh_ok: bool | None = None
     error: str | None = None
+    asked: int | None = None  # words asked for (story steps)
 
 
 @dataclass
@@ -185,11 +194,17 @@ class Bench:
                 "storybook/plan", variables, plan_schema(tpl.schema or {}, item["pages"])
             )
             if data:
-                # a title copied from the instructions ("A Short Title for the Book") is an echo too
-                title = normalize(clean_title(str(data.get("title") or "")))
+                # the title the app stores: one copied from the instructions ("A Short Title for the
+                # Book") is replaced by the idea; raw_echo says how often the model copied one
                 rendered = self.prompts.render("storybook/plan", variables)
-                body = normalize(" ".join(_texts(rendered.messages) + _schema_descriptions(tpl.schema or {})))
-                sample.echo = sample.echo or (len(title.split()) >= 3 and title in body)
+                body = " ".join(_texts(rendered.messages)).replace(item["description"], "\n")
+                raw_title = str(data.get("title") or "")
+                data["title"] = plan_title(raw_title, body, item["description"])
+                sentences = instruction_sentences(_texts(rendered.messages))
+                sample.raw_echo = sample.echo or copies_instructions(clean_title(raw_title), body)
+                sample.echo = copies_instructions(data["title"], body) or any(
+                    find_echo(x, sentences) for x in _strings(data)
+                )
             plan_step.samples.append(sample)
             if not data:
                 continue
@@ -214,14 +229,17 @@ class Bench:
         return plan_step, page_step
 
     def _page(self, variables: dict[str, Any]) -> Sample:
-        rendered = self.prompts.render("storybook/page", variables)
         try:
             stream = self.llm.chat(template="storybook/page", variables=variables, stream=True)
             raw = "".join(stream)
         except ModelError as exc:
             return Sample(text="", result=None, error=exc.message)
-        text = clean_page(raw)
-        sentences = instruction_sentences(_texts(rendered.messages))
+        # the app's own cleaning (storybook/pipeline.py), then the check on what it stores
+        dropped = page_instructions(self.prompts, variables)
+        text = clean_page(strip_echo(raw, dropped))
+        rendered = self.prompts.render("storybook/page", variables)
+        values = [v for v in variables.values() if isinstance(v, str)] + list(variables["plan"])
+        sentences = template_sentences(_texts(rendered.messages), values)
         meta = strip_meta(text) != text  # "Here's the page text with two short sentences:"
         return Sample(
             text=text,
@@ -233,9 +251,10 @@ class Bench:
     # ---- storyteller
     def _story_call(self, kind: str, template: str, variables: dict[str, Any], words: int) -> Sample:
         rendered = self.prompts.render(template, variables)
-        minimum = 24 if kind == "rewrite" else 64
-        limit_words = words + 8 if kind == "rewrite" else words
-        params = {"max_tokens": story.token_cap(limit_words, minimum, self.local_ctx)}
+        if kind == "rewrite":  # the same settings as storyteller's plan_stream
+            params: dict[str, Any] = {"max_tokens": story.token_cap(words + 8, 24, self.local_ctx)}
+        else:
+            params = story.story_params(words, self.local_ctx)
         try:
             reply = story.gated_reply(
                 self.llm,
@@ -257,6 +276,7 @@ class Bench:
             echo=bool(find_echo(reply.text, sentences)),
             raw_echo=bool(find_echo(reply.raw, sentences)),
             in_limit=in_limit if kind != "rewrite" else None,
+            asked=words,
         )
 
     def stories(self) -> Step:
@@ -382,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         for s in steps:
             for sample in s.samples:
                 flag = "ECHO " if sample.echo else "" + ("OUT " if sample.in_limit is False else "")
-                print(f"[{s.name}] {flag}{sample.text[:300]!r}")
+                size = f"({word_count(sample.text)}/{sample.asked} words) " if sample.asked else ""
+                print(f"[{s.name}] {flag}{size}{sample.text[:150]!r} ... {sample.text[-80:]!r}")
     if args.json:
         print(json.dumps(rows, ensure_ascii=False))
     return 0

@@ -676,6 +676,8 @@ class LocalProvider:
         for key in ("presence_penalty", "frequency_penalty"):
             if params.get(key) is not None:
                 out[key] = float(params[key])
+        if params.get("min_tokens"):
+            out["min_tokens"] = int(params["min_tokens"])
         return out
 
     def _response_format(self, json_schema: dict[str, Any]) -> dict[str, Any]:
@@ -790,6 +792,10 @@ class LocalProvider:
         llama = entry.llama
         start = time.perf_counter()
         chunks = 0
+        kwargs = dict(kwargs)
+        min_tokens = kwargs.pop("min_tokens", None)
+        if min_tokens:
+            kwargs["logits_processor"] = _no_end_before(int(llama.token_eos()), int(min_tokens))
         try:
             inner = llama.create_chat_completion(messages=chat, stream=True, **kwargs)
         except Exception as exc:  # noqa: BLE001
@@ -871,7 +877,8 @@ class LocalProvider:
     def _server_body(
         self, chat: list[dict[str, str]], kwargs: dict[str, Any], stream: bool
     ) -> dict[str, Any]:
-        return {"model": self.model, "messages": chat, "stream": stream, **kwargs}
+        body = {k: v for k, v in kwargs.items() if k != "min_tokens"}  # in-process only
+        return {"model": self.model, "messages": chat, "stream": stream, **body}
 
     def _post(self, body: dict[str, Any]) -> httpx.Response:
         """POST a non-streaming chat request; one restart-and-retry if the server is gone."""
@@ -986,6 +993,26 @@ class LocalProvider:
         finally:
             _decode_rate(self._server_speed, tokens, start, first, time.perf_counter())
             self.last_usage = {"completion_tokens": tokens}
+
+
+def _no_end_before(eos: int, min_tokens: int) -> Any:
+    """A llama.cpp logits processor that forbids the end token for the first `min_tokens` tokens.
+
+    A 135M model ends a "story of about 100 words" after 20-40 words; with this it writes on until the
+    caller (storyteller's sentence gate) stops it at the sentence end near the asked length.
+    """
+    from llama_cpp import LogitsProcessorList
+
+    start: list[int] = []
+
+    def process(input_ids: Any, scores: Any) -> Any:
+        if not start:
+            start.append(len(input_ids))
+        if len(input_ids) - start[0] < min_tokens:
+            scores[eos] = -float("inf")
+        return scores
+
+    return LogitsProcessorList([process])
 
 
 class _Deltas:

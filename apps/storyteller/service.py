@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -451,6 +452,15 @@ def token_cap(words: int, minimum: int, local_ctx: int | None = None) -> int:
     return cap
 
 
+def story_params(words: int, local_ctx: int | None = None) -> dict[str, Any]:
+    """A whole story's length settings: max_tokens from the word limit; on the embedded model also
+    `min_tokens` (no end token before about 85% of the words: SmolLM2 ends "100 words" after 30)."""
+    params: dict[str, Any] = {"max_tokens": token_cap(words, 64, local_ctx)}
+    if local_ctx is not None:
+        params["min_tokens"] = math.ceil(1.1 * words)
+    return params
+
+
 @dataclass
 class GatedReply:
     """A story or rewrite reply as the app stores it (`text`), with the model's raw output beside it."""
@@ -537,7 +547,8 @@ def plan_stream(
             word_limit=pending["words"],
         )
     story = session_story(svc, session)
-    params = {"max_tokens": _token_cap(svc, story["max_words"], 64), **_model_params(svc)}
+    local_ctx = svc.settings.LOCAL_N_CTX if svc.llm.provider.name == "local" else None
+    params = {**story_params(story["max_words"], local_ctx), **_model_params(svc)}
     kind = "generated" if not session.get("generated") else "regenerated"
     return StreamPlan(
         kind=kind,
