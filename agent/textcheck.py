@@ -168,7 +168,8 @@ class SentenceGate:
     The unfinished tail is held back; `finish(truncated=True)` drops it (the reply hit max_tokens), so a
     stored text never ends mid-sentence and never holds an instruction sentence. With `word_limit`, the
     gate is `full` at the first sentence end at or past the limit; a sentence that would pass it by more
-    than 20% is dropped (and the gate is full if the text already has 80% of it): the +-20% band.
+    than 20% is dropped (and the gate is full if the text already has 80% of it): the +-20% band. The
+    first sentence is always kept (a one-sentence rewrite of a short selection may run long).
     """
 
     def __init__(self, sentences: list[str], *, word_limit: int | None = None, meta: bool = True) -> None:
@@ -202,7 +203,7 @@ class SentenceGate:
             return ""
         if self.word_limit:
             have, add = word_count(self.text), word_count(piece)
-            if have + add > 1.2 * self.word_limit:
+            if have and have + add > 1.2 * self.word_limit:  # the first sentence is always kept
                 # past the band: stop here if the text is long enough, else skip this one long
                 # sentence and let the model go on (a shorter one may land inside the band)
                 self.full = have >= 0.8 * self.word_limit

@@ -113,3 +113,13 @@ def test_gate_stops_at_the_sentence_end_near_the_word_limit() -> None:
     gate = SentenceGate([], word_limit=10)
     out = _run(gate, ["One two three four five six seven eight nine. ", "A b c d e f. "], truncated=False)
     assert out.strip() == "One two three four five six seven eight nine."
+    # below 80%, an overshooting sentence is skipped and the model goes on; the first one always stays
+    gate = SentenceGate([], word_limit=10)
+    out = _run(
+        gate, ["One two three four five six. ", "A b c d e f g h. ", "Seven eight nine. "], truncated=True
+    )
+    assert out == "One two three four five six. Seven eight nine."
+    gate = SentenceGate([], word_limit=3)
+    assert _run(gate, ["The kite flew far over the river and the town. "], truncated=False).startswith(
+        "The kite"
+    )
