@@ -151,6 +151,7 @@ class Settings(BaseSettings):
     LLM_MAX_CONCURRENCY: int = 8  # per process
     LLM_GLOBAL_CONCURRENCY: int = 32  # all workers and hosts (leases in MongoDB)
     MODERATION: Literal["auto", "openai", "local", "off"] = "auto"
+    LOCAL_MODEL: Literal["smollm2-135m", "gemma3-270m"] = "smollm2-135m"  # packaged model; bench/quality.py
     LOCAL_MODEL_PATH: str | None = None
     LOCAL_N_CTX: int = 2048
     LOCAL_THREADS: int | None = None

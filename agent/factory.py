@@ -46,7 +46,7 @@ def build_llm_provider(settings: Settings) -> LLMProvider:
     return LocalProvider(
         model_path=settings.LOCAL_MODEL_PATH, n_ctx=settings.LOCAL_N_CTX, n_threads=settings.LOCAL_THREADS,
         default_temperature=settings.LOCAL_TEMPERATURE, default_max_tokens=settings.LOCAL_MAX_TOKENS, mode=mode,
-        state_dir=str(settings.DATA_DIR / "local-llm"),
+        state_dir=str(settings.DATA_DIR / "local-llm"), model=settings.LOCAL_MODEL,
     )
 
 

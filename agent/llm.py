@@ -565,6 +565,7 @@ def _finish_stream(
         first_token_ms=first,
         attempts=tracker.attempts,
         notes=notes,
+        finish_reason=finish_reason,
     )
     state.generation_id = state.result.generation_id = llm.recorder.record(
         kind="chat",

@@ -53,6 +53,10 @@ _PARAM_TYPES: dict[str, tuple[type, ...]] = {
     "seed": (int,),
     "presence_penalty": (int, float),
     "frequency_penalty": (int, float),
+    # llama.cpp sampling (the embedded model; OpenAI-compatible servers ignore or accept them)
+    "repeat_penalty": (int, float),
+    "top_k": (int,),
+    "min_p": (int, float),
 }
 _SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 

@@ -60,6 +60,7 @@ class ChatResult:
     attempts: int = 1
     notes: list[str] = field(default_factory=list)  # e.g. "image parts dropped: provider has no vision"
     generation_id: str | None = None  # id of the `generations` record, when recorded
+    finish_reason: str | None = None  # "stop", "length" (cut at max_tokens), ... when the provider says
 
 
 class LLMProvider(Protocol):

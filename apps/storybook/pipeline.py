@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agent.llm import CallContext
+from agent.textcheck import copies_instructions, strip_echo, strip_meta, template_sentences
 from agent.types import ImageRequest, ImageResult, ModelError
 from apps.core.context import Services
 from apps.core.errors import ApiError
@@ -74,11 +75,32 @@ def clean_title(text: str) -> str:
 
 
 def clean_page(text: str) -> str:
-    """A page's text without a leading `Page 2:` label or wrapping quotes; paragraphs kept."""
-    out = _PAGE_PREFIX.sub("", (text or "").strip(), count=1).strip()
+    """A page's text without a leading `Page 2:` label, a "Here's the page text ...:" preamble (small
+    models write one) or wrapping quotes; paragraphs kept."""
+    out = _PAGE_PREFIX.sub("", strip_meta((text or "").strip()), count=1).strip()
     if len(out) >= 2 and out[0] in _QUOTES and out[-1] in _QUOTES and out.count(out[0]) == 2:
         out = out[1:-1].strip()
     return re.sub(r"\n{3,}", "\n\n", out)
+
+
+def plan_title(raw: str, instructions: str, description: str) -> str:
+    """The plan's title, unless the model copied it from the instructions ("A Short Title for the Book"):
+    then the story idea itself, which at least says what the book is about."""
+    title = clean_title(raw)
+    if title == "Untitled" or copies_instructions(title, instructions):
+        idea = " ".join(description.split()[:8]).strip(_QUOTES + " .")
+        return (idea[:1].upper() + idea[1:]) if idea else "Untitled"
+    return title
+
+
+def page_instructions(prompts: Any, variables: dict[str, Any]) -> list[str]:
+    """The page prompt's instruction sentences (a small model pastes "Two to four short sentences for
+    young children" into the page), and the previous page's sentences (a copied page): dropped from a page."""
+    rendered = prompts.render("storybook/page", variables)
+    values = [str(v) for v in variables.values() if isinstance(v, str)]
+    values += [str(v) for v in (*variables.get("plan", []), *variables.get("characters", []))]
+    texts = [str(m.get("content") or "") for m in rendered.messages]
+    return template_sentences(texts, values) + template_sentences([variables.get("previous") or ""], [])
 
 
 def _tidy_tags(prompt: str) -> str:
@@ -329,7 +351,12 @@ class BookRunner:
             context=self._call("plan"),
         )
         data = result.data or {}
-        title = clean_title(str(data.get("title") or ""))
+        rendered = self.svc.prompts.render("storybook/plan", variables)
+        instructions = " ".join(str(m.get("content") or "") for m in rendered.messages)
+        for typed in (p["description"], p.get("style"), p.get("setting")):
+            if typed:  # the user's own words are no instruction echo ("Benny goes to Mars" as a title)
+                instructions = instructions.replace(str(typed), "\n")
+        title = plan_title(str(data.get("title") or ""), instructions, p["description"])
         raw_pages = list(data.get("pages") or [])[: self.n]
         if len(raw_pages) != self.n:  # validated against the schema; this guards a lenient provider
             raise ModelError(f"the plan has {len(raw_pages)} pages, not {self.n}", provider=result.provider)
@@ -572,7 +599,7 @@ class BookRunner:
                     )
                     continue
                 raise self._stream_error or ModelError(f"page {i}: the stream broke", provider="")
-            text = clean_page(raw)
+            text = clean_page(strip_echo(raw, self._page_instructions(variables)))
             if text:
                 self._set({f"pages.{i - 1}.text": text})
                 progress = self._advance(f"page {i} text")
@@ -583,6 +610,9 @@ class BookRunner:
         raise ModelError(
             f"the model wrote an empty text for page {i} twice", provider=self.svc.llm.provider.name
         )
+
+    def _page_instructions(self, variables: dict[str, Any]) -> list[str]:
+        return page_instructions(self.svc.prompts, variables)
 
     def _stream_page(self, i: int, variables: dict[str, Any], params: dict[str, Any]) -> str | None:
         """Stream one page; returns the raw text, or None when the stream broke after some text."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.llm import CallContext
+from agent.textcheck import SentenceGate, instruction_sentences, max_tokens_for_words
 from agent.types import ModelError
 from apps.core.errors import ApiError
 from apps.core.studies import study_render
@@ -40,6 +42,7 @@ REWRITE_TEMPLATE = "storyteller/rewrite"
 DEFAULT_WORDS = 100  # the original's default prompt: "Write a story of 100 words."
 CONTEXT_CHARS = 1500  # text before/after a selection given to the model (the story keeps all of it)
 CANCEL_POLL_S = 0.5
+REWRITE_ATTEMPTS = 2  # a rewrite that was all instruction echo is asked once more, then fails
 _NEWLINES = str.maketrans("", "", "\r\n")
 _QUOTES = "\"'“”‘’«»"
 
@@ -358,14 +361,8 @@ def prepare_rewrite(
         if version is None or not version.get("story_messages")
         else {"prompt": version.get("prompt") or "", "messages": version["story_messages"]}
     )
-    words = max(1, _words(selected))
-    variables = {
-        "story_prompt": story["prompt"],
-        "before": _tail(before),
-        "selected": _head(selected, 4 * CONTEXT_CHARS),
-        "after": _head(after),
-        "words": words,
-    }
+    variables = rewrite_variables(story["prompt"], before, selected, after)
+    words = variables["words"]
     rendered = svc.prompts.render(REWRITE_TEMPLATE, variables)
     pending = {
         "kind": "rewrite",
@@ -380,6 +377,17 @@ def prepare_rewrite(
     store.update_session(session["_id"], {"pending": pending})
     session["pending"] = pending
     return pending
+
+
+def rewrite_variables(story_prompt: str, before: str, selected: str, after: str) -> dict[str, Any]:
+    """The rewrite template's variables: the selection's surroundings (bounded) and its word count."""
+    return {
+        "story_prompt": story_prompt,
+        "before": _tail(before),
+        "selected": _head(selected, 4 * CONTEXT_CHARS),
+        "after": _head(after),
+        "words": max(1, _words(selected)),
+    }
 
 
 def _tail(text: str, limit: int = CONTEXT_CHARS) -> str:
@@ -400,6 +408,34 @@ def _head(text: str, limit: int = CONTEXT_CHARS) -> str:
 
 # --------------------------------------------------------------------------- streaming
 
+_CONTEXT_KEYS = ("before", "selected", "after")
+
+
+def prompt_instructions(kind: str, messages: list[dict[str, Any]], variables: dict[str, Any]) -> list[str]:
+    """The instruction sentences of a rendered story/rewrite prompt (what must never reach the story).
+
+    For a rewrite the story's own text (before, selection, after) is cut out first: it is context,
+    not instruction, and the selection may legitimately survive in the new passage.
+    """
+    texts = [str(m.get("content") or "") for m in messages if isinstance(m.get("content"), str)]
+    if kind == "rewrite":
+        for key in _CONTEXT_KEYS:
+            value = str(variables.get(key) or "").strip()
+            if value:
+                texts = [t.replace(value, "\n") for t in texts]
+    return instruction_sentences(texts)
+
+
+def story_gate(
+    kind: str, messages: list[dict[str, Any]], variables: dict[str, Any], word_limit: int | None
+) -> SentenceGate:
+    """The filter every story and rewrite reply streams through: no echoed instruction, no repeated
+    context sentence (a rewrite that pastes the text after it), complete sentences near the word limit."""
+    drop = prompt_instructions(kind, messages, variables)
+    if kind == "rewrite":
+        drop += instruction_sentences([str(variables.get("before") or ""), str(variables.get("after") or "")])
+    return SentenceGate(drop, word_limit=word_limit)
+
 
 @dataclass
 class StreamPlan:
@@ -411,14 +447,84 @@ class StreamPlan:
     parent: dict[str, Any] | None = None
     pending: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    word_limit: int | None = None  # the words asked for: the reply stops at the sentence end near it
 
 
 def _token_cap(svc: Services, words: int, minimum: int) -> int:
-    """A hard cap of about 2 tokens per word (the instruction alone enforced nothing)."""
-    cap = max(minimum, 2 * words)
-    if svc.llm.provider.name == "local":  # prompt + reply must fit the embedded model's context
-        cap = min(cap, max(minimum, svc.settings.LOCAL_N_CTX - 512))
+    local_ctx = svc.settings.LOCAL_N_CTX if svc.llm.provider.name == "local" else None
+    return token_cap(words, minimum, local_ctx)
+
+
+def token_cap(words: int, minimum: int, local_ctx: int | None = None) -> int:
+    """max_tokens sized from the word limit (+20% and the sentence that crosses it), not a blind 2x.
+
+    The reply is then cut back to its last sentence end (`SentenceGate`), so it never ends mid-sentence.
+    `local_ctx`: the embedded model's context, which prompt + reply must fit.
+    """
+    cap = max_tokens_for_words(words, minimum=minimum)
+    if local_ctx is not None:
+        cap = min(cap, max(minimum, local_ctx - 512))
     return cap
+
+
+def story_params(words: int, local_ctx: int | None = None) -> dict[str, Any]:
+    """A whole story's length settings: max_tokens from the word limit; on the embedded model also
+    `min_tokens` (no end token before about 85% of the words: SmolLM2 ends "100 words" after 30)."""
+    params: dict[str, Any] = {"max_tokens": token_cap(words, 64, local_ctx)}
+    if local_ctx is not None:
+        params["min_tokens"] = math.ceil(1.1 * words)
+    return params
+
+
+@dataclass
+class GatedReply:
+    """A story or rewrite reply as the app stores it (`text`), with the model's raw output beside it."""
+
+    text: str
+    raw: str
+    result: Any
+    dropped: list[str]
+    attempts: int
+
+
+def gated_reply(
+    llm: Any,
+    *,
+    kind: str,
+    template: str,
+    variables: dict[str, Any],
+    messages: list[dict[str, Any]],
+    params: dict[str, Any],
+    word_limit: int | None,
+    context: CallContext | None = None,
+) -> GatedReply:
+    """One story/rewrite call through the same gate and retry as `run_stream`, without a session:
+    what bench/quality.py and the quality tests measure is what a participant would be shown."""
+    raw = ""
+    text = ""
+    result: Any = None
+    dropped: list[str] = []
+    attempt = 0
+    for attempt in range(1, REWRITE_ATTEMPTS + 1):
+        gate = story_gate(kind, messages, variables, word_limit)
+        call = dict(params)
+        if attempt > 1:
+            call["seed"] = attempt
+        stream = llm.chat(template=template, variables=variables, params=call, context=context, stream=True)
+        out: list[str] = []
+        try:
+            for delta in stream:
+                out.append(gate.feed(delta))
+                if gate.full:
+                    break
+        finally:
+            stream.close()
+        result = stream.result
+        out.append(gate.finish(truncated=bool(result and result.finish_reason == "length") or gate.full))
+        raw, text, dropped = stream.text, "".join(out).strip(), gate.dropped
+        if text or kind != "rewrite":
+            break
+    return GatedReply(text=text, raw=raw, result=result, dropped=dropped, attempts=attempt)
 
 
 def _model_params(svc: Services) -> dict[str, Any]:
@@ -444,7 +550,7 @@ def plan_stream(
             if parent
             else session_story(svc, session)
         )
-        params = {"max_tokens": _token_cap(svc, pending["words"] + 8, 16), **_model_params(svc)}
+        params = {"max_tokens": _token_cap(svc, pending["words"] + 8, 24), **_model_params(svc)}
         return StreamPlan(
             kind="rewrite",
             template=REWRITE_TEMPLATE,
@@ -453,9 +559,11 @@ def plan_stream(
             story=story,
             parent=parent,
             pending=pending,
+            word_limit=pending["words"],
         )
     story = session_story(svc, session)
-    params = {"max_tokens": _token_cap(svc, story["max_words"], 64), **_model_params(svc)}
+    local_ctx = svc.settings.LOCAL_N_CTX if svc.llm.provider.name == "local" else None
+    params = {**story_params(story["max_words"], local_ctx), **_model_params(svc)}
     kind = "generated" if not session.get("generated") else "regenerated"
     return StreamPlan(
         kind=kind,
@@ -464,6 +572,7 @@ def plan_stream(
         params=params,
         story=story,
         parent=current,
+        word_limit=story["max_words"],
     )
 
 
@@ -524,9 +633,6 @@ def run_stream(
         app=APP, user=caller.user or session.get("user"), session=session["_id"], step=plan.kind
     )
     rendered = svc.prompts.render(plan.template, plan.variables)
-    stream = svc.llm.chat(
-        template=plan.template, variables=plan.variables, params=plan.params, context=ctx, stream=True
-    )
     prefix = suffix = ""
     trim: _Trim | None = None
     if plan.kind == "rewrite":
@@ -535,30 +641,57 @@ def run_stream(
         prefix = pending["before"] + _leading_ws(selected)
         suffix = _trailing_ws(selected) + pending["after"]
         body = selected.strip()
-        trim = _Trim(body[:1] in _QUOTES, body[-1:] in _QUOTES)
     sent: list[str] = []
     if prefix:
         sent.append(prefix)
         yield {"type": "delta", "text": prefix}
-    iterator = iter(stream)
     cancelled = False
-    try:
-        for delta in iterator:
-            piece = trim.feed(delta) if trim is not None else delta
-            if piece:
-                sent.append(piece)
-                yield {"type": "delta", "text": piece}
-            if stopped():
-                cancelled = True
-                break
-    finally:
-        close = getattr(iterator, "close", None)
-        if close is not None:
-            close()  # stops the model's stream (closes the HTTP response / frees the local model)
-    if cancelled:
-        yield {"type": "cancelled", "text": "".join(sent)}
-        return
-    generated = trim.text if trim is not None else "".join(sent)
+    generated = ""
+    stream: Any = None
+    for attempt in range(1, REWRITE_ATTEMPTS + 1):
+        gate = story_gate(plan.kind, rendered.messages, plan.variables, plan.word_limit)
+        if plan.kind == "rewrite":
+            trim = _Trim(body[:1] in _QUOTES, body[-1:] in _QUOTES)
+        params = dict(plan.params)
+        if attempt > 1:
+            params["seed"] = attempt  # a different sample than the echoing one
+        stream = svc.llm.chat(
+            template=plan.template, variables=plan.variables, params=params, context=ctx, stream=True
+        )
+        pieces: list[str] = []
+        iterator = iter(stream)
+        try:
+            for delta in iterator:
+                piece = gate.feed(delta)
+                if trim is not None:
+                    piece = trim.feed(piece)
+                if piece:
+                    pieces.append(piece)
+                    yield {"type": "delta", "text": piece}
+                if gate.full or stopped():
+                    cancelled = not gate.full
+                    break
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()  # stops the model's stream (closes the HTTP response / frees the local model)
+        if cancelled:
+            sent.extend(pieces)
+            yield {"type": "cancelled", "text": "".join(sent)}
+            return
+        result = stream.result
+        piece = gate.finish(truncated=bool(result and result.finish_reason == "length") or gate.full)
+        if trim is not None:
+            piece = trim.feed(piece)
+        if piece:
+            pieces.append(piece)
+            yield {"type": "delta", "text": piece}
+        sent.extend(pieces)
+        generated = trim.text if trim is not None else "".join(pieces)
+        if gate.dropped:
+            log.info("storyteller %s: dropped from the reply: %r", plan.kind, gate.dropped)
+        if generated.strip() or plan.kind != "rewrite":
+            break
     if not generated.strip():
         raise ModelError(
             "the model returned no text; nothing was changed", provider=svc.llm.provider.name, retryable=True
