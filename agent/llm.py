@@ -32,9 +32,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import jsonschema
-from pymongo import ReturnDocument
+from pymongo import ReturnDocument, UpdateOne
 from pymongo.database import Database
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import BulkWriteError, PyMongoError
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
 from agent.records import GenerationRecorder
@@ -252,13 +252,15 @@ class GlobalSlots:
     def _ensure_slots(self) -> None:
         if self._ready:
             return
-        for slot_id in self.ids:
-            try:
-                self.coll.update_one(
-                    {"_id": slot_id}, {"$setOnInsert": {"holder": None, "lease_until": None}}, upsert=True
-                )
-            except DuplicateKeyError:  # another process created it at the same moment
-                pass
+        ops = [
+            UpdateOne({"_id": slot_id}, {"$setOnInsert": {"holder": None, "lease_until": None}}, upsert=True)
+            for slot_id in self.ids
+        ]
+        try:
+            self.coll.bulk_write(ops, ordered=False)  # one command for all slots, not one per slot
+        except BulkWriteError as exc:  # another process created some at the same moment: they exist
+            if any(err.get("code") != 11000 for err in exc.details.get("writeErrors", [])):
+                raise
         self._ready = True
 
     def acquire(self) -> str:

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pymongo import ASCENDING, ReturnDocument
+from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateOne
 from pymongo.database import Database
-from pymongo.errors import PyMongoError
+from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from agent.types import ModelError
 
@@ -142,6 +142,9 @@ class JobManager:
         self.annotate: Callable[[str, str | None, str], dict[str, Any]] | None = None
         self._drain: threading.Thread | None = None
         self._abort_hooks: list[Callable[[], None]] = []
+        # the last event number of each job this process runs: it numbers their events itself, so an
+        # event is one insert (the unique (job, seq) index still guards against another writer)
+        self._seqs: dict[str, int] = {}
 
     # ---- lifecycle
     def start(self) -> None:
@@ -256,6 +259,7 @@ class JobManager:
         self.db.jobs.insert_one(doc)
         with self._lock:
             self._active.add(job_id)
+            self._seqs[job_id] = 0
         self.append_event(job_id, "status", {"status": "queued"})
         self._pool.submit(self._run, job_id, runner)
         return job_id
@@ -304,31 +308,62 @@ class JobManager:
         finally:
             with self._idle:
                 self._active.discard(job_id)
+                self._seqs.pop(job_id, None)
                 self._idle.notify_all()
 
     def _finish(self, job_id: str, status: str, *, result: Any = None, error: dict | None = None) -> bool:
         update: dict[str, Any] = {"status": status, "finished_at": _now(), "error": error}
         if result is not None:
             update["result"] = result
-        # status and the terminal event's sequence number change in one update, so a reader never
-        # sees a finished job whose last event is still to come without also seeing a higher seq
+        event = {"type": status, "data": {"status": status, "error": error}}
+        seq = self._next_seq(job_id)
+        # status and the terminal event's number change in one update, so a reader never sees a
+        # finished job without also seeing the number of its last event (a stream then waits for it)
         doc = self.db.jobs.find_one_and_update(
             {"_id": job_id, "status": {"$in": list(ACTIVE)}},
-            {"$set": update, "$inc": {"seq": 1}},
+            {"$set": update, "$max": {"seq": seq}},
             projection={"seq": 1},
-            return_document=ReturnDocument.AFTER,
         )
         if doc is None:
             return False
-        self.db.job_events.insert_one(
-            {
-                "job": job_id,
-                "seq": doc["seq"],
-                "type": status,
-                "data": {"status": status, "error": error},
-                "at": _now(),
-            }
-        )
+        for _ in range(5):
+            if self._insert_event(job_id, seq, event):
+                with self._lock:
+                    self._seqs.pop(job_id, None)
+                return True
+            seq = self._last_stored_seq(job_id) + 1  # another writer took it: the next free one
+            self.db.jobs.update_one({"_id": job_id}, {"$max": {"seq": seq}})
+        raise PyMongoError(f"job {job_id}: could not number its terminal event")
+
+    def _next_seq(self, job_id: str) -> int:
+        """The next event number: taken from this process's counter for a job it runs (no round trip),
+        else one more than the last stored event."""
+        with self._lock:
+            if job_id in self._seqs:
+                self._seqs[job_id] += 1
+                return self._seqs[job_id]
+        return self._last_stored_seq(job_id) + 1
+
+    def _last_stored_seq(self, job_id: str) -> int:
+        last = self.db.job_events.find_one({"job": job_id}, {"seq": 1}, sort=[("seq", DESCENDING)])
+        return int(last["seq"]) if last else 0
+
+    def _resync(self, job_id: str) -> None:
+        """After a numbering clash: continue this process's counter after the last stored event."""
+        last = self._last_stored_seq(job_id)
+        with self._lock:
+            if job_id in self._seqs:
+                self._seqs[job_id] = max(self._seqs[job_id], last)
+
+    def _insert_event(self, job_id: str, seq: int, event: dict[str, Any]) -> bool:
+        """Store one event; False if that number is taken (the caller picks another)."""
+        try:
+            self.db.job_events.insert_one({"job": job_id, "seq": seq, **event, "at": _now()})
+        except DuplicateKeyError:
+            return False
+        with self._lock:
+            if job_id in self._seqs and seq > self._seqs[job_id]:
+                self._seqs[job_id] = seq
         return True
 
     # ---- reads and writes
@@ -336,14 +371,23 @@ class JobManager:
         self.db.jobs.update_one({"_id": job_id}, {"$set": fields})
 
     def append_event(self, job_id: str, type_: str, data: Any = None) -> int:
-        doc = self.db.jobs.find_one_and_update(
-            {"_id": job_id}, {"$inc": {"seq": 1}}, projection={"seq": 1}, return_document=ReturnDocument.AFTER
-        )
-        if doc is None:
+        """Append an event; returns its number (the SSE id). One insert for a job this process runs.
+
+        The job document's `seq` follows with the heartbeat (and exactly at the end); streams watch
+        the events themselves (apps/core/sse.py).
+        """
+        with self._lock:
+            owned = job_id in self._seqs
+        if not owned and self.db.jobs.count_documents({"_id": job_id}, limit=1) == 0:
             raise ApiError(404, f"no job {job_id}")
-        seq = doc["seq"]
-        self.db.job_events.insert_one({"job": job_id, "seq": seq, "type": type_, "data": data, "at": _now()})
-        return seq
+        for _ in range(5):
+            seq = self._next_seq(job_id)
+            if self._insert_event(job_id, seq, {"type": type_, "data": data}):
+                if not owned:
+                    self.db.jobs.update_one({"_id": job_id}, {"$max": {"seq": seq}})
+                return seq
+            self._resync(job_id)
+        raise PyMongoError(f"job {job_id}: could not number an event after 5 tries")
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         doc = self.db.jobs.find_one({"_id": job_id})
@@ -386,14 +430,25 @@ class JobManager:
                 with self._lock:
                     ids = list(self._active)
                 if ids:
-                    self.db.jobs.update_many(
-                        {"_id": {"$in": ids}, "status": {"$in": list(ACTIVE)}},
-                        {"$set": {"lease_until": _now() + timedelta(seconds=self.lease_s)}},
-                    )
+                    self._renew(ids)
                 self.reap()
                 self._beat_records()
             except PyMongoError as exc:
                 log.warning("job heartbeat: database unavailable (%s); retrying", exc)
+
+    def _renew(self, ids: list[str]) -> None:
+        """Extend the leases of this process's jobs and bring their `seq` up to date: one command."""
+        until = _now() + timedelta(seconds=self.lease_s)
+        with self._lock:
+            seqs = {job_id: self._seqs.get(job_id) for job_id in ids}
+        ops = [
+            UpdateOne(
+                {"_id": job_id, "status": {"$in": list(ACTIVE)}},
+                {"$set": {"lease_until": until}, **({"$max": {"seq": seq}} if seq else {})},
+            )
+            for job_id, seq in seqs.items()
+        ]
+        self.db.jobs.bulk_write(ops, ordered=False)
 
     def reap(self) -> int:
         """Fail every active job whose lease ran out (its worker died). Returns how many."""
@@ -441,8 +496,15 @@ def reap_records(db: Database, now: datetime | None = None) -> int:
     for name in sorted(LEASED_COLLECTIONS):
         result = db[name].update_many(
             {"status": "working", "lease_until": {"$lt": now}},
-            {"$set": {"status": "failed", "error": RECORD_DIED, "error_code": "runner_died", "finished_at": now},
-             "$unset": {"lease_until": ""}},
+            {
+                "$set": {
+                    "status": "failed",
+                    "error": RECORD_DIED,
+                    "error_code": "runner_died",
+                    "finished_at": now,
+                },
+                "$unset": {"lease_until": ""},
+            },
         )
         count += result.modified_count
     return count
@@ -490,8 +552,9 @@ def _beat_records_of(manager: JobManager) -> None:
     for collection, doc_id in held:
         by_collection.setdefault(collection, []).append(doc_id)
     for collection, ids in by_collection.items():
-        manager.db[collection].update_many({"_id": {"$in": ids}, "status": "working"},
-                                           {"$set": {"lease_until": until}})
+        manager.db[collection].update_many(
+            {"_id": {"$in": ids}, "status": "working"}, {"$set": {"lease_until": until}}
+        )
     reap_records(manager.db)
 
 

@@ -34,25 +34,31 @@ def format_sse(data: Any, *, event: str | None = None, id: int | str | None = No
     if event:
         lines.append(f"event: {event}")
     # stored events hold server-relative image URLs; the stream answers with absolute ones
-    text = data if isinstance(data, str) else json.dumps(absolute_image_urls(data), ensure_ascii=False, default=str)
+    text = (
+        data
+        if isinstance(data, str)
+        else json.dumps(absolute_image_urls(data), ensure_ascii=False, default=str)
+    )
     lines.extend(f"data: {line}" for line in text.split("\n"))
     return "\n".join(lines) + "\n\n"
 
 
 def default_formatter(event: dict[str, Any]) -> str:
-    return format_sse({"seq": event["seq"], "type": event["type"], "data": event.get("data")},
-                      event=event["type"], id=event["seq"])
+    return format_sse(
+        {"seq": event["seq"], "type": event["type"], "data": event.get("data")},
+        event=event["type"],
+        id=event["seq"],
+    )
 
 
 class JobWatcher:
-    """Polls the `seq` of jobs that have subscribers and wakes them on change."""
+    """Polls the newest event number of jobs that have subscribers and wakes them on change."""
 
     def __init__(self, manager: JobManager, poll_s: float = 0.2) -> None:
         self.manager = manager
         self.poll_s = poll_s
         self._cond = threading.Condition()
         self._seq: dict[str, int] = {}
-        self._status: dict[str, str] = {}
         self._watchers: defaultdict[str, int] = defaultdict(int)
         self._thread: threading.Thread | None = None
 
@@ -67,13 +73,21 @@ class JobWatcher:
                 ids = [k for k, v in self._watchers.items() if v > 0]
             if ids:
                 try:
-                    docs = self.manager.db.jobs.find({"_id": {"$in": ids}}, {"seq": 1, "status": 1})
+                    # the events themselves, not the job's `seq`: a runner numbers its job's events without
+                    # touching the job document (apps/core/jobs.py), and every end of a job is an event
+                    with self._cond:
+                        floor = min(self._seq.get(job_id, 0) for job_id in ids)
+                    latest = self.manager.db.job_events.aggregate(
+                        [
+                            {"$match": {"job": {"$in": ids}, "seq": {"$gt": floor}}},
+                            {"$group": {"_id": "$job", "seq": {"$max": "$seq"}}},
+                        ]
+                    )
                     changed = False
                     with self._cond:
-                        for doc in docs:
-                            if self._seq.get(doc["_id"]) != doc.get("seq") or self._status.get(doc["_id"]) != doc["status"]:
-                                self._seq[doc["_id"]] = doc.get("seq", 0)
-                                self._status[doc["_id"]] = doc["status"]
+                        for doc in latest:
+                            if doc["seq"] > self._seq.get(doc["_id"], 0):
+                                self._seq[doc["_id"]] = doc["seq"]
                                 changed = True
                         if changed:
                             self._cond.notify_all()
@@ -92,7 +106,6 @@ class JobWatcher:
             if self._watchers[job_id] <= 0:
                 self._watchers.pop(job_id, None)
                 self._seq.pop(job_id, None)
-                self._status.pop(job_id, None)
 
     def wait(self, job_id: str, known_seq: int, timeout: float) -> None:
         with self._cond:
@@ -109,9 +122,16 @@ def last_event_id(default: int = 0) -> int:
         return default
 
 
-def job_event_stream(manager: JobManager, watcher: JobWatcher, job_id: str, *, after: int = 0,
-                     formatter: EventFormatter = default_formatter, heartbeat_s: float = 15.0,
-                     on_missing_terminal: Callable[[dict[str, Any]], str | None] | None = None) -> Iterator[str]:
+def job_event_stream(
+    manager: JobManager,
+    watcher: JobWatcher,
+    job_id: str,
+    *,
+    after: int = 0,
+    formatter: EventFormatter = default_formatter,
+    heartbeat_s: float = 15.0,
+    on_missing_terminal: Callable[[dict[str, Any]], str | None] | None = None,
+) -> Iterator[str]:
     """Yield SSE text for a job from `after` until its terminal event."""
     yield ": stream open\n\n"
     watcher.subscribe(job_id)
