@@ -97,6 +97,10 @@ def test_complete_returns_text_usage_and_timing(llm: LocalProvider) -> None:
 
 
 def test_stream_yields_deltas_that_join_to_the_text(llm: LocalProvider) -> None:
+    # bring the model's prompt cache to the state both calls below will see: what llama.cpp reuses from
+    # the previous call changes how the rest is batched, and so the float rounding (a cold prompt, or
+    # one cached with a shorter reply, gives another text for the same seed)
+    "".join(llm.stream(STORY, params={"max_tokens": 40, "seed": 11}))
     deltas = list(llm.stream(STORY, params={"max_tokens": 40, "seed": 11}))
     assert len(deltas) >= 5 and all(isinstance(d, str) and d for d in deltas)
     text = "".join(deltas)
