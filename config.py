@@ -224,7 +224,9 @@ class Settings(BaseSettings):
     PROXY_FIX_X_FOR: int = 0  # proxies in front whose X-Forwarded-For is trusted for the client IP
 
     # --- studies (agent/studies.py, apps/core/studies.py) and cost (agent/prices.py)
-    STUDY: str | None = None  # settings/studies/<STUDY>.yaml: conditions (prompt variants + params) per participant
+    STUDY: str | None = (
+        None  # settings/studies/<STUDY>.yaml: conditions (prompt variants + params) per participant
+    )
     MODEL_PRICES: str | None = None  # JSON or a file path: {"model": {"input": USD/1M tokens, "output": ...}}
 
     @field_validator("SD_INSTANCES", "CORS_ORIGINS", mode="before")

@@ -59,15 +59,29 @@ class PlaceholderImageProvider:
         draw.text((width // 2, height // 6), "PLACEHOLDER", fill=(20, 20, 20), font=big, anchor="mm")
         small = _font(max(10, width // 32))
         label = (request.label + ": ") if request.label else ""
-        body = textwrap.fill(label + (request.prompt or "(no prompt)"), width=max(16, width // max(6, width // 42)))
+        body = textwrap.fill(
+            label + (request.prompt or "(no prompt)"), width=max(16, width // max(6, width // 42))
+        )
         lines = body.splitlines()[: max(1, (height // 2) // max(12, width // 28))]
-        draw.multiline_text((width // 12, height // 3), "\n".join(lines), fill=(30, 30, 30), font=small, spacing=4)
-        draw.text((width // 2, height - height // 12), "no image service configured",
-                  fill=(60, 60, 60), font=small, anchor="mm")
+        draw.multiline_text(
+            (width // 12, height // 3), "\n".join(lines), fill=(30, 30, 30), font=small, spacing=4
+        )
+        draw.text(
+            (width // 2, height - height // 12),
+            "no image service configured",
+            fill=(60, 60, 60),
+            font=small,
+            anchor="mm",
+        )
         data = png_bytes(img)
-        return ImageResult(png=data, provider=self.name, instance=None, seed=request.seed,
-                           latency_ms=(time.perf_counter() - start) * 1000,
-                           info={"placeholder": True, "width": width, "height": height})
+        return ImageResult(
+            png=data,
+            provider=self.name,
+            instance=None,
+            seed=request.seed,
+            latency_ms=(time.perf_counter() - start) * 1000,
+            info={"placeholder": True, "width": width, "height": height},
+        )
 
     def generate_many(self, requests: list[ImageRequest]) -> list[ImageResult]:
         return [self.generate(r) for r in requests]
@@ -78,7 +92,9 @@ class PlaceholderImageProvider:
             with Image.open(io.BytesIO(image)) as src:
                 rgb = src.convert("RGB")
         except OSError as exc:
-            raise ModelError(f"cannot read the image to segment: {exc}", provider=self.name, kind="image") from exc
+            raise ModelError(
+                f"cannot read the image to segment: {exc}", provider=self.name, kind="image"
+            ) from exc
         gray = ImageOps.grayscale(rgb)
         mask = gray.point(lambda v: 255 if v < 235 else 0).convert("L")
         white = Image.new("RGB", rgb.size, (255, 255, 255))
@@ -89,7 +105,9 @@ class PlaceholderImageProvider:
         return {"ok": True, "provider": self.name, "note": "placeholder images (no SD instance configured)"}
 
 
-def generate_concurrently(provider: Any, requests: list[ImageRequest], max_workers: int = 16) -> list[ImageResult]:
+def generate_concurrently(
+    provider: Any, requests: list[ImageRequest], max_workers: int = 16
+) -> list[ImageResult]:
     """Submit every request at once; results in request order; the first failure is raised."""
     if not requests:
         return []

@@ -47,8 +47,9 @@ def model_family(model: str) -> str:
 def supported_size(model: str, width: int, height: int) -> tuple[int, int]:
     """The model's size closest in aspect ratio to width x height (then closest in area)."""
     want = width / max(1, height)
-    return min(SIZES[model_family(model)],
-               key=lambda s: (abs(s[0] / s[1] - want), abs(s[0] * s[1] - width * height)))
+    return min(
+        SIZES[model_family(model)], key=lambda s: (abs(s[0] / s[1] - want), abs(s[0] * s[1] - width * height))
+    )
 
 
 def _error(exc: Exception, provider: str) -> ModelError:
@@ -57,13 +58,22 @@ def _error(exc: Exception, provider: str) -> ModelError:
         body = exc.body if isinstance(exc.body, dict) else {}
         err = body.get("error", body) if isinstance(body, dict) else {}
         detail = err.get("message") if isinstance(err, dict) else None
-        return ModelError(f"{provider} images answered HTTP {status}: {detail or exc.message}", provider=provider,
-                          status=status, retryable=status == 429 or status >= 500, kind="image")
+        return ModelError(
+            f"{provider} images answered HTTP {status}: {detail or exc.message}",
+            provider=provider,
+            status=status,
+            retryable=status == 429 or status >= 500,
+            kind="image",
+        )
     if isinstance(exc, openai.APITimeoutError):
         return ModelError(f"{provider} images timed out", provider=provider, retryable=True, kind="image")
     if isinstance(exc, openai.APIConnectionError):
-        return ModelError(f"cannot reach {provider} images: {exc}", provider=provider, retryable=True, kind="image")
-    return ModelError(f"{provider} images call failed: {type(exc).__name__}: {exc}", provider=provider, kind="image")
+        return ModelError(
+            f"cannot reach {provider} images: {exc}", provider=provider, retryable=True, kind="image"
+        )
+    return ModelError(
+        f"{provider} images call failed: {type(exc).__name__}: {exc}", provider=provider, kind="image"
+    )
 
 
 def _mask_to_alpha(mask: bytes, size: tuple[int, int], invert: bool) -> bytes:
@@ -79,8 +89,16 @@ def _mask_to_alpha(mask: bytes, size: tuple[int, int], invert: bool) -> bytes:
 class OpenAIImageProvider:
     """ImageProvider over `client.images` of the openai SDK (openai.OpenAI or openai.AzureOpenAI)."""
 
-    def __init__(self, client: openai.OpenAI, model: str, *, name: str = "openai",
-                 response_format: str | None = None, download_timeout_s: float = 30.0, max_side: int = 4096) -> None:
+    def __init__(
+        self,
+        client: openai.OpenAI,
+        model: str,
+        *,
+        name: str = "openai",
+        response_format: str | None = None,
+        download_timeout_s: float = 30.0,
+        max_side: int = 4096,
+    ) -> None:
         self.client = client
         self.model = model
         self.name = name
@@ -96,12 +114,20 @@ class OpenAIImageProvider:
         timeout = max(60.0, float(settings.LLM_TIMEOUT_S))
         if settings.LLM_PROVIDER == "azure" and settings.AZURE_OPENAI_ENDPOINT:
             client: openai.OpenAI = openai.AzureOpenAI(
-                azure_endpoint=settings.AZURE_OPENAI_ENDPOINT, api_key=settings.AZURE_OPENAI_API_KEY,
-                api_version=settings.AZURE_OPENAI_API_VERSION, timeout=timeout, max_retries=2)
+                azure_endpoint=settings.AZURE_OPENAI_ENDPOINT,
+                api_key=settings.AZURE_OPENAI_API_KEY,
+                api_version=settings.AZURE_OPENAI_API_VERSION,
+                timeout=timeout,
+                max_retries=2,
+            )
             name = "azure"
         else:
-            client = openai.OpenAI(base_url=settings.OPENAI_BASE_URL, api_key=settings.OPENAI_API_KEY or "not-needed",
-                                   timeout=timeout, max_retries=2)
+            client = openai.OpenAI(
+                base_url=settings.OPENAI_BASE_URL,
+                api_key=settings.OPENAI_API_KEY or "not-needed",
+                timeout=timeout,
+                max_retries=2,
+            )
             name = "openai"
         return cls(client, settings.OPENAI_IMAGE_MODEL, name=name, max_side=settings.MAX_IMAGE_SIDE)
 
@@ -119,8 +145,12 @@ class OpenAIImageProvider:
     def generate(self, request: ImageRequest) -> ImageResult:
         start = time.perf_counter()
         size = supported_size(self.model, request.width, request.height)
-        kwargs: dict[str, Any] = {"model": self.model, "prompt": self._prompt(request), "n": 1,
-                                  "size": f"{size[0]}x{size[1]}"}
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "prompt": self._prompt(request),
+            "n": 1,
+            "size": f"{size[0]}x{size[1]}",
+        }
         fmt = self._response_format()
         if fmt:
             kwargs["response_format"] = fmt
@@ -136,8 +166,11 @@ class OpenAIImageProvider:
                 edit: dict[str, Any] = dict(kwargs)
                 edit["image"] = ("image.png", init, "image/png")
                 if request.mask is not None:
-                    edit["mask"] = ("mask.png", _mask_to_alpha(request.mask, size, request.inpainting_mask_invert),
-                                    "image/png")
+                    edit["mask"] = (
+                        "mask.png",
+                        _mask_to_alpha(request.mask, size, request.inpainting_mask_invert),
+                        "image/png",
+                    )
                 resp = self.client.images.edit(**edit)
             else:
                 resp = self.client.images.generate(**kwargs)
@@ -147,21 +180,36 @@ class OpenAIImageProvider:
             raise _error(exc, self.name) from exc
         data = list(getattr(resp, "data", None) or [])
         if not data:
-            raise ModelError(f"{self.name} images returned no image", provider=self.name, retryable=True, kind="image")
+            raise ModelError(
+                f"{self.name} images returned no image", provider=self.name, retryable=True, kind="image"
+            )
         raw = self._bytes(data[0])
         try:
             png = to_png(raw)
         except ValueError as exc:
-            raise ModelError(f"{self.name} images returned an undecodable image: {exc}", provider=self.name,
-                             retryable=True, kind="image") from exc
+            raise ModelError(
+                f"{self.name} images returned an undecodable image: {exc}",
+                provider=self.name,
+                retryable=True,
+                kind="image",
+            ) from exc
         if size != (request.width, request.height):
             with Image.open(io.BytesIO(png)) as img:
                 png = png_bytes(img.convert("RGB").resize((request.width, request.height), Image.LANCZOS))
         revised = getattr(data[0], "revised_prompt", None)
-        return ImageResult(png=png, provider=self.name, instance=self.model, seed=None,
-                           latency_ms=(time.perf_counter() - start) * 1000,
-                           info={"model": self.model, "native_size": f"{size[0]}x{size[1]}",
-                                 "revised_prompt": revised, "notes": notes})
+        return ImageResult(
+            png=png,
+            provider=self.name,
+            instance=self.model,
+            seed=None,
+            latency_ms=(time.perf_counter() - start) * 1000,
+            info={
+                "model": self.model,
+                "native_size": f"{size[0]}x{size[1]}",
+                "revised_prompt": revised,
+                "notes": notes,
+            },
+        )
 
     def _bytes(self, item: Any) -> bytes:
         b64 = getattr(item, "b64_json", None)
@@ -169,28 +217,48 @@ class OpenAIImageProvider:
             try:
                 raw = base64.b64decode(b64, validate=True)
             except (binascii.Error, ValueError) as exc:
-                raise ModelError(f"{self.name} images returned invalid base64: {exc}", provider=self.name,
-                                 retryable=True, kind="image") from exc
+                raise ModelError(
+                    f"{self.name} images returned invalid base64: {exc}",
+                    provider=self.name,
+                    retryable=True,
+                    kind="image",
+                ) from exc
             if raw:
                 return raw
         url = getattr(item, "url", None)
         if not url:
-            raise ModelError(f"{self.name} images returned an empty image", provider=self.name, retryable=True,
-                             kind="image")
+            raise ModelError(
+                f"{self.name} images returned an empty image",
+                provider=self.name,
+                retryable=True,
+                kind="image",
+            )
         host = urlparse(url).hostname or ""
         if host not in LOCAL_HOSTS:
             # we ask for b64_json; a remote URL would be a second, unaccounted download from a third party
-            raise ModelError(f"{self.name} images answered with a URL on {host!r} instead of b64_json; "
-                             "only local URLs are fetched", provider=self.name, kind="image")
+            raise ModelError(
+                f"{self.name} images answered with a URL on {host!r} instead of b64_json; "
+                "only local URLs are fetched",
+                provider=self.name,
+                kind="image",
+            )
         try:
             resp = httpx.get(url, timeout=self.download_timeout_s)
             resp.raise_for_status()
         except httpx.HTTPError as exc:
-            raise ModelError(f"could not download the generated image from {url}: {exc}", provider=self.name,
-                             retryable=True, kind="image") from exc
+            raise ModelError(
+                f"could not download the generated image from {url}: {exc}",
+                provider=self.name,
+                retryable=True,
+                kind="image",
+            ) from exc
         if not resp.content:
-            raise ModelError(f"{self.name} images: the image at {url} is empty", provider=self.name,
-                             retryable=True, kind="image")
+            raise ModelError(
+                f"{self.name} images: the image at {url} is empty",
+                provider=self.name,
+                retryable=True,
+                kind="image",
+            )
         return resp.content
 
     def generate_many(self, requests: list[ImageRequest]) -> list[ImageResult]:
@@ -203,4 +271,9 @@ class OpenAIImageProvider:
         return seg
 
     def health(self) -> dict[str, Any]:
-        return {"ok": True, "provider": self.name, "model": self.model, "note": "not probed (each call costs money)"}
+        return {
+            "ok": True,
+            "provider": self.name,
+            "model": self.model,
+            "note": "not probed (each call costs money)",
+        }

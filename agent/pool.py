@@ -223,8 +223,18 @@ class _Slot:
 class _Entry:
     """This process's side of one queue document: the callers waiting on it, oldest first."""
 
-    __slots__ = ("id", "key", "checkpoint", "exclude", "created", "ticket", "waiting", "uncounted", "registered",
-                 "db_lock")
+    __slots__ = (
+        "id",
+        "key",
+        "checkpoint",
+        "exclude",
+        "created",
+        "ticket",
+        "waiting",
+        "uncounted",
+        "registered",
+        "db_lock",
+    )
 
     def __init__(self, entry_id: str, checkpoint: str | None, exclude: list[str]) -> None:
         self.id = entry_id
@@ -245,8 +255,9 @@ def _acceptable(entry: dict[str, Any], url: str, up: set[str]) -> bool:
     return url not in excluded or not (up - excluded)
 
 
-def plan_assignment(waiters: Iterable[dict[str, Any]], instances: Iterable[dict[str, Any]],
-                    now: datetime) -> list[tuple[str, str]]:
+def plan_assignment(
+    waiters: Iterable[dict[str, Any]], instances: Iterable[dict[str, Any]], now: datetime
+) -> list[tuple[str, str]]:
     """[(queue entry id, instance URL)]: who gets which free instance, oldest entry first.
 
     Pure and deterministic, so every process computes the same plan from the same snapshot
@@ -257,8 +268,11 @@ def plan_assignment(waiters: Iterable[dict[str, Any]], instances: Iterable[dict[
     """
     docs = list(instances)
     up = {d["_id"] for d in docs if d.get("state", "up") == "up"}
-    free = [d for d in docs if d["_id"] in up and
-            (not d.get("holder") or (_aware(d.get("lease_until")) or now) < now)]
+    free = [
+        d
+        for d in docs
+        if d["_id"] in up and (not d.get("holder") or (_aware(d.get("lease_until")) or now) < now)
+    ]
     epoch = datetime.min.replace(tzinfo=UTC)
     free.sort(key=lambda d: (_aware(d.get("released_at")) or epoch, d["_id"]))
     plan: list[tuple[str, str]] = []
@@ -270,7 +284,9 @@ def plan_assignment(waiters: Iterable[dict[str, Any]], instances: Iterable[dict[
             allowed = [d for d in free if _acceptable(w, d["_id"], up)]
             if not allowed:
                 break  # an acceptable instance exists but is busy: wait for it
-            pick = next((d for d in allowed if want and checkpoint_key(d.get("checkpoint")) == want), allowed[0])
+            pick = next(
+                (d for d in allowed if want and checkpoint_key(d.get("checkpoint")) == want), allowed[0]
+            )
             plan.append((w["_id"], pick["_id"]))
             free.remove(pick)
     return plan
@@ -301,10 +317,24 @@ def affinity_window(waiters: list[dict[str, Any]], checkpoint: str | None, up: i
 class SDInstancePool:
     """Fair, cross-process, health-checked leasing of SD WebUI instances (see the module docstring)."""
 
-    def __init__(self, db: Database, urls: list[str], *, timeout_s: float = 180.0, wait_timeout_s: float = 300.0,
-                 lease_s: float = 60.0, max_attempts: int = 3, poll_s: float = 0.25, probe_base_s: float = 2.0,
-                 probe_max_s: float = 60.0, ping_timeout_s: float = 2.0, waiter_ttl_s: float = 5.0,
-                 join_window_s: float = 0.02, max_waiters_read: int = 256, handover: bool = True) -> None:
+    def __init__(
+        self,
+        db: Database,
+        urls: list[str],
+        *,
+        timeout_s: float = 180.0,
+        wait_timeout_s: float = 300.0,
+        lease_s: float = 60.0,
+        max_attempts: int = 3,
+        poll_s: float = 0.25,
+        probe_base_s: float = 2.0,
+        probe_max_s: float = 60.0,
+        ping_timeout_s: float = 2.0,
+        waiter_ttl_s: float = 5.0,
+        join_window_s: float = 0.02,
+        max_waiters_read: int = 256,
+        handover: bool = True,
+    ) -> None:
         if db is None:
             raise ValueError("the SD instance pool needs MongoDB (it is how workers share the instances)")
         urls = list(dict.fromkeys(u.rstrip("/") for u in urls if u))
@@ -332,7 +362,9 @@ class SDInstancePool:
         self.claims = 0  # instances this process claimed (fast or by plan)
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}  # our queue entries (registered or about to be)
-        self._open: dict[tuple[Any, ...], _Entry] = {}  # entries still accepting callers, by (checkpoint, exclude)
+        self._open: dict[
+            tuple[Any, ...], _Entry
+        ] = {}  # entries still accepting callers, by (checkpoint, exclude)
         self._leases: dict[str, Lease] = {}
         self._finished: deque[str] = deque(maxlen=FINISHED_KEEP)
         self._finished_set: set[str] = set()
@@ -370,15 +402,33 @@ class SDInstancePool:
         for url in self.urls:
             self.db.sd_instances.update_one(
                 {"_id": url},
-                {"$setOnInsert": {"state": "up", "holder": None, "lease_until": None, "checkpoint": None,
-                                  "ckey": None, "failures": 0, "probe_failures": 0, "next_probe_at": None,
-                                  "last_error": None, "served": 0, "released_at": None, "created_at": now}},
+                {
+                    "$setOnInsert": {
+                        "state": "up",
+                        "holder": None,
+                        "lease_until": None,
+                        "checkpoint": None,
+                        "ckey": None,
+                        "failures": 0,
+                        "probe_failures": 0,
+                        "next_probe_at": None,
+                        "last_error": None,
+                        "served": 0,
+                        "released_at": None,
+                        "created_at": now,
+                    }
+                },
                 upsert=True,
             )
         # a down instance left by an earlier run is probed soon rather than after its old backoff
-        self.db.sd_instances.update_many({"_id": {"$in": self.urls}, "state": "down",
-                                          "next_probe_at": {"$gt": now + timedelta(seconds=self.probe_base_s)}},
-                                         {"$set": {"next_probe_at": now}})
+        self.db.sd_instances.update_many(
+            {
+                "_id": {"$in": self.urls},
+                "state": "down",
+                "next_probe_at": {"$gt": now + timedelta(seconds=self.probe_base_s)},
+            },
+            {"$set": {"next_probe_at": now}},
+        )
 
     def refresh_checkpoints(self, timeout_s: float | None = None) -> dict[str, str | None]:
         """Ask every instance which checkpoint it has loaded (for model affinity). Best effort."""
@@ -395,8 +445,9 @@ class SDInstancePool:
             found[url] = name
             if name:
                 try:
-                    self.db.sd_instances.update_one({"_id": url},
-                                                    {"$set": {"checkpoint": name, "ckey": checkpoint_key(name)}})
+                    self.db.sd_instances.update_one(
+                        {"_id": url}, {"$set": {"checkpoint": name, "ckey": checkpoint_key(name)}}
+                    )
                 except PyMongoError as exc:
                     log.warning("could not store the checkpoint of %s: %s", url, exc)
 
@@ -422,8 +473,11 @@ class SDInstancePool:
             self.release_held()
             self.db.sd_pool_members.delete_one({"_id": self.process_id})
         except PyMongoError as exc:
-            log.warning("SD pool: could not free this process's leases at close (they expire in %.0f s): %s",
-                        self.lease_s, exc)
+            log.warning(
+                "SD pool: could not free this process's leases at close (they expire in %.0f s): %s",
+                self.lease_s,
+                exc,
+            )
         for client in self.clients.values():
             client.close()
 
@@ -454,7 +508,8 @@ class SDInstancePool:
             if holder.startswith(prefix):
                 res = self.db.sd_instances.update_one(
                     {"_id": doc["_id"], "holder": holder},
-                    {"$set": {"holder": None, "lease_until": None, "released_at": _now()}})
+                    {"$set": {"holder": None, "lease_until": None, "released_at": _now()}},
+                )
                 freed += res.modified_count
         if freed:
             log.warning("SD pool: freed %d instance(s) still leased by this process at close", freed)
@@ -492,8 +547,9 @@ class SDInstancePool:
                 self._thread.start()
 
     # ------------------------------------------------------------------ leasing
-    def acquire(self, checkpoint: str | None = None, exclude: Iterable[str] = (),
-                timeout_s: float | None = None) -> Lease:
+    def acquire(
+        self, checkpoint: str | None = None, exclude: Iterable[str] = (), timeout_s: float | None = None
+    ) -> Lease:
         """Wait (FIFO across all processes) for a free up instance; raise ModelError(503) on timeout."""
         if self._closed.is_set() or self._stopping.is_set():
             raise self._stopping_error()
@@ -509,8 +565,13 @@ class SDInstancePool:
         try:
             entry = self._join(checkpoint, exclude, slot)
         except PyMongoError as exc:
-            raise ModelError(f"the SD pool cannot reach its database: {exc}", provider=PROVIDER, status=503,
-                             retryable=True, kind="image") from exc
+            raise ModelError(
+                f"the SD pool cannot reach its database: {exc}",
+                provider=PROVIDER,
+                status=503,
+                retryable=True,
+                kind="image",
+            ) from exc
         slot.event.wait(timeout_s)
         with self._lock:
             lease = slot.lease
@@ -525,8 +586,9 @@ class SDInstancePool:
         raise self._timeout_error(timeout_s)
 
     def _stopping_error(self) -> ModelError:
-        return ModelError("the SD pool is closed: the server is shutting down", provider=PROVIDER, status=503,
-                          kind="image")
+        return ModelError(
+            "the SD pool is closed: the server is shutting down", provider=PROVIDER, status=503, kind="image"
+        )
 
     def _join(self, checkpoint: str | None, exclude: list[str], slot: _Slot) -> _Entry:
         """Add a waiting caller to the queue: to the entry this process opened for the same checkpoint a
@@ -538,7 +600,9 @@ class SDInstancePool:
                 entry = _Entry(f"{self.process_id}:q{self._seq + 1}", checkpoint, exclude)
                 self._seq += 1
                 self._open[key] = entry
-                self._entries[entry.id] = entry  # known before it exists in the database: a grant may follow at once
+                self._entries[entry.id] = (
+                    entry  # known before it exists in the database: a grant may follow at once
+                )
             entry.waiting.append(slot)
             entry.uncounted += 1
         with entry.db_lock:
@@ -548,11 +612,20 @@ class SDInstancePool:
                 now = _now()
                 if not entry.registered:
                     entry.ticket = self._ticket()
-                    self.db.sd_waiters.insert_one({
-                        "_id": entry.id, "ticket": entry.ticket, "want": count, "granted": 0,
-                        "checkpoint": checkpoint, "ckey": checkpoint_key(checkpoint), "exclude": exclude,
-                        "process": self.process_id, "enqueued_at": now,
-                        "expires_at": now + timedelta(seconds=self.waiter_ttl_s)})
+                    self.db.sd_waiters.insert_one(
+                        {
+                            "_id": entry.id,
+                            "ticket": entry.ticket,
+                            "want": count,
+                            "granted": 0,
+                            "checkpoint": checkpoint,
+                            "ckey": checkpoint_key(checkpoint),
+                            "exclude": exclude,
+                            "process": self.process_id,
+                            "enqueued_at": now,
+                            "expires_at": now + timedelta(seconds=self.waiter_ttl_s),
+                        }
+                    )
                     entry.registered = True
                 else:
                     self.db.sd_waiters.update_one({"_id": entry.id}, {"$inc": {"want": count}})
@@ -595,17 +668,32 @@ class SDInstancePool:
         lease = Lease(id=self._next_id("f"), url="", ticket=0)
         with self._lock:
             self._leases[lease.id] = lease  # known locally before it exists in the database (orphan check)
-        free = {"_id": {"$in": candidates}, "state": "up", "$or": [{"holder": None}, {"lease_until": {"$lt": now}}]}
-        update = {"$set": {"holder": lease.id, "lease_until": now + timedelta(seconds=self.lease_s), "leased_at": now}}
+        free = {
+            "_id": {"$in": candidates},
+            "state": "up",
+            "$or": [{"holder": None}, {"lease_until": {"$lt": now}}],
+        }
+        update = {
+            "$set": {
+                "holder": lease.id,
+                "lease_until": now + timedelta(seconds=self.lease_s),
+                "leased_at": now,
+            }
+        }
         doc = None
         try:
             key = checkpoint_key(checkpoint)
             if key:  # model affinity first
-                doc = self.db.sd_instances.find_one_and_update({**free, "ckey": key}, update, sort=[("released_at", 1)],
-                                                               projection={"holder": 1, "checkpoint": 1})
+                doc = self.db.sd_instances.find_one_and_update(
+                    {**free, "ckey": key},
+                    update,
+                    sort=[("released_at", 1)],
+                    projection={"holder": 1, "checkpoint": 1},
+                )
             if doc is None:  # else the one idle longest
-                doc = self.db.sd_instances.find_one_and_update(free, update, sort=[("released_at", 1)],
-                                                               projection={"holder": 1, "checkpoint": 1})
+                doc = self.db.sd_instances.find_one_and_update(
+                    free, update, sort=[("released_at", 1)], projection={"holder": 1, "checkpoint": 1}
+                )
         except PyMongoError:
             doc = None
         if doc is None:
@@ -613,7 +701,11 @@ class SDInstancePool:
                 self._leases.pop(lease.id, None)
             return None
         if doc.get("holder"):
-            log.warning("SD instance %s: the lease of %s ran out (holder died?); taking over", doc["_id"], doc["holder"])
+            log.warning(
+                "SD instance %s: the lease of %s ran out (holder died?); taking over",
+                doc["_id"],
+                doc["holder"],
+            )
         lease.url = doc["_id"]
         lease.checkpoint = doc.get("checkpoint")
         self.claims += 1
@@ -624,8 +716,12 @@ class SDInstancePool:
         """The next number of the global queue: strictly increasing across all processes and hosts."""
         for _ in range(5):
             try:
-                doc = self.db.counters.find_one_and_update({"_id": COUNTER_ID}, {"$inc": {"seq": 1}}, upsert=True,
-                                                           return_document=ReturnDocument.AFTER)
+                doc = self.db.counters.find_one_and_update(
+                    {"_id": COUNTER_ID},
+                    {"$inc": {"seq": 1}},
+                    upsert=True,
+                    return_document=ReturnDocument.AFTER,
+                )
             except DuplicateKeyError:  # two first-ever upserts raced (MongoDB); the document exists now
                 continue
             # the embedded server can answer None to racing first-ever upserts; a skipped number is harmless
@@ -644,14 +740,17 @@ class SDInstancePool:
             docs, queue = [], -1
         up = sum(1 for d in docs if d.get("state", "up") == "up")
         down = [f"{d['_id']} ({d.get('last_error') or 'down'})" for d in docs if d.get("state") == "down"]
-        msg = (f"no Stable Diffusion instance became free within {waited_s:g} s: "
-               f"{up} of {len(self.urls)} instances up, {max(queue, 0)} other callers waiting")
+        msg = (
+            f"no Stable Diffusion instance became free within {waited_s:g} s: "
+            f"{up} of {len(self.urls)} instances up, {max(queue, 0)} other callers waiting"
+        )
         if down:
             msg += "; down: " + "; ".join(down)[:600]
         return ModelError(msg, provider=PROVIDER, status=503, retryable=True, kind="image")
 
-    def release(self, lease: Lease, *, ok: bool = True, error: SDError | None = None,
-                checkpoint: str | None = None) -> None:
+    def release(
+        self, lease: Lease, *, ok: bool = True, error: SDError | None = None, checkpoint: str | None = None
+    ) -> None:
         """Done with the instance: hand it to the next waiting caller, or free it, and record what the call
         said about its health. Only acts if we still hold it."""
         try:
@@ -688,8 +787,9 @@ class SDInstancePool:
         if inc:
             update["$inc"] = inc
         try:
-            doc = self.db.sd_instances.find_one_and_update({"_id": lease.url, "holder": lease.id}, update,
-                                                           return_document=ReturnDocument.AFTER)
+            doc = self.db.sd_instances.find_one_and_update(
+                {"_id": lease.url, "holder": lease.id}, update, return_document=ReturnDocument.AFTER
+            )
             if doc is None:  # our lease ran out and someone else holds it now: keep theirs, record health
                 log.warning("lease %s on %s had expired before release", lease.id, lease.url)
                 health_update: dict[str, Any] = {}
@@ -698,12 +798,18 @@ class SDInstancePool:
                 if inc:
                     health_update["$inc"] = inc
                 if health_update:
-                    doc = self.db.sd_instances.find_one_and_update({"_id": lease.url}, health_update,
-                                                                   return_document=ReturnDocument.AFTER)
-            if (failure in COUNTED and doc is not None and doc.get("state") == "up"
-                    and int(doc.get("failures") or 0) >= FAILURES_TO_DOWN):
-                self.db.sd_instances.update_one({"_id": lease.url, "state": "up"},
-                                                {"$set": self._down_fields(now, error)})
+                    doc = self.db.sd_instances.find_one_and_update(
+                        {"_id": lease.url}, health_update, return_document=ReturnDocument.AFTER
+                    )
+            if (
+                failure in COUNTED
+                and doc is not None
+                and doc.get("state") == "up"
+                and int(doc.get("failures") or 0) >= FAILURES_TO_DOWN
+            ):
+                self.db.sd_instances.update_one(
+                    {"_id": lease.url, "state": "up"}, {"$set": self._down_fields(now, error)}
+                )
         except PyMongoError as exc:
             log.error("could not release %s (it frees itself in %.0f s): %s", lease.url, self.lease_s, exc)
         self._notify(peers=True)
@@ -722,28 +828,49 @@ class SDInstancePool:
             now = _now()
             eligible = {"want": {"$gt": 0}, "expires_at": {"$gt": now}, "exclude": {"$ne": url}}
             take = {"$inc": {"want": -1, "granted": 1}}
-            after = ReturnDocument.AFTER  # the embedded server's pre-images are not atomic; its post-images are
+            after = (
+                ReturnDocument.AFTER
+            )  # the embedded server's pre-images are not atomic; its post-images are
             doc = None
             bound = affinity_window(self._queue[1], loaded, len(self._up_instances()))
             if bound is not None:
                 doc = self.db.sd_waiters.find_one_and_update(
-                    {**eligible, "ckey": checkpoint_key(loaded), "ticket": {"$lte": bound}}, take,
-                    sort=[("ticket", ASCENDING)], projection={"granted": 1}, return_document=after)
+                    {**eligible, "ckey": checkpoint_key(loaded), "ticket": {"$lte": bound}},
+                    take,
+                    sort=[("ticket", ASCENDING)],
+                    projection={"granted": 1},
+                    return_document=after,
+                )
             if doc is None:
-                doc = self.db.sd_waiters.find_one_and_update(eligible, take, sort=[("ticket", ASCENDING)],
-                                                             projection={"granted": 1}, return_document=after)
+                doc = self.db.sd_waiters.find_one_and_update(
+                    eligible,
+                    take,
+                    sort=[("ticket", ASCENDING)],
+                    projection={"granted": 1},
+                    return_document=after,
+                )
             if doc is None:
                 return False  # nobody waiting (or only callers this instance failed: the scans serve them)
             lease_id = f"{doc['_id']}#{int(doc['granted'])}"
-            handed: dict[str, Any] = {"holder": lease_id, "released_at": now, "leased_at": now, "failures": 0,
-                                      # short until the new holder renews it, in case its process just died
-                                      "lease_until": now + timedelta(seconds=min(self.lease_s, self.waiter_ttl_s))}
+            handed: dict[str, Any] = {
+                "holder": lease_id,
+                "released_at": now,
+                "leased_at": now,
+                "failures": 0,
+                # short until the new holder renews it, in case its process just died
+                "lease_until": now + timedelta(seconds=min(self.lease_s, self.waiter_ttl_s)),
+            }
             if checkpoint:
                 handed["checkpoint"] = checkpoint
                 handed["ckey"] = checkpoint_key(checkpoint)
-            if self.db.sd_instances.find_one_and_update(
-                    {"_id": url, "holder": lease.id}, {"$set": handed, "$inc": {"served": 1}},
-                    projection={"_id": 1}) is None:
+            if (
+                self.db.sd_instances.find_one_and_update(
+                    {"_id": url, "holder": lease.id},
+                    {"$set": handed, "$inc": {"served": 1}},
+                    projection={"_id": 1},
+                )
+                is None
+            ):
                 # we no longer held it (our lease ran out): give the caller its place back, free nothing
                 self.db.sd_waiters.update_one({"_id": doc["_id"]}, {"$inc": {"want": 1}})
                 return False
@@ -794,8 +921,10 @@ class SDInstancePool:
     def _free_orphan(self, holder: str, url: str) -> None:
         """An instance given to a caller of ours that is gone: put it back."""
         try:
-            res = self.db.sd_instances.update_one({"_id": url, "holder": holder},
-                                                  {"$set": {"holder": None, "lease_until": None, "released_at": _now()}})
+            res = self.db.sd_instances.update_one(
+                {"_id": url, "holder": holder},
+                {"$set": {"holder": None, "lease_until": None, "released_at": _now()}},
+            )
         except PyMongoError as exc:
             log.warning("could not free %s (it frees itself when the lease runs out): %s", url, exc)
             return
@@ -803,11 +932,16 @@ class SDInstancePool:
             self._notify(peers=True)
 
     def _down_fields(self, now: datetime, error: SDError | None) -> dict[str, Any]:
-        return {"state": "down", "down_since": now, "probe_failures": 0,
-                "next_probe_at": now + timedelta(seconds=self.probe_base_s), "last_error": _short(error)}
+        return {
+            "state": "down",
+            "down_since": now,
+            "probe_failures": 0,
+            "next_probe_at": now + timedelta(seconds=self.probe_base_s),
+            "last_error": _short(error),
+        }
 
     def _backoff(self, probe_failures: int) -> float:
-        return min(self.probe_max_s, self.probe_base_s * (2 ** probe_failures))
+        return min(self.probe_max_s, self.probe_base_s * (2**probe_failures))
 
     def _up_instances(self) -> set[str]:
         seen_at, up = self._up
@@ -856,8 +990,11 @@ class SDInstancePool:
         caller can join any more (off everyone's critical path)."""
         now = time.monotonic()
         with self._lock:
-            done = [e for e in self._entries.values()
-                    if not e.waiting and not e.uncounted and now - e.created > self.join_window_s]
+            done = [
+                e
+                for e in self._entries.values()
+                if not e.waiting and not e.uncounted and now - e.created > self.join_window_s
+            ]
             for e in done:
                 del self._entries[e.id]
                 if self._open.get(e.key) is e:
@@ -891,11 +1028,24 @@ class SDInstancePool:
         now = _now()
         self.db.sd_pool_members.update_one(
             {"_id": self.process_id},
-            {"$set": {"host": self.hostname, "port": port, "pid": os.getpid(),
-                      "expires_at": now + timedelta(seconds=MEMBERS_TTL_S)}}, upsert=True)
-        self._peers = {d["_id"]: int(d["port"]) for d in self.db.sd_pool_members.find(
-            {"host": self.hostname, "expires_at": {"$gt": now}, "_id": {"$ne": self.process_id}}, {"port": 1})
-            if d.get("port")}
+            {
+                "$set": {
+                    "host": self.hostname,
+                    "port": port,
+                    "pid": os.getpid(),
+                    "expires_at": now + timedelta(seconds=MEMBERS_TTL_S),
+                }
+            },
+            upsert=True,
+        )
+        self._peers = {
+            d["_id"]: int(d["port"])
+            for d in self.db.sd_pool_members.find(
+                {"host": self.hostname, "expires_at": {"$gt": now}, "_id": {"$ne": self.process_id}},
+                {"port": 1},
+            )
+            if d.get("port")
+        }
 
     def _renew(self) -> None:
         now = _now()
@@ -905,19 +1055,33 @@ class SDInstancePool:
         leases = [lease for lease in leases if lease.url]
         if leases:
             res = self.db.sd_instances.update_many(
-                {"_id": {"$in": [lease.url for lease in leases]}, "holder": {"$in": [lease.id for lease in leases]}},
-                {"$set": {"lease_until": now + timedelta(seconds=self.lease_s)}})
+                {
+                    "_id": {"$in": [lease.url for lease in leases]},
+                    "holder": {"$in": [lease.id for lease in leases]},
+                },
+                {"$set": {"lease_until": now + timedelta(seconds=self.lease_s)}},
+            )
             if res.matched_count < len(leases):
-                log.debug("SD pool: %d of %d leases not renewed (released meanwhile, or expired)",
-                          len(leases) - res.matched_count, len(leases))
+                log.debug(
+                    "SD pool: %d of %d leases not renewed (released meanwhile, or expired)",
+                    len(leases) - res.matched_count,
+                    len(leases),
+                )
         if entry_ids:
-            self.db.sd_waiters.update_many({"_id": {"$in": entry_ids}},
-                                           {"$set": {"expires_at": now + timedelta(seconds=self.waiter_ttl_s)}})
+            self.db.sd_waiters.update_many(
+                {"_id": {"$in": entry_ids}},
+                {"$set": {"expires_at": now + timedelta(seconds=self.waiter_ttl_s)}},
+            )
 
     def _read_queue(self, now: datetime) -> list[dict[str, Any]]:
-        waiters = list(self.db.sd_waiters.find({"expires_at": {"$gt": now}, "want": {"$gt": 0}},
-                                               {"ticket": 1, "checkpoint": 1, "exclude": 1, "want": 1})
-                       .sort("ticket", ASCENDING).limit(self.max_waiters_read))
+        waiters = list(
+            self.db.sd_waiters.find(
+                {"expires_at": {"$gt": now}, "want": {"$gt": 0}},
+                {"ticket": 1, "checkpoint": 1, "exclude": 1, "want": 1},
+            )
+            .sort("ticket", ASCENDING)
+            .limit(self.max_waiters_read)
+        )
         self._queue = (time.monotonic(), waiters)
         return waiters
 
@@ -954,22 +1118,33 @@ class SDInstancePool:
     def _claim(self, entry_id: str, url: str) -> None:
         """Take one of our entry's wanted instances off the queue, then the free instance planned for it."""
         now = _now()
-        doc = self.db.sd_waiters.find_one_and_update({"_id": entry_id, "want": {"$gt": 0}},
-                                                     {"$inc": {"want": -1, "granted": 1}}, projection={"granted": 1},
-                                                     return_document=ReturnDocument.AFTER)
+        doc = self.db.sd_waiters.find_one_and_update(
+            {"_id": entry_id, "want": {"$gt": 0}},
+            {"$inc": {"want": -1, "granted": 1}},
+            projection={"granted": 1},
+            return_document=ReturnDocument.AFTER,
+        )
         if doc is None:
             return  # it was just handed an instance (the hint or the next scan delivers it)
         lease_id = f"{entry_id}#{int(doc['granted'])}"  # numbered by the post-image: unique per entry
         got = self.db.sd_instances.find_one_and_update(
             {"_id": url, "state": "up", "$or": [{"holder": None}, {"lease_until": {"$lt": now}}]},
-            {"$set": {"holder": lease_id, "lease_until": now + timedelta(seconds=self.lease_s), "leased_at": now}},
+            {
+                "$set": {
+                    "holder": lease_id,
+                    "lease_until": now + timedelta(seconds=self.lease_s),
+                    "leased_at": now,
+                }
+            },
             projection={"holder": 1, "checkpoint": 1},
         )
         if got is None:  # someone else got it first: give the place back; the next scan re-plans
             self.db.sd_waiters.update_one({"_id": entry_id}, {"$inc": {"want": 1}})
             return
         if got.get("holder"):
-            log.warning("SD instance %s: the lease of %s ran out (holder died?); taking over", url, got["holder"])
+            log.warning(
+                "SD instance %s: the lease of %s ran out (holder died?); taking over", url, got["holder"]
+            )
         self.claims += 1
         self._grant(lease_id, url)
         with self._lock:
@@ -984,15 +1159,24 @@ class SDInstancePool:
         # claim the probe: push next_probe_at past the probe's timeout so other processes skip it
         doc = self.db.sd_instances.find_one_and_update(
             {"_id": url, "state": "down", "$or": [{"next_probe_at": None}, {"next_probe_at": {"$lte": now}}]},
-            {"$set": {"next_probe_at": now + timedelta(seconds=self.ping_timeout_s + 5.0), "probing": self.process_id}},
+            {
+                "$set": {
+                    "next_probe_at": now + timedelta(seconds=self.ping_timeout_s + 5.0),
+                    "probing": self.process_id,
+                }
+            },
             projection={"probe_failures": 1},
         )
         if doc is None:
             return
         with self._lock:
             self._probing.add(url)
-        threading.Thread(target=self._probe, args=(url, int(doc.get("probe_failures") or 0)),
-                         name="sd-pool-probe", daemon=True).start()
+        threading.Thread(
+            target=self._probe,
+            args=(url, int(doc.get("probe_failures") or 0)),
+            name="sd-pool-probe",
+            daemon=True,
+        ).start()
 
     def _probe(self, url: str, probe_failures: int) -> None:
         try:
@@ -1001,14 +1185,29 @@ class SDInstancePool:
             if ok:
                 self.db.sd_instances.update_one(
                     {"_id": url, "state": "down"},
-                    {"$set": {"state": "up", "failures": 0, "probe_failures": 0, "next_probe_at": None,
-                              "up_since": now, "probing": None}})
+                    {
+                        "$set": {
+                            "state": "up",
+                            "failures": 0,
+                            "probe_failures": 0,
+                            "next_probe_at": None,
+                            "up_since": now,
+                            "probing": None,
+                        }
+                    },
+                )
                 log.info("SD instance %s answers again: back in the pool", url)
             else:
                 self.db.sd_instances.update_one(
                     {"_id": url, "state": "down"},
-                    {"$set": {"next_probe_at": now + timedelta(seconds=self._backoff(probe_failures + 1)),
-                              "probe_failures": probe_failures + 1, "probing": None}})
+                    {
+                        "$set": {
+                            "next_probe_at": now + timedelta(seconds=self._backoff(probe_failures + 1)),
+                            "probe_failures": probe_failures + 1,
+                            "probing": None,
+                        }
+                    },
+                )
         except Exception as exc:  # noqa: BLE001 - a probe must never kill anything
             log.warning("probe of %s failed: %s", url, exc)
         finally:
@@ -1017,8 +1216,13 @@ class SDInstancePool:
             self._notify(peers=True)
 
     # ------------------------------------------------------------------ running calls
-    def run(self, call: Callable[[SDClient], tuple[T, str | None]], *, checkpoint: str | None = None,
-            what: str = "image generation") -> tuple[T, RunInfo]:
+    def run(
+        self,
+        call: Callable[[SDClient], tuple[T, str | None]],
+        *,
+        checkpoint: str | None = None,
+        what: str = "image generation",
+    ) -> tuple[T, RunInfo]:
         """Run `call(client)` on a leased instance, retrying on another instance when it fails.
 
         `call` returns (value, checkpoint now loaded or None) and raises SDError on failure.
@@ -1064,13 +1268,24 @@ class SDInstancePool:
                 self.release(lease, ok=False)
                 raise
             self.release(lease, ok=True, checkpoint=loaded or checkpoint)
-            return value, RunInfo(instance=lease.url, attempts=attempts, wait_ms=wait_ms,
-                                  latency_ms=(time.monotonic() - start) * 1000, errors=errors)
-        raise ModelError(f"{what} failed on {attempts} attempts: " + "; ".join(errors), provider=PROVIDER,
-                         status=502, retryable=True, kind="image")
+            return value, RunInfo(
+                instance=lease.url,
+                attempts=attempts,
+                wait_ms=wait_ms,
+                latency_ms=(time.monotonic() - start) * 1000,
+                errors=errors,
+            )
+        raise ModelError(
+            f"{what} failed on {attempts} attempts: " + "; ".join(errors),
+            provider=PROVIDER,
+            status=502,
+            retryable=True,
+            kind="image",
+        )
 
     def _interrupt_later(self, url: str) -> None:
         """A timed-out generation may still be running on the GPU; ask the WebUI to stop it (best effort)."""
+
         def go() -> None:
             try:
                 self.clients[url].interrupt(timeout_s=self.ping_timeout_s)
@@ -1090,13 +1305,30 @@ class SDInstancePool:
             d = docs.get(url, {})
             lease_until = _aware(d.get("lease_until"))
             busy = bool(d.get("holder")) and lease_until is not None and lease_until > now
-            rows.append({"url": url, "state": d.get("state", "up"), "busy": busy, "checkpoint": d.get("checkpoint"),
-                         "failures": int(d.get("failures") or 0), "served": int(d.get("served") or 0),
-                         "last_error": d.get("last_error"), "next_probe_at": _iso(d.get("next_probe_at"))})
+            rows.append(
+                {
+                    "url": url,
+                    "state": d.get("state", "up"),
+                    "busy": busy,
+                    "checkpoint": d.get("checkpoint"),
+                    "failures": int(d.get("failures") or 0),
+                    "served": int(d.get("served") or 0),
+                    "last_error": d.get("last_error"),
+                    "next_probe_at": _iso(d.get("next_probe_at")),
+                }
+            )
         up = sum(1 for r in rows if r["state"] == "up")
         busy = sum(1 for r in rows if r["state"] == "up" and r["busy"])
-        return {"ok": up > 0, "provider": PROVIDER, "instances": rows, "up": up, "down": len(rows) - up,
-                "busy": busy, "free": up - busy, "queue": queue}
+        return {
+            "ok": up > 0,
+            "provider": PROVIDER,
+            "instances": rows,
+            "up": up,
+            "down": len(rows) - up,
+            "busy": busy,
+            "free": up - busy,
+            "queue": queue,
+        }
 
     def answering(self, timeout_s: float | None = None) -> dict[str, bool]:
         """Which instances answer the pool's own probe (`SDClient.ping`) now; all pinged at once.
@@ -1120,15 +1352,24 @@ class SDInstancePool:
         return {u: found.get(u, False) for u in self.urls}
 
     def stats(self) -> dict[str, Any]:
-        docs = {d["_id"]: d for d in self.db.sd_instances.find({"_id": {"$in": self.urls}},
-                                                                 {"served": 1, "state": 1, "checkpoint": 1})}
+        docs = {
+            d["_id"]: d
+            for d in self.db.sd_instances.find(
+                {"_id": {"$in": self.urls}}, {"served": 1, "state": 1, "checkpoint": 1}
+            )
+        }
         counters = self.db.counters.find_one({"_id": STATS_ID}) or {}
         served = {u: int((docs.get(u) or {}).get("served") or 0) for u in self.urls}
         total = sum(served.values())
-        return {"served": served, "share": {u: (n / total if total else 0.0) for u, n in served.items()},
-                "total_served": total, "max_queue": int(counters.get("max_queue") or 0),
-                "max_queue_this_process": self.max_queue_seen, "handovers_this_process": self.handovers,
-                "claims_this_process": self.claims}
+        return {
+            "served": served,
+            "share": {u: (n / total if total else 0.0) for u, n in served.items()},
+            "total_served": total,
+            "max_queue": int(counters.get("max_queue") or 0),
+            "max_queue_this_process": self.max_queue_seen,
+            "handovers_this_process": self.handovers,
+            "claims_this_process": self.claims,
+        }
 
 
 def _short(error: SDError | None) -> str | None:
@@ -1158,22 +1399,28 @@ class SDPoolProvider:
 
     name = PROVIDER
 
-    def __init__(self, pool: SDInstancePool, *, sam_enabled: bool = False, max_workers: int = 16,
-                 max_side: int = 4096) -> None:
+    def __init__(
+        self, pool: SDInstancePool, *, sam_enabled: bool = False, max_workers: int = 16, max_side: int = 4096
+    ) -> None:
         self.pool = pool
         self.sam_enabled = sam_enabled
         self.max_workers = max_workers
         self._fallback = PlaceholderImageProvider(max_side=max_side)
 
     @classmethod
-    def from_settings(cls, settings: Any, db: Database | None, *, refresh_checkpoints: bool = True,
-                      **pool_kwargs: Any) -> SDPoolProvider:
+    def from_settings(
+        cls, settings: Any, db: Database | None, *, refresh_checkpoints: bool = True, **pool_kwargs: Any
+    ) -> SDPoolProvider:
         if db is None:
             raise ValueError("IMAGE_PROVIDER=sdwebui needs MongoDB: the pool shares its instances through it")
         pool = SDInstancePool(
-            db, list(settings.SD_INSTANCES), timeout_s=settings.SD_TIMEOUT_S,
-            wait_timeout_s=settings.SD_WAIT_TIMEOUT_S, lease_s=settings.SD_LEASE_S,
-            max_attempts=settings.SD_MAX_ATTEMPTS, **pool_kwargs,
+            db,
+            list(settings.SD_INSTANCES),
+            timeout_s=settings.SD_TIMEOUT_S,
+            wait_timeout_s=settings.SD_WAIT_TIMEOUT_S,
+            lease_s=settings.SD_LEASE_S,
+            max_attempts=settings.SD_MAX_ATTEMPTS,
+            **pool_kwargs,
         )
         if refresh_checkpoints:  # learn which checkpoint each instance has loaded, without delaying start-up
             threading.Thread(target=pool.refresh_checkpoints, name="sd-checkpoints", daemon=True).start()
@@ -1191,11 +1438,18 @@ class SDPoolProvider:
         (png, info), run = self.pool.run(call, checkpoint=request.checkpoint)
         seed = info.get("seed")
         return ImageResult(
-            png=png, provider=self.name, instance=run.instance,
-            seed=seed if isinstance(seed, int) else request.seed, latency_ms=run.latency_ms,
-            wait_ms=run.wait_ms, attempts=run.attempts,
-            info={"endpoint": endpoint, "checkpoint": info.get("sd_model_checkpoint") or request.checkpoint,
-                  "errors": run.errors},
+            png=png,
+            provider=self.name,
+            instance=run.instance,
+            seed=seed if isinstance(seed, int) else request.seed,
+            latency_ms=run.latency_ms,
+            wait_ms=run.wait_ms,
+            attempts=run.attempts,
+            info={
+                "endpoint": endpoint,
+                "checkpoint": info.get("sd_model_checkpoint") or request.checkpoint,
+                "errors": run.errors,
+            },
         )
 
     def generate_many(self, requests: list[ImageRequest]) -> list[ImageResult]:
@@ -1204,7 +1458,9 @@ class SDPoolProvider:
             return []
         if len(requests) == 1:
             return [self.generate(requests[0])]
-        with ThreadPoolExecutor(max_workers=min(self.max_workers, len(requests)), thread_name_prefix="sd") as ex:
+        with ThreadPoolExecutor(
+            max_workers=min(self.max_workers, len(requests)), thread_name_prefix="sd"
+        ) as ex:
             futures = [ex.submit(self.generate, r) for r in requests]
             return [f.result() for f in futures]
 
@@ -1218,20 +1474,30 @@ class SDPoolProvider:
             seg = self._fallback.segment(image, text_prompt)
             seg.provider = "placeholder-threshold (SD_SAM_ENABLED is off)"
             return seg
-        payload = {"input_image": b64encode(image), "dino_enabled": True, "dino_text_prompt": text_prompt,
-                   "dino_preview_checkbox": False}
+        payload = {
+            "input_image": b64encode(image),
+            "dino_enabled": True,
+            "dino_text_prompt": text_prompt,
+            "dino_preview_checkbox": False,
+        }
 
         def call(client: SDClient) -> tuple[Segmentation, None]:
             response = client.sam_predict(payload)
             masks = response.get("masks") or []
             cutouts = response.get("masked_images") or []
             if not masks or not cutouts:
-                raise SDError(f"segment-anything found no {text_prompt!r} in the image: {response.get('msg')}",
-                              failure="client", instance=client.base_url, retryable=False)
+                raise SDError(
+                    f"segment-anything found no {text_prompt!r} in the image: {response.get('msg')}",
+                    failure="client",
+                    instance=client.base_url,
+                    retryable=False,
+                )
             i = 1 if len(masks) > 1 and len(cutouts) > 1 else 0  # the original used the second candidate
             mask = decode_image_value(masks[i], instance=client.base_url, what="mask")
             cutout = decode_image_value(cutouts[i], instance=client.base_url, what="cut-out")
-            return Segmentation(mask=_as_mask(mask), cutout=_flatten_on_white(cutout), provider="sdwebui-sam"), None
+            return Segmentation(
+                mask=_as_mask(mask), cutout=_flatten_on_white(cutout), provider="sdwebui-sam"
+            ), None
 
         seg, _ = self.pool.run(call, what="segmentation")
         return seg

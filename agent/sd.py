@@ -41,8 +41,9 @@ class SDError(ModelError):
     - "client": the request itself was refused (4xx); not the instance's fault, not retried
     """
 
-    def __init__(self, message: str, *, failure: str, instance: str, status: int | None = None,
-                 retryable: bool = True) -> None:
+    def __init__(
+        self, message: str, *, failure: str, instance: str, status: int | None = None, retryable: bool = True
+    ) -> None:
         super().__init__(message, provider=PROVIDER, status=status, retryable=retryable, kind="image")
         self.failure = failure
         self.instance = instance
@@ -107,7 +108,9 @@ def build_payload(req: ImageRequest) -> tuple[str, dict[str, Any]]:
             payload["mask"] = b64encode(req.mask)
             payload["inpainting_mask_invert"] = 1 if req.inpainting_mask_invert else 0
     if req.controlnet:
-        payload["alwayson_scripts"] = {"controlnet": {"args": [_encode_bytes(dict(u)) for u in req.controlnet]}}
+        payload["alwayson_scripts"] = {
+            "controlnet": {"args": [_encode_bytes(dict(u)) for u in req.controlnet]}
+        }
     if req.extra:
         payload = _deep_merge(payload, _encode_bytes(req.extra))
     return endpoint, payload
@@ -130,19 +133,29 @@ def to_png(data: bytes) -> bytes:
 def decode_image_value(value: Any, *, instance: str = "", what: str = "image") -> bytes:
     """One base64 image string from a WebUI answer -> PNG bytes, or SDError(failure="empty")."""
     if not isinstance(value, str) or not value.strip():
-        raise SDError(f"the SD instance {instance} returned an empty {what}", failure="empty", instance=instance)
+        raise SDError(
+            f"the SD instance {instance} returned an empty {what}", failure="empty", instance=instance
+        )
     try:
         raw = b64decode(value)
     except (binascii.Error, ValueError) as exc:
-        raise SDError(f"the SD instance {instance} returned an {what} that is not base64: {exc}",
-                      failure="empty", instance=instance) from exc
+        raise SDError(
+            f"the SD instance {instance} returned an {what} that is not base64: {exc}",
+            failure="empty",
+            instance=instance,
+        ) from exc
     if not raw:
-        raise SDError(f"the SD instance {instance} returned an empty {what}", failure="empty", instance=instance)
+        raise SDError(
+            f"the SD instance {instance} returned an empty {what}", failure="empty", instance=instance
+        )
     try:
         return to_png(raw)
     except ValueError as exc:
-        raise SDError(f"the SD instance {instance} returned an undecodable {what}: {exc}",
-                      failure="empty", instance=instance) from exc
+        raise SDError(
+            f"the SD instance {instance} returned an undecodable {what}: {exc}",
+            failure="empty",
+            instance=instance,
+        ) from exc
 
 
 def decode_first_image(response: Any, instance: str = "") -> bytes:
@@ -173,18 +186,28 @@ class SDClient:
     Thread-safe (httpx.Client); one client per instance is shared by all threads of a process.
     """
 
-    def __init__(self, base_url: str, timeout_s: float = 180.0, *, connect_timeout_s: float = 5.0,
-                 ping_timeout_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        timeout_s: float = 180.0,
+        *,
+        connect_timeout_s: float = 5.0,
+        ping_timeout_s: float = 2.0,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self.connect_timeout_s = min(connect_timeout_s, timeout_s)
         self.ping_timeout_s = ping_timeout_s
-        self._http = httpx.Client(base_url=self.base_url, timeout=self._timeout(timeout_s),
-                                  limits=httpx.Limits(max_connections=32, max_keepalive_connections=8))
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            timeout=self._timeout(timeout_s),
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
+        )
 
     def _timeout(self, read_s: float) -> httpx.Timeout:
-        return httpx.Timeout(connect=min(self.connect_timeout_s, read_s), read=read_s, write=read_s,
-                             pool=read_s)
+        return httpx.Timeout(
+            connect=min(self.connect_timeout_s, read_s), read=read_s, write=read_s, pool=read_s
+        )
 
     def close(self) -> None:
         self._http.close()
@@ -193,34 +216,60 @@ class SDClient:
         return f"SDClient({self.base_url!r})"
 
     # ---- transport
-    def _call(self, method: str, path: str, *, json_body: Any = None, params: dict[str, Any] | None = None,
-              timeout_s: float | None = None) -> Any:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        params: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+    ) -> Any:
         url = self.base_url + path
         try:
-            resp = self._http.request(method, path, json=json_body, params=params,
-                                      timeout=self._timeout(timeout_s or self.timeout_s))
+            resp = self._http.request(
+                method,
+                path,
+                json=json_body,
+                params=params,
+                timeout=self._timeout(timeout_s or self.timeout_s),
+            )
         except httpx.TimeoutException as exc:
             what = "connect" if isinstance(exc, httpx.ConnectTimeout) else "answer"
-            raise SDError(f"SD instance {self.base_url} did not {what} within "
-                          f"{timeout_s or self.timeout_s:g} s ({method} {path})",
-                          failure="timeout", instance=self.base_url) from exc
+            raise SDError(
+                f"SD instance {self.base_url} did not {what} within "
+                f"{timeout_s or self.timeout_s:g} s ({method} {path})",
+                failure="timeout",
+                instance=self.base_url,
+            ) from exc
         except httpx.TransportError as exc:  # refused, reset, unreachable, protocol errors
             failure = "connect" if isinstance(exc, httpx.ConnectError) else "server"
-            raise SDError(f"cannot reach SD instance {self.base_url} ({method} {path}): {exc}",
-                          failure=failure, instance=self.base_url) from exc
+            raise SDError(
+                f"cannot reach SD instance {self.base_url} ({method} {path}): {exc}",
+                failure=failure,
+                instance=self.base_url,
+            ) from exc
         if resp.status_code >= 400:
             detail = resp.text[:300].strip()
             retryable = resp.status_code >= 500 or resp.status_code in _RETRYABLE_4XX
-            raise SDError(f"SD instance {self.base_url} answered {resp.status_code} to {method} {path}: {detail}",
-                          failure="server" if retryable else "client", instance=self.base_url,
-                          status=resp.status_code, retryable=retryable)
+            raise SDError(
+                f"SD instance {self.base_url} answered {resp.status_code} to {method} {path}: {detail}",
+                failure="server" if retryable else "client",
+                instance=self.base_url,
+                status=resp.status_code,
+                retryable=retryable,
+            )
         if not resp.content:
             return None
         try:
             return resp.json()
         except ValueError as exc:
-            raise SDError(f"SD instance {self.base_url} answered {method} {url} with something that is not JSON",
-                          failure="server", instance=self.base_url, status=resp.status_code) from exc
+            raise SDError(
+                f"SD instance {self.base_url} answered {method} {url} with something that is not JSON",
+                failure="server",
+                instance=self.base_url,
+                status=resp.status_code,
+            ) from exc
 
     # ---- API
     def txt2img(self, payload: dict[str, Any]) -> dict[str, Any]:
@@ -244,8 +293,15 @@ class SDClient:
         return self._call("GET", "/sdapi/v1/sd-models", timeout_s=min(self.timeout_s, 30.0)) or []
 
     def progress(self) -> dict[str, Any]:
-        return self._call("GET", "/sdapi/v1/progress", params={"skip_current_image": "true"},
-                          timeout_s=min(self.timeout_s, 30.0)) or {}
+        return (
+            self._call(
+                "GET",
+                "/sdapi/v1/progress",
+                params={"skip_current_image": "true"},
+                timeout_s=min(self.timeout_s, 30.0),
+            )
+            or {}
+        )
 
     def interrupt(self, timeout_s: float | None = None) -> None:
         self._call("POST", "/sdapi/v1/interrupt", timeout_s=timeout_s or min(self.timeout_s, 10.0))
@@ -260,8 +316,12 @@ class SDClient:
         dead one does not.
         """
         try:
-            self._call("GET", "/sdapi/v1/progress", params={"skip_current_image": "true"},
-                       timeout_s=timeout_s or self.ping_timeout_s)
+            self._call(
+                "GET",
+                "/sdapi/v1/progress",
+                params={"skip_current_image": "true"},
+                timeout_s=timeout_s or self.ping_timeout_s,
+            )
         except SDError:
             return False
         return True

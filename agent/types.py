@@ -113,7 +113,9 @@ class ImageRequest:
     controlnet: list[dict[str, Any]] = field(default_factory=list)  # WebUI ControlNet units, passed through
     extra: dict[str, Any] = field(default_factory=dict)  # any other WebUI payload keys, passed through
     label: str = ""  # short human label (e.g. "page 3"), shown on placeholder images
-    context: dict[str, Any] = field(default_factory=dict)  # app, user, session, job, step: stored with the record
+    context: dict[str, Any] = field(
+        default_factory=dict
+    )  # app, user, session, job, step: stored with the record
 
 
 @dataclass
@@ -150,8 +152,6 @@ class ImageProvider(Protocol):
         """Submit all at once (concurrently); results in request order; raises on any failure."""
         ...
 
-    def segment(self, image: bytes, text_prompt: str) -> Segmentation:
-        ...
+    def segment(self, image: bytes, text_prompt: str) -> Segmentation: ...
 
-    def health(self) -> dict[str, Any]:
-        ...
+    def health(self) -> dict[str, Any]: ...

@@ -145,14 +145,17 @@ def _client_proc(base: str, urls: list[str], n: int, threads: int, out: Any, thi
     out.put({"lat": lat, "urls": lat_urls, "errors": errors})
 
 
-def run_reads(base: str, urls: list[str], n: int, clients: int, procs: int = 4,
-              think_s: float = 0.0) -> dict[str, Any]:
+def run_reads(
+    base: str, urls: list[str], n: int, clients: int, procs: int = 4, think_s: float = 0.0
+) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     per_proc = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
     shares = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
-    children = [ctx.Process(target=_client_proc, args=(base, urls, shares[i], per_proc[i], queue, think_s))
-                for i in range(procs)]
+    children = [
+        ctx.Process(target=_client_proc, args=(base, urls, shares[i], per_proc[i], queue, think_s))
+        for i in range(procs)
+    ]
     start = time.perf_counter()
     for c in children:
         c.start()
@@ -167,9 +170,16 @@ def run_reads(base: str, urls: list[str], n: int, clients: int, procs: int = 4,
             by_route.setdefault(_route(base, url), []).append(x)
     slowest = sorted(((pct(v, 99) * 1000, k) for k, v in by_route.items()), reverse=True)[:3]
     errors = [e for r in results for e in r["errors"]]
-    return {"n": len(lat), "seconds": elapsed, "rps": len(lat) / elapsed, "p50_ms": pct(lat, 50) * 1000,
-            "p99_ms": pct(lat, 99) * 1000, "errors": len(errors), "error_examples": errors[:5],
-            "slowest_p99": [(round(ms, 1), route) for ms, route in slowest]}
+    return {
+        "n": len(lat),
+        "seconds": elapsed,
+        "rps": len(lat) / elapsed,
+        "p50_ms": pct(lat, 50) * 1000,
+        "p99_ms": pct(lat, 99) * 1000,
+        "errors": len(errors),
+        "error_examples": errors[:5],
+        "slowest_p99": [(round(ms, 1), route) for ms, route in slowest],
+    }
 
 
 def _route(base: str, url: str) -> str:
@@ -204,22 +214,39 @@ class GenerationLoad:
             try:
                 which = (i + k) % 4
                 if which == 0 and "/storybook/books" in self.paths:
-                    r = s.post(f"{self.base}/storybook/books", json={"description": f"bench book {i}-{k}",
-                                                                     "pages": 2}, timeout=30)
+                    r = s.post(
+                        f"{self.base}/storybook/books",
+                        json={"description": f"bench book {i}-{k}", "pages": 2},
+                        timeout=30,
+                    )
                     ok = r.status_code == 202
                     if ok:  # follow it to the end: one book at a time per client, whatever the worker count
                         with s.get(self.base + r.json()["links"]["events"], stream=True, timeout=120) as st:
                             ok = "event: done" in st.text
                     self._count("storybook.book", ok)
                 elif which == 1 and "/storyteller/api/settings" in self.paths:
-                    r = s.post(f"{self.base}/storyteller/api/settings", json={
-                        "maincharacter": "Ada", "keywords": "lighthouse, storm", "genre": "Adventure",
-                        "registro": "Casual", "childsafe": True, "maxnowords": 120, "twist": False}, timeout=30)
+                    r = s.post(
+                        f"{self.base}/storyteller/api/settings",
+                        json={
+                            "maincharacter": "Ada",
+                            "keywords": "lighthouse, storm",
+                            "genre": "Adventure",
+                            "registro": "Casual",
+                            "childsafe": True,
+                            "maxnowords": 120,
+                            "twist": False,
+                        },
+                        timeout=30,
+                    )
                     ok = r.status_code == 200
                     if ok and "/storyteller/stream" in self.paths:
                         session = r.json()["session"]
-                        with s.get(f"{self.base}/storyteller/stream", params={"session": session, "action": "next"},
-                                   stream=True, timeout=60) as st:
+                        with s.get(
+                            f"{self.base}/storyteller/stream",
+                            params={"session": session, "action": "next"},
+                            stream=True,
+                            timeout=60,
+                        ) as st:
                             body = st.text
                         ok = st.status_code == 200 and "event: done" in body
                     self._count("storyteller.story", ok)
@@ -227,7 +254,9 @@ class GenerationLoad:
                     r = s.post(f"{self.base}/ideation/paint/start", json={"username": f"gen{i}"}, timeout=30)
                     self._count("ideation.start", r.status_code == 200)
                 elif which == 3 and "/refinement/paint/start" in self.paths:
-                    r = s.post(f"{self.base}/refinement/paint/start", json={"username": f"gen{i}"}, timeout=30)
+                    r = s.post(
+                        f"{self.base}/refinement/paint/start", json={"username": f"gen{i}"}, timeout=30
+                    )
                     self._count("refinement.start", r.status_code == 200)
             except requests.RequestException:
                 self._count("request", False)
@@ -247,8 +276,9 @@ class GenerationLoad:
 # ---------------------------------------------------------------- SSE fan-out
 
 
-def sse_fanout(base: str, mongo_uri: str, db_name: str, subscribers: int, events: int = 40,
-               interval: float = 0.05) -> dict[str, Any]:
+def sse_fanout(
+    base: str, mongo_uri: str, db_name: str, subscribers: int, events: int = 40, interval: float = 0.05
+) -> dict[str, Any]:
     from pymongo import MongoClient
 
     from apps.core.jobs import JobManager
@@ -309,9 +339,14 @@ def sse_fanout(base: str, mongo_uri: str, db_name: str, subscribers: int, events
         t.join(180)
     jobs.shutdown(grace_s=5)
     client.close()
-    return {"subscribers": subscribers, "complete": complete, "events": events,
-            "lag_p50_ms": pct(lags, 50) * 1000, "lag_p99_ms": pct(lags, 99) * 1000,
-            "connect_p99_ms": pct(connect_ms, 99) * 1000}
+    return {
+        "subscribers": subscribers,
+        "complete": complete,
+        "events": events,
+        "lag_p50_ms": pct(lags, 50) * 1000,
+        "lag_p99_ms": pct(lags, 99) * 1000,
+        "connect_p99_ms": pct(connect_ms, 99) * 1000,
+    }
 
 
 # ---------------------------------------------------------------- one run
@@ -321,8 +356,11 @@ def seed(base: str, paths: set[str], get_paths: set[str]) -> tuple[list[str], di
     """Create the data the reads need; returns the read URLs (from /openapi.json) and the seeds."""
     s = requests.Session()
     seeds: dict[str, Any] = {"username": "bench"}
-    book = s.post(f"{base}/storybook/books", json={"description": "the bench fox", "pages": 2, "user": "bench"},
-                  timeout=30).json()
+    book = s.post(
+        f"{base}/storybook/books",
+        json={"description": "the bench fox", "pages": 2, "user": "bench"},
+        timeout=30,
+    ).json()
     seeds["job_id"] = seeds["book_id"] = book["id"]
     deadline = time.monotonic() + 120
     while s.get(f"{base}/jobs/{book['id']}", timeout=30).json()["status"] not in ("done", "failed"):
@@ -336,14 +374,28 @@ def seed(base: str, paths: set[str], get_paths: set[str]) -> tuple[list[str], di
         if f"/{app_name}/paint/start" in paths:
             s.post(f"{base}/{app_name}/paint/start", json={"username": "bench"}, timeout=30)
     if "/storyteller/api/settings" in paths:
-        r = s.post(f"{base}/storyteller/api/settings", json={
-            "maincharacter": "Ada", "keywords": "fox", "genre": "Adventure", "registro": "Casual",
-            "childsafe": True, "maxnowords": 100, "twist": False}, timeout=30)
+        r = s.post(
+            f"{base}/storyteller/api/settings",
+            json={
+                "maincharacter": "Ada",
+                "keywords": "fox",
+                "genre": "Adventure",
+                "registro": "Casual",
+                "childsafe": True,
+                "maxnowords": 100,
+                "twist": False,
+            },
+            timeout=30,
+        )
         seeds["session"] = r.json()["session"]
     urls = []
     for path in sorted(get_paths):
-        if path.endswith(("/events", "/stream")) or "get_updates" in path or "get_storybook" in path \
-                or path in ("/health",):
+        if (
+            path.endswith(("/events", "/stream"))
+            or "get_updates" in path
+            or "get_storybook" in path
+            or path in ("/health",)
+        ):
             continue  # streams, and the legacy GET that starts a book
         url = path.replace("{image_id}.png", f"{seeds.get('image_id', 'x')}.png")
         for key in ("job_id", "book_id", "username"):
@@ -358,22 +410,55 @@ def seed(base: str, paths: set[str], get_paths: set[str]) -> tuple[list[str], di
     return urls, seeds
 
 
-def one_run(workers: int, args: argparse.Namespace, fakes: dict[str, Any], mongo_uri: str,
-            tmp: Path, mongo_pid: int | None) -> dict[str, Any]:
+def one_run(
+    workers: int,
+    args: argparse.Namespace,
+    fakes: dict[str, Any],
+    mongo_uri: str,
+    tmp: Path,
+    mongo_pid: int | None,
+) -> dict[str, Any]:
     port = free_port()
     db_name = f"bench_{workers}_{secrets.token_hex(3)}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MONGO_URI": mongo_uri, "MONGO_DB": db_name,
-           "DATA_DIR": str(tmp / "data"), "LLM_PROVIDER": "openai", "OPENAI_BASE_URL": fakes["openai"].url,
-           "OPENAI_API_KEY": "k", "LLM_MODEL": "fake-model", "IMAGE_PROVIDER": "sdwebui",
-           "SD_INSTANCES": ",".join(f.url for f in fakes["sd"]), "LOG_LEVEL": "WARNING",
-           "RATE_LIMIT_DEFAULT": "1000000/minute", "RATE_LIMIT_GENERATE": "100000/minute",
-           "RATE_LIMIT_ENABLED": "true" if args.rate_limit == "on" else "false",
-           "GUNICORN_THREADS": str(max(64, (args.subscribers + args.clients) // workers + 32)),
-           "GRACEFUL_TIMEOUT": "3", "PROMETHEUS_MULTIPROC_DIR": str(tmp / f"prom-{workers}")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "MONGO_URI": mongo_uri,
+        "MONGO_DB": db_name,
+        "DATA_DIR": str(tmp / "data"),
+        "LLM_PROVIDER": "openai",
+        "OPENAI_BASE_URL": fakes["openai"].url,
+        "OPENAI_API_KEY": "k",
+        "LLM_MODEL": "fake-model",
+        "IMAGE_PROVIDER": "sdwebui",
+        "SD_INSTANCES": ",".join(f.url for f in fakes["sd"]),
+        "LOG_LEVEL": "WARNING",
+        "RATE_LIMIT_DEFAULT": "1000000/minute",
+        "RATE_LIMIT_GENERATE": "100000/minute",
+        "RATE_LIMIT_ENABLED": "true" if args.rate_limit == "on" else "false",
+        "GUNICORN_THREADS": str(max(64, (args.subscribers + args.clients) // workers + 32)),
+        "GRACEFUL_TIMEOUT": "3",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp / f"prom-{workers}"),
+    }
     log = open(tmp / f"gunicorn-{workers}.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
-                             "-w", str(workers), "-b", f"127.0.0.1:{port}", "app:app"],
-                            cwd=str(ROOT), env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            str(ROOT / "gunicorn.conf.py"),
+            "-w",
+            str(workers),
+            "-b",
+            f"127.0.0.1:{port}",
+            "app:app",
+        ],
+        cwd=str(ROOT),
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_port(port, proc)
@@ -390,8 +475,9 @@ def one_run(workers: int, args: argparse.Namespace, fakes: dict[str, Any], mongo
         with GenerationLoad(base, paths) as gen:
             # first the clients at a person's pace (before the back-to-back phase leaves a backlog of
             # generation jobs behind), then back to back, then the floor: the cheapest route, back to back
-            out["paced"] = run_reads(base, urls, args.clients * args.paced_requests, args.clients,
-                                     think_s=args.think_ms / 1000)
+            out["paced"] = run_reads(
+                base, urls, args.clients * args.paced_requests, args.clients, think_s=args.think_ms / 1000
+            )
             cpu0 = (cpu_s(mongo_pid) if mongo_pid else 0.0, sum(cpu_s(p) for p in pids))
             first = run_reads(base, urls, half, args.clients)
             rss1 = [rss_mb(p) for p in pids]
@@ -403,7 +489,8 @@ def one_run(workers: int, args: argparse.Namespace, fakes: dict[str, Any], mongo
         out["cpu_share"] = {"mongodb": (cpu1[0] - cpu0[0]) / wall, "workers": (cpu1[1] - cpu0[1]) / wall}
         lat_n = first["n"] + second["n"]
         out["reads"] = {
-            "n": lat_n, "rps": lat_n / (first["seconds"] + second["seconds"]),
+            "n": lat_n,
+            "rps": lat_n / (first["seconds"] + second["seconds"]),
             "p50_ms": (first["p50_ms"] + second["p50_ms"]) / 2,  # halves are the same size
             "p99_ms": max(first["p99_ms"], second["p99_ms"]),
             "errors": first["errors"] + second["errors"],
@@ -411,9 +498,13 @@ def one_run(workers: int, args: argparse.Namespace, fakes: dict[str, Any], mongo
             "error_examples": first["error_examples"] + second["error_examples"],
         }
         out["generation"] = dict(sorted(gen.counts.items()))
-        out["rss_mb"] = {"warm": rss0, "after_half": rss1, "after_all": rss2,
-                         "per_worker": statistics.mean(rss2),
-                         "growth_second_half_mb": statistics.mean(b - a for a, b in zip(rss1, rss2, strict=True))}
+        out["rss_mb"] = {
+            "warm": rss0,
+            "after_half": rss1,
+            "after_all": rss2,
+            "per_worker": statistics.mean(rss2),
+            "growth_second_half_mb": statistics.mean(b - a for a, b in zip(rss1, rss2, strict=True)),
+        }
         out["sse"] = sse_fanout(base, mongo_uri, db_name, args.subscribers)
         return out
     finally:
@@ -470,15 +561,21 @@ def report(runs: dict[int, dict[str, Any]], args: argparse.Namespace, elapsed: f
     lines.append("")
     for what, key in ((f"paced (think {args.think_ms:.0f} ms)", "paced"), ("back to back", "reads")):
         p99 = multi[key]["p99_ms"]
-        lines.append(f"target p99 < {TARGET_P99_MS:.0f} ms at {args.clients} clients, {what}, -w {args.workers}: "
-                     f"{'met' if p99 < TARGET_P99_MS else 'NOT met'} ({p99:.1f} ms)")
+        lines.append(
+            f"target p99 < {TARGET_P99_MS:.0f} ms at {args.clients} clients, {what}, -w {args.workers}: "
+            f"{'met' if p99 < TARGET_P99_MS else 'NOT met'} ({p99:.1f} ms)"
+        )
     floor = multi["ping"]
-    lines.append(f"closed-loop bound: {args.clients} clients back to back wait >= clients / throughput; with "
-                 f"GET /ping (no database) at {floor['rps']:.0f} requests/s that is "
-                 f"{args.clients / floor['rps'] * 1000:.0f} ms per request on this machine")
+    lines.append(
+        f"closed-loop bound: {args.clients} clients back to back wait >= clients / throughput; with "
+        f"GET /ping (no database) at {floor['rps']:.0f} requests/s that is "
+        f"{args.clients / floor['rps'] * 1000:.0f} ms per request on this machine"
+    )
     for run in (single, multi):
-        lines.append(f"slowest routes by p99 (ms), -w {run['workers']}: paced {run['paced']['slowest_p99']}; "
-                     f"back to back {run['reads'].get('slowest_p99')}")
+        lines.append(
+            f"slowest routes by p99 (ms), -w {run['workers']}: paced {run['paced']['slowest_p99']}; "
+            f"back to back {run['reads'].get('slowest_p99')}"
+        )
     for run in (single, multi):
         if run["reads"]["error_examples"]:
             lines.append(f"errors (-w {run['workers']}): {run['reads']['error_examples']}")
@@ -491,14 +588,25 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--subscribers", type=int, default=200)
-    parser.add_argument("--think-ms", type=float, default=1000.0,
-                        help="paced phase: each client's pause between requests (a person, a polling page)")
+    parser.add_argument(
+        "--think-ms",
+        type=float,
+        default=1000.0,
+        help="paced phase: each client's pause between requests (a person, a polling page)",
+    )
     parser.add_argument("--paced-requests", type=int, default=20, help="paced phase: requests per client")
-    parser.add_argument("--rate-limit", choices=["on", "off"], default="on",
-                        help="on: limits too high to trigger, so their cost is measured")
-    parser.add_argument("--mongo-uri", default=None,
-                        help="benchmark against this MongoDB instead of the embedded one (a database per run "
-                             "is created and dropped)")
+    parser.add_argument(
+        "--rate-limit",
+        choices=["on", "off"],
+        default="on",
+        help="on: limits too high to trigger, so their cost is measured",
+    )
+    parser.add_argument(
+        "--mongo-uri",
+        default=None,
+        help="benchmark against this MongoDB instead of the embedded one (a database per run "
+        "is created and dropped)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
     args = parser.parse_args()
 
@@ -518,8 +626,9 @@ def main() -> None:
         try:
             for workers in (1, args.workers):
                 print(f"running with -w {workers} ...", file=sys.stderr, flush=True)
-                runs[workers] = one_run(workers, args, {"openai": openai, "sd": sd}, mongo_uri, tmp,
-                                        mongo.pid if mongo else None)
+                runs[workers] = one_run(
+                    workers, args, {"openai": openai, "sd": sd}, mongo_uri, tmp, mongo.pid if mongo else None
+                )
         finally:
             openai.stop()
             for fake in sd:

@@ -89,8 +89,13 @@ class OriginalPool:
         self.sem.acquire()
         url = self.instances.get()
         try:
-            payload = {"prompt": task["prompt"], "negative_prompt": "", "width": IMAGE_SIDE, "height": IMAGE_SIDE,
-                       "steps": 20}
+            payload = {
+                "prompt": task["prompt"],
+                "negative_prompt": "",
+                "width": IMAGE_SIDE,
+                "height": IMAGE_SIDE,
+                "steps": 20,
+            }
             resp = self._requests.post(url + "/sdapi/v1/txt2img", json=payload)  # no timeout, as the original
             resp.raise_for_status()
             image = resp.json()["images"][0]
@@ -120,9 +125,16 @@ def _build(spec: dict[str, Any]) -> tuple[Any, Any]:
     from agent.types import ImageRequest
 
     client: MongoClient = MongoClient(spec["mongo_uri"], tz_aware=True)
-    provider = SDPoolProvider(SDInstancePool(
-        client[spec["db"]], spec["urls"], timeout_s=spec["timeout_s"], wait_timeout_s=60.0, lease_s=30.0,
-        max_attempts=3))
+    provider = SDPoolProvider(
+        SDInstancePool(
+            client[spec["db"]],
+            spec["urls"],
+            timeout_s=spec["timeout_s"],
+            wait_timeout_s=60.0,
+            lease_s=30.0,
+            max_attempts=3,
+        )
+    )
 
     def run(prompts: list[str]) -> list[bytes]:
         reqs = [ImageRequest(prompt=p, width=IMAGE_SIDE, height=IMAGE_SIDE) for p in prompts]
@@ -154,7 +166,9 @@ def worker_main(idx: int, cmd_q: Any, res_q: Any) -> None:
             return
         run, close = _build(spec)
         res_q.put(("ready", idx, None))
-        with ThreadPoolExecutor(max_workers=32, thread_name_prefix="request") as threads:  # gunicorn.conf threads
+        with ThreadPoolExecutor(
+            max_workers=32, thread_name_prefix="request"
+        ) as threads:  # gunicorn.conf threads
             while True:
                 msg = cmd_q.get()
                 if msg[0] == "end":
@@ -174,7 +188,9 @@ class Harness:
     another idles, which is exactly what the originals' per-process pools could not see.
     """
 
-    def __init__(self, mongo_uri: str, delay: float, seconds: float, warmup: float = 1.0, seed: int = 7) -> None:
+    def __init__(
+        self, mongo_uri: str, delay: float, seconds: float, warmup: float = 1.0, seed: int = 7
+    ) -> None:
         self.mongo_uri = mongo_uri
         self.delay = delay
         self.seconds = seconds
@@ -183,8 +199,10 @@ class Harness:
         ctx = mp.get_context("spawn")
         self.res_q = ctx.Queue()
         self.cmd_qs = [ctx.Queue() for _ in range(WORKERS)]
-        self.procs = [ctx.Process(target=worker_main, args=(i, self.cmd_qs[i], self.res_q), daemon=True)
-                      for i in range(WORKERS)]
+        self.procs = [
+            ctx.Process(target=worker_main, args=(i, self.cmd_qs[i], self.res_q), daemon=True)
+            for i in range(WORKERS)
+        ]
         for p in self.procs:
             p.start()
         self.n = 0
@@ -244,12 +262,25 @@ class Harness:
         while time.time() < t_stop:
             worker = rng.randrange(WORKERS)
             start = time.time()
-            images, empty, error = self._request(worker, [f"client {cid} request {n} image {i}" for i in range(m)])
-            out.append({"client": cid, "worker": worker, "start": start, "end": time.time(), "images": images,
-                        "empty": empty, "error": error})
+            images, empty, error = self._request(
+                worker, [f"client {cid} request {n} image {i}" for i in range(m)]
+            )
+            out.append(
+                {
+                    "client": cid,
+                    "worker": worker,
+                    "start": start,
+                    "end": time.time(),
+                    "images": images,
+                    "empty": empty,
+                    "error": error,
+                }
+            )
             n += 1
 
-    def run(self, impl: str, k: int, m: int, c: int, fault: str | None = None, timeout_s: float = 30.0) -> dict[str, Any]:
+    def run(
+        self, impl: str, k: int, m: int, c: int, fault: str | None = None, timeout_s: float = 30.0
+    ) -> dict[str, Any]:
         from tests.fakes.fake_sd import FakeSD
 
         self.n += 1
@@ -258,16 +289,23 @@ class Harness:
             fakes[0].dead = True
         elif fault == "hung":
             fakes[0].hang = True
-        spec = {"impl": impl, "urls": [f.url for f in fakes], "mongo_uri": self.mongo_uri,
-                "db": f"bench_pool_{os.getpid()}_{self.n}", "timeout_s": timeout_s}
+        spec = {
+            "impl": impl,
+            "urls": [f.url for f in fakes],
+            "mongo_uri": self.mongo_uri,
+            "db": f"bench_pool_{os.getpid()}_{self.n}",
+            "timeout_s": timeout_s,
+        }
         for q in self.cmd_qs:
             q.put(spec)
         self._collect("ready", 60)
         t_start = time.time() + 0.2
         t_stop = t_start + self.warmup + self.seconds
         records: list[dict[str, Any]] = []
-        clients = [threading.Thread(target=self._client, args=(cid, m, t_start, t_stop, records), daemon=True)
-                   for cid in range(c)]
+        clients = [
+            threading.Thread(target=self._client, args=(cid, m, t_start, t_stop, records), daemon=True)
+            for cid in range(c)
+        ]
         t_start += self.warmup  # measure the steady state: connections are open, the queue has formed
         grace = self._drive(clients, fakes, fault, t_stop, timeout_s)
         for q in self.cmd_qs:
@@ -285,7 +323,9 @@ class Harness:
         return self._measure(impl, k, m, c, fault, fakes, records, t_start, t_stop, grace, timeout_s)
 
     # ------------------------------------------------------------------ the real server over HTTP
-    def run_http(self, k: int, m: int, c: int, fault: str | None = None, timeout_s: float = 30.0) -> dict[str, Any]:
+    def run_http(
+        self, k: int, m: int, c: int, fault: str | None = None, timeout_s: float = 30.0
+    ) -> dict[str, Any]:
         """The same scenario against the real server: `gunicorn -w 4` on this repository, C clients each
         POSTing StepIdeator's "new sketch" (`/ideation/generate`, currentNum=M: M txt2img images through
         the pool, stored in GridFS and recorded) on a new connection each time, so the kernel picks the
@@ -301,22 +341,53 @@ class Harness:
         fakes = [FakeSD(delay=self.delay, name=f"sd{i}").start() for i in range(k)]
         db = f"bench_pool_http_{os.getpid()}_{self.n}"
         port = _free_port()
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "MONGO_URI": self.mongo_uri, "MONGO_DB": db,
-               "DATA_DIR": str(Path(tempfile.gettempdir()) / f"bench-pool-data-{os.getpid()}"),
-               "LLM_PROVIDER": "openai", "OPENAI_BASE_URL": self.openai.url, "OPENAI_API_KEY": "k",
-               "LLM_MODEL": "fake-model", "IMAGE_PROVIDER": "sdwebui", "SD_INSTANCES": ",".join(f.url for f in fakes),
-               "SD_TIMEOUT_S": str(timeout_s), "SD_WAIT_TIMEOUT_S": "60", "RATE_LIMIT_ENABLED": "false",
-               "LOG_LEVEL": "ERROR", "GUNICORN_THREADS": "32"}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "MONGO_URI": self.mongo_uri,
+            "MONGO_DB": db,
+            "DATA_DIR": str(Path(tempfile.gettempdir()) / f"bench-pool-data-{os.getpid()}"),
+            "LLM_PROVIDER": "openai",
+            "OPENAI_BASE_URL": self.openai.url,
+            "OPENAI_API_KEY": "k",
+            "LLM_MODEL": "fake-model",
+            "IMAGE_PROVIDER": "sdwebui",
+            "SD_INSTANCES": ",".join(f.url for f in fakes),
+            "SD_TIMEOUT_S": str(timeout_s),
+            "SD_WAIT_TIMEOUT_S": "60",
+            "RATE_LIMIT_ENABLED": "false",
+            "LOG_LEVEL": "ERROR",
+            "GUNICORN_THREADS": "32",
+        }
         log = tempfile.TemporaryFile()
-        proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), "-w",
-                                 str(WORKERS), "-b", f"127.0.0.1:{port}", "app:app"], cwd=str(ROOT), env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "-c",
+                str(ROOT / "gunicorn.conf.py"),
+                "-w",
+                str(WORKERS),
+                "-b",
+                f"127.0.0.1:{port}",
+                "app:app",
+            ],
+            cwd=str(ROOT),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         base = f"http://127.0.0.1:{port}"
         try:
             _wait_http(base, proc)
             for _ in range(WORKERS):  # warm every worker's pool and the cached product name
-                requests.post(f"{base}/ideation/generate", json=_sketch_body(1), timeout=120,
-                              headers={"Connection": "close"})
+                requests.post(
+                    f"{base}/ideation/generate",
+                    json=_sketch_body(1),
+                    timeout=120,
+                    headers={"Connection": "close"},
+                )
             if fault == "dead":
                 fakes[0].dead = True
             elif fault == "hung":
@@ -332,8 +403,12 @@ class Harness:
                     start = time.time()
                     error, images = None, 0
                     try:
-                        resp = requests.post(f"{base}/ideation/generate", json=_sketch_body(m), timeout=300,
-                                             headers={"Connection": "close"})
+                        resp = requests.post(
+                            f"{base}/ideation/generate",
+                            json=_sketch_body(m),
+                            timeout=300,
+                            headers={"Connection": "close"},
+                        )
                         body = resp.json()
                         if body.get("success"):
                             images = sum(1 for url in body["data"].values() if str(url).endswith(".png"))
@@ -341,8 +416,17 @@ class Harness:
                             error = f"{resp.status_code} {body.get('message')}"[:200]
                     except (requests.RequestException, ValueError) as exc:
                         error = f"{type(exc).__name__}: {exc}"[:200]
-                    records.append({"client": cid, "worker": -1, "start": start, "end": time.time(),
-                                    "images": images, "empty": (m - images) if error is None else 0, "error": error})
+                    records.append(
+                        {
+                            "client": cid,
+                            "worker": -1,
+                            "start": start,
+                            "end": time.time(),
+                            "images": images,
+                            "empty": (m - images) if error is None else 0,
+                            "error": error,
+                        }
+                    )
 
             clients = [threading.Thread(target=client, args=(cid,), daemon=True) for cid in range(c)]
             t_start += self.warmup
@@ -365,8 +449,14 @@ class Harness:
                 pass
         return self._measure("pool", k, m, c, fault, fakes, records, t_start, t_stop, grace, timeout_s)
 
-    def _drive(self, clients: list[threading.Thread], fakes: list[Any], fault: str | None, t_stop: float,
-               timeout_s: float) -> float | None:
+    def _drive(
+        self,
+        clients: list[threading.Thread],
+        fakes: list[Any],
+        fault: str | None,
+        t_stop: float,
+        timeout_s: float,
+    ) -> float | None:
         """Run the client threads to the end of the window; returns the hung scenario's grace period.
 
         A hung WebUI never answers; after the grace period we let it go so the run can end and count
@@ -381,9 +471,20 @@ class Harness:
             t.join()
         return grace
 
-    def _measure(self, impl: str, k: int, m: int, c: int, fault: str | None, fakes: list[Any],
-                 records: list[dict[str, Any]], t_start: float, t_stop: float, grace: float | None,
-                 timeout_s: float) -> dict[str, Any]:
+    def _measure(
+        self,
+        impl: str,
+        k: int,
+        m: int,
+        c: int,
+        fault: str | None,
+        fakes: list[Any],
+        records: list[dict[str, Any]],
+        t_start: float,
+        t_stop: float,
+        grace: float | None,
+        timeout_s: float,
+    ) -> dict[str, Any]:
         d = self.delay
         window = t_stop - t_start
         busy = []
@@ -400,7 +501,11 @@ class Harness:
         gaps = []
         for f in fakes:
             entries = sorted((e for e in f.requests if e.get("end") is not None), key=lambda e: e["start"])
-            gaps += [b["start"] - a["end"] for a, b in zip(entries, entries[1:], strict=False) if t_start < a["end"] < t_stop]
+            gaps += [
+                b["start"] - a["end"]
+                for a, b in zip(entries, entries[1:], strict=False)
+                if t_start < a["end"] < t_stop
+            ]
         images_per_s = sum(busy) / d / window
         healthy = k - (1 if fault else 0)
         ideal = healthy / d
@@ -408,13 +513,25 @@ class Harness:
         lat = sorted(r["end"] - r["start"] for r in records if r["error"] is None)
         stuck = 0 if grace is None else sum(1 for r in records if r["end"] > t_stop + grace)
         return {
-            "impl": impl, "k": k, "m": m, "c": c, "fault": fault, "images_per_s": images_per_s, "ideal": ideal,
-            "ratio": images_per_s / ideal, "share": share, "depth": [f.max_concurrent_seen for f in fakes],
-            "requests": len(records), "images": sum(r["images"] for r in records),
-            "empty": sum(r["empty"] for r in records), "errors": sum(1 for r in records if r["error"]),
+            "impl": impl,
+            "k": k,
+            "m": m,
+            "c": c,
+            "fault": fault,
+            "images_per_s": images_per_s,
+            "ideal": ideal,
+            "ratio": images_per_s / ideal,
+            "share": share,
+            "depth": [f.max_concurrent_seen for f in fakes],
+            "requests": len(records),
+            "images": sum(r["images"] for r in records),
+            "empty": sum(r["empty"] for r in records),
+            "errors": sum(1 for r in records if r["error"]),
             "first_error": next((r["error"] for r in records if r["error"]), None),
-            "p50": statistics.median(lat) if lat else float("nan"), "max_latency": max(lat) if lat else float("nan"),
-            "stuck": stuck, "timeout_s": timeout_s,
+            "p50": statistics.median(lat) if lat else float("nan"),
+            "max_latency": max(lat) if lat else float("nan"),
+            "stuck": stuck,
+            "timeout_s": timeout_s,
             "gap_ms": statistics.median(gaps) * 1000 if gaps else float("nan"),
             "gap_p90_ms": sorted(gaps)[int(len(gaps) * 0.9)] * 1000 if gaps else float("nan"),
         }
@@ -446,9 +563,16 @@ def _wait_http(base: str, proc: subprocess.Popen, timeout: float = 60.0) -> None
 def _sketch_body(m: int) -> dict[str, Any]:
     """StepIdeator's "generate new sketches" button with M images (the request its frontend sends)."""
     stage = "草图的辅助生成"
-    return {"username": "bench", "designTask": "设计一款适用于丘陵果园的农业植保无人机", "currentNum": m,
-            "currentAIStage": stage, "currentStage": "草图的环境", "selectedTexts": [], "selectedCanvasRecords": [],
-            "selectedButtonInfo": {"buttonText": "生成全新草图", "aiStage": stage}}
+    return {
+        "username": "bench",
+        "designTask": "设计一款适用于丘陵果园的农业植保无人机",
+        "currentNum": m,
+        "currentAIStage": stage,
+        "currentStage": "草图的环境",
+        "selectedTexts": [],
+        "selectedCanvasRecords": [],
+        "selectedButtonInfo": {"buttonText": "生成全新草图", "aiStage": stage},
+    }
 
 
 # ---------------------------------------------------------------------------------------------- reporting
@@ -469,9 +593,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer scenarios, shorter windows (about 2 minutes)")
     ap.add_argument("--delay", type=float, default=None, help="seconds per image on each fake instance (1.0)")
     ap.add_argument("--seconds", type=float, default=None, help="measurement window per scenario")
-    ap.add_argument("--via", choices=["gunicorn", "processes"], default="gunicorn",
-                    help="our pool through the real server (gunicorn -w 4, HTTP, /ideation/generate; default) or "
-                         "through 4 bare worker processes calling the image provider")
+    ap.add_argument(
+        "--via",
+        choices=["gunicorn", "processes"],
+        default="gunicorn",
+        help="our pool through the real server (gunicorn -w 4, HTTP, /ideation/generate; default) or "
+        "through 4 bare worker processes calling the image provider",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
@@ -486,72 +614,109 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-pool-"))
     mongo = ensure_embedded_mongo(tmp)
-    command = "python bench/pool.py" + (" --quick" if args.quick else "") + \
-        (f" --delay {args.delay}" if args.delay else "") + (f" --seconds {args.seconds}" if args.seconds else "") + \
-        (f" --via {args.via}" if args.via != "gunicorn" else "")
+    command = (
+        "python bench/pool.py"
+        + (" --quick" if args.quick else "")
+        + (f" --delay {args.delay}" if args.delay else "")
+        + (f" --seconds {args.seconds}" if args.seconds else "")
+        + (f" --via {args.via}" if args.via != "gunicorn" else "")
+    )
     print(f"# SD pool benchmark — {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} — `{command}`")
-    ours_how = (f"the server under `gunicorn -w {WORKERS}`, clients POSTing /ideation/generate (new sketches, "
-                f"currentNum=M) on a new connection each" if args.via == "gunicorn" else
-                f"{WORKERS} worker processes calling the image provider (no HTTP), each request to a random worker")
-    print(f"# K={k} fake instances, D={delay:g} s/image, window {seconds:g} s per scenario after a 1 s warm-up; "
-          f"pool: {ours_how}; original: its model in {WORKERS} worker processes, each request to a random one")
-    print(f"# {platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.2f} at start, embedded MongoDB (secantusdb) at {mongo.uri}")
+    ours_how = (
+        f"the server under `gunicorn -w {WORKERS}`, clients POSTing /ideation/generate (new sketches, "
+        f"currentNum=M) on a new connection each"
+        if args.via == "gunicorn"
+        else f"{WORKERS} worker processes calling the image provider (no HTTP), each request to a random worker"
+    )
+    print(
+        f"# K={k} fake instances, D={delay:g} s/image, window {seconds:g} s per scenario after a 1 s warm-up; "
+        f"pool: {ours_how}; original: its model in {WORKERS} worker processes, each request to a random one"
+    )
+    print(
+        f"# {platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.2f} at start, embedded MongoDB (secantusdb) at {mongo.uri}"
+    )
     harness = Harness(mongo.uri, delay, seconds)
 
     def pool_run(k: int, m: int, c: int, fault: str | None = None, timeout_s: float = 30.0) -> dict[str, Any]:
         if args.via == "gunicorn":
             return harness.run_http(k, m, c, fault=fault, timeout_s=timeout_s)
         return harness.run("pool", k, m, c, fault=fault, timeout_s=timeout_s)
+
     started = time.monotonic()
     rows: list[tuple[dict[str, Any], dict[str, Any]]] = []
     dead_rows: list[tuple[dict[str, Any], dict[str, Any]]] = []
     hung_rows: list[dict[str, Any]] = []
     try:
         print("\n## Throughput (ideal = K/D = %.1f images/s)\n" % (k / delay))
-        print("| K | M | C | pool img/s | pool ratio | pool share % | pool max depth | pool idle gap p50/p90 ms | "
-              "pool latency p50/max s | original img/s | original ratio | original share % | original max depth | "
-              "original latency p50/max s |")
+        print(
+            "| K | M | C | pool img/s | pool ratio | pool share % | pool max depth | pool idle gap p50/p90 ms | "
+            "pool latency p50/max s | original img/s | original ratio | original share % | original max depth | "
+            "original latency p50/max s |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for m in ms:
             for c in cs:
                 ours = pool_run(k, m, c)
                 orig = harness.run("original", k, m, c)
                 rows.append((ours, orig))
-                print(f"| {k} | {m} | {c} | {ours['images_per_s']:.2f} | {ours['ratio']:.3f} | {_share(ours)} | "
-                      f"{_depth(ours)} | {ours['gap_ms']:.0f}/{ours['gap_p90_ms']:.0f} | {_lat(ours)} | "
-                      f"{orig['images_per_s']:.2f} | {orig['ratio']:.3f} | "
-                      f"{_share(orig)} | {_depth(orig)} | {_lat(orig)} |", flush=True)
+                print(
+                    f"| {k} | {m} | {c} | {ours['images_per_s']:.2f} | {ours['ratio']:.3f} | {_share(ours)} | "
+                    f"{_depth(ours)} | {ours['gap_ms']:.0f}/{ours['gap_p90_ms']:.0f} | {_lat(ours)} | "
+                    f"{orig['images_per_s']:.2f} | {orig['ratio']:.3f} | "
+                    f"{_share(orig)} | {_depth(orig)} | {_lat(orig)} |",
+                    flush=True,
+                )
                 for row in (ours, orig):
                     if row["errors"] or row["empty"]:
-                        print(f"|   ! {row['impl']}: {row['errors']} errors, {row['empty']} empty images "
-                              f"({row['first_error']}) |", flush=True)
+                        print(
+                            f"|   ! {row['impl']}: {row['errors']} errors, {row['empty']} empty images "
+                            f"({row['first_error']}) |",
+                            flush=True,
+                        )
         c_dead = 4 if args.quick else 8
-        print(f"\n## One instance dead (connection refused), C={c_dead}; ideal = (K-1)/D = {(k - 1) / delay:.1f}\n")
-        print("| K | M | C | pool img/s | pool ratio | pool empty | pool errors | pool max depth | "
-              "original ratio | original empty | original max depth |")
+        print(
+            f"\n## One instance dead (connection refused), C={c_dead}; ideal = (K-1)/D = {(k - 1) / delay:.1f}\n"
+        )
+        print(
+            "| K | M | C | pool img/s | pool ratio | pool empty | pool errors | pool max depth | "
+            "original ratio | original empty | original max depth |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         for m in ms:
             ours = pool_run(k, m, c_dead, fault="dead")
             orig = harness.run("original", k, m, c_dead, fault="dead")
             dead_rows.append((ours, orig))
-            print(f"| {k} | {m} | {c_dead} | {ours['images_per_s']:.2f} | {ours['ratio']:.3f} | {ours['empty']} | "
-                  f"{ours['errors']} | {_depth(ours)} | {orig['ratio']:.3f} | {orig['empty']} of {orig['images']} | "
-                  f"{_depth(orig)} |", flush=True)
-        print(f"\n## One instance hung (accepts, never answers), C=4; pool SD_TIMEOUT_S={hung_timeout:g} s; "
-              f"ideal = (K-1)/D = {(k - 1) / delay:.1f}\n")
-        print("| impl | K | M | C | img/s | ratio | requests answered | errors | p50 latency s | max latency s | "
-              "stuck (unanswered > timeout + 3D + 2 s after the window) |")
+            print(
+                f"| {k} | {m} | {c_dead} | {ours['images_per_s']:.2f} | {ours['ratio']:.3f} | {ours['empty']} | "
+                f"{ours['errors']} | {_depth(ours)} | {orig['ratio']:.3f} | {orig['empty']} of {orig['images']} | "
+                f"{_depth(orig)} |",
+                flush=True,
+            )
+        print(
+            f"\n## One instance hung (accepts, never answers), C=4; pool SD_TIMEOUT_S={hung_timeout:g} s; "
+            f"ideal = (K-1)/D = {(k - 1) / delay:.1f}\n"
+        )
+        print(
+            "| impl | K | M | C | img/s | ratio | requests answered | errors | p50 latency s | max latency s | "
+            "stuck (unanswered > timeout + 3D + 2 s after the window) |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         hung_ms = [2] if args.quick else [2, 4]
         for m in hung_ms:
             for impl in ("pool", "original"):
-                row = (pool_run(k, m, 4, fault="hung", timeout_s=hung_timeout) if impl == "pool" else
-                       harness.run(impl, k, m, 4, fault="hung", timeout_s=hung_timeout))
+                row = (
+                    pool_run(k, m, 4, fault="hung", timeout_s=hung_timeout)
+                    if impl == "pool"
+                    else harness.run(impl, k, m, 4, fault="hung", timeout_s=hung_timeout)
+                )
                 hung_rows.append(row)
                 done = row["requests"] - row["stuck"]
-                print(f"| {impl} | {k} | {m} | 4 | {row['images_per_s']:.2f} | {row['ratio']:.3f} | {done} | "
-                      f"{row['errors']} | {row['p50']:.2f} | {row['max_latency']:.2f} | {row['stuck']} |", flush=True)
+                print(
+                    f"| {impl} | {k} | {m} | 4 | {row['images_per_s']:.2f} | {row['ratio']:.3f} | {done} | "
+                    f"{row['errors']} | {row['p50']:.2f} | {row['max_latency']:.2f} | {row['stuck']} |",
+                    flush=True,
+                )
     finally:
         harness.close()
         stop_embedded_mongo(tmp)
@@ -561,21 +726,29 @@ def main() -> None:
     at_load = [ours for ours, _ in rows if ours["c"] >= 4]
     worst = min(at_load, key=lambda r: r["ratio"]) if at_load else None
     if worst:
-        print(f"- >= 0.95 of ideal at C >= 4 for every M: worst {worst['ratio']:.3f} (M={worst['m']}, C={worst['c']}) "
-              f"-> {'met' if worst['ratio'] >= 0.95 else 'MISSED'}")
+        print(
+            f"- >= 0.95 of ideal at C >= 4 for every M: worst {worst['ratio']:.3f} (M={worst['m']}, C={worst['c']}) "
+            f"-> {'met' if worst['ratio'] >= 0.95 else 'MISSED'}"
+        )
     depth = max(_depth(ours) for ours, _ in rows + dead_rows) if rows else 0
-    print(f"- queue depth <= 1 per instance (pool, every scenario): max {depth} -> {'met' if depth <= 1 else 'MISSED'}")
+    print(
+        f"- queue depth <= 1 per instance (pool, every scenario): max {depth} -> {'met' if depth <= 1 else 'MISSED'}"
+    )
     if dead_rows:
         wd = min(ours["ratio"] for ours, _ in dead_rows)
         empties = sum(ours["empty"] for ours, _ in dead_rows)
-        print(f"- one dead: >= 0.95 of (K-1)/D: worst {wd:.3f} -> {'met' if wd >= 0.95 else 'MISSED'}; "
-              f"empty images {empties} -> {'met' if empties == 0 else 'MISSED'}")
+        print(
+            f"- one dead: >= 0.95 of (K-1)/D: worst {wd:.3f} -> {'met' if wd >= 0.95 else 'MISSED'}; "
+            f"empty images {empties} -> {'met' if empties == 0 else 'MISSED'}"
+        )
     pool_hung = [r for r in hung_rows if r["impl"] == "pool"]
     if pool_hung:
         ml = max(r["max_latency"] for r in pool_hung)
         stuck = sum(r["stuck"] + r["errors"] for r in pool_hung)
-        print(f"- one hung: pool max request latency {ml:.2f} s with SD_TIMEOUT_S={hung_timeout:g} s (+ queue wait and "
-              f"the retry), {stuck} stuck/failed requests -> {'met' if stuck == 0 else 'MISSED'}")
+        print(
+            f"- one hung: pool max request latency {ml:.2f} s with SD_TIMEOUT_S={hung_timeout:g} s (+ queue wait and "
+            f"the retry), {stuck} stuck/failed requests -> {'met' if stuck == 0 else 'MISSED'}"
+        )
     print(f"\n(total {time.monotonic() - started:.0f} s; load average {os.getloadavg()[0]:.2f} at the end)")
 
 

@@ -26,9 +26,19 @@ sys.path.insert(0, str(ROOT))
 from apps.core.embedded_mongo import ensure_embedded_mongo, stop_embedded_mongo  # noqa: E402
 
 # Tests never pick up a developer's cloud settings from the environment.
-for _key in ("MONGO_URI", "LLM_PROVIDER", "OPENAI_BASE_URL", "OPENAI_API_KEY", "AZURE_OPENAI_ENDPOINT",
-             "AZURE_OPENAI_API_KEY", "AZURE_OPENAI_DEPLOYMENT", "SD_INSTANCES", "IMAGE_PROVIDER", "AUTH_MODE",
-             "ROOT_APP"):
+for _key in (
+    "MONGO_URI",
+    "LLM_PROVIDER",
+    "OPENAI_BASE_URL",
+    "OPENAI_API_KEY",
+    "AZURE_OPENAI_ENDPOINT",
+    "AZURE_OPENAI_API_KEY",
+    "AZURE_OPENAI_DEPLOYMENT",
+    "SD_INSTANCES",
+    "IMAGE_PROVIDER",
+    "AUTH_MODE",
+    "ROOT_APP",
+):
     os.environ.pop(_key, None)
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -112,7 +122,9 @@ def base_config(mongo_uri: str, db_name: str, tmp_path: Path) -> dict[str, Any]:
 
 
 @pytest.fixture
-def make_app(base_config: dict[str, Any], mongo_client: MongoClient, db_name: str) -> Iterator[Callable[..., Any]]:
+def make_app(
+    base_config: dict[str, Any], mongo_client: MongoClient, db_name: str
+) -> Iterator[Callable[..., Any]]:
     """make_app(**overrides) -> app on a fresh database; closed after the test."""
     from app import create_app
 
@@ -133,8 +145,12 @@ def make_app(base_config: dict[str, Any], mongo_client: MongoClient, db_name: st
 @pytest.fixture
 def openai_app(make_app: Callable[..., Any], fake_openai: Any) -> Any:
     """An app whose LLM is the fake OpenAI server (fast, scriptable) and images the placeholder."""
-    return make_app(LLM_PROVIDER="openai", OPENAI_BASE_URL=fake_openai.url, OPENAI_API_KEY="test-key",
-                    LLM_MODEL="fake-model")
+    return make_app(
+        LLM_PROVIDER="openai",
+        OPENAI_BASE_URL=fake_openai.url,
+        OPENAI_API_KEY="test-key",
+        LLM_MODEL="fake-model",
+    )
 
 
 @pytest.fixture
@@ -168,14 +184,30 @@ def gunicorn_server(base_config: dict[str, Any], tmp_path: Path) -> Iterator[Cal
 
     def start(workers: int = 2, **env_overrides: Any) -> str:
         port = free_port()
-        env = {**os.environ, **{k: str(v) for k, v in base_config.items()},
-               **{k: str(v) for k, v in env_overrides.items()}}
+        env = {
+            **os.environ,
+            **{k: str(v) for k, v in base_config.items()},
+            **{k: str(v) for k, v in env_overrides.items()},
+        }
         env["PYTHONPATH"] = str(ROOT)
         log = open(tmp_path / f"gunicorn-{port}.log", "wb")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), "-w", str(workers),
-             "-b", f"127.0.0.1:{port}", "app:app"],
-            cwd=str(ROOT), env=env, stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "-c",
+                str(ROOT / "gunicorn.conf.py"),
+                "-w",
+                str(workers),
+                "-b",
+                f"127.0.0.1:{port}",
+                "app:app",
+            ],
+            cwd=str(ROOT),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         procs.append(proc)
         wait_for_port(port, 60, proc)

@@ -89,11 +89,14 @@ def test_oversized_body_is_json_413(make_app: Any, fake_openai: Any) -> None:
 
 
 def test_cors_preflight_answers_without_auth(client: Any) -> None:
-    resp = client.options("/health", headers={
-        "Origin": "https://picturebook-generator.vercel.app",
-        "Access-Control-Request-Method": "GET",
-        "Access-Control-Request-Headers": "authorization,content-type",
-    })
+    resp = client.options(
+        "/health",
+        headers={
+            "Origin": "https://picturebook-generator.vercel.app",
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
+    )
     assert resp.status_code == 200
     # the default CORS_ORIGINS=* allows every origin, never with credentials (issue 15 item 3)
     assert resp.headers["Access-Control-Allow-Origin"] == "*"
@@ -251,9 +254,20 @@ def test_dead_runner_job_marked_failed(openai_app: Any) -> None:
     svc = openai_app.extensions["services"]
     from datetime import UTC, datetime, timedelta
 
-    svc.db.jobs.insert_one({"_id": "ghostjob0001", "kind": "t", "app": "core", "owner": None, "status": "working",
-                            "seq": 0, "runner": "otherhost:1", "lease_until": datetime.now(UTC) - timedelta(seconds=1),
-                            "progress": {}, "created_at": datetime.now(UTC)})
+    svc.db.jobs.insert_one(
+        {
+            "_id": "ghostjob0001",
+            "kind": "t",
+            "app": "core",
+            "owner": None,
+            "status": "working",
+            "seq": 0,
+            "runner": "otherhost:1",
+            "lease_until": datetime.now(UTC) - timedelta(seconds=1),
+            "progress": {},
+            "created_at": datetime.now(UTC),
+        }
+    )
     snap = openai_app.test_client().get("/jobs/ghostjob0001").get_json()
     assert snap["status"] == "failed"
     assert snap["error"]["code"] == "runner_died"
@@ -286,12 +300,20 @@ def test_metrics_read_the_pool_queue_and_jobs_from_the_database(openai_app: Any)
 
     db = openai_app.extensions["services"].db
     soon = datetime.now(UTC) + timedelta(minutes=1)
-    db.sd_waiters.insert_many([
-        {"_id": "w1", "ticket": 1, "want": 3, "granted": 0, "expires_at": soon},
-        {"_id": "w2", "ticket": 2, "want": 2, "granted": 1, "expires_at": soon},
-        {"_id": "w3", "ticket": 3, "want": 0, "granted": 4, "expires_at": soon},  # served: not waiting
-        {"_id": "w4", "ticket": 4, "want": 5, "granted": 0, "expires_at": datetime.now(UTC) - timedelta(seconds=1)},
-    ])
+    db.sd_waiters.insert_many(
+        [
+            {"_id": "w1", "ticket": 1, "want": 3, "granted": 0, "expires_at": soon},
+            {"_id": "w2", "ticket": 2, "want": 2, "granted": 1, "expires_at": soon},
+            {"_id": "w3", "ticket": 3, "want": 0, "granted": 4, "expires_at": soon},  # served: not waiting
+            {
+                "_id": "w4",
+                "ticket": 4,
+                "want": 5,
+                "granted": 0,
+                "expires_at": datetime.now(UTC) - timedelta(seconds=1),
+            },
+        ]
+    )
     db.jobs.insert_one({"_id": "metrics-job", "app": "storybook", "status": "working"})
     text = openai_app.test_client().get("/metrics").get_data(as_text=True)
     assert "\nsd_waiting_callers 5.0\n" in text

@@ -67,13 +67,20 @@ def alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] if Path(f"/proc/{pid}").exists() else "X"
+    state = (
+        Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if Path(f"/proc/{pid}").exists()
+        else "X"
+    )
     return state not in ("Z", "X")
 
 
 def start_book(base: str, pages: int = 1, **extra: Any) -> str:
-    resp = requests.post(f"{base}/storybook/books", json={"description": "a fox learns to fly", "pages": pages,
-                                                          **extra}, timeout=15)
+    resp = requests.post(
+        f"{base}/storybook/books",
+        json={"description": "a fox learns to fly", "pages": pages, **extra},
+        timeout=15,
+    )
     assert resp.status_code == 202, resp.text
     return resp.json()["id"]
 
@@ -83,8 +90,11 @@ def job_status(db: Any, job_id: str) -> str:
 
 
 def assert_no_job_left_active(db: Any, timeout: float = 15.0) -> None:
-    until(lambda: db.jobs.count_documents({"status": {"$in": ACTIVE}}) == 0, timeout,
-          "every job to reach a terminal state")
+    until(
+        lambda: db.jobs.count_documents({"status": {"$in": ACTIVE}}) == 0,
+        timeout,
+        "every job to reach a terminal state",
+    )
 
 
 def story_app_env(fake_openai: Any, **extra: Any) -> dict[str, Any]:
@@ -94,8 +104,14 @@ def story_app_env(fake_openai: Any, **extra: Any) -> dict[str, Any]:
         fake_openai.set_responder(story_responder(fake_openai))
     except ImportError:  # pragma: no cover - the default reply is schema-valid too
         pass
-    return {"LLM_PROVIDER": "openai", "OPENAI_BASE_URL": fake_openai.url, "OPENAI_API_KEY": "k",
-            "LLM_MODEL": "fake-model", "RATE_LIMIT_ENABLED": "false", **extra}
+    return {
+        "LLM_PROVIDER": "openai",
+        "OPENAI_BASE_URL": fake_openai.url,
+        "OPENAI_API_KEY": "k",
+        "LLM_MODEL": "fake-model",
+        "RATE_LIMIT_ENABLED": "false",
+        **extra,
+    }
 
 
 @pytest.fixture
@@ -133,12 +149,18 @@ def test_model_429_and_5xx_are_retried_then_reported(
 
 
 def test_sd_instance_killed_mid_generation_is_retried_elsewhere(
-    gunicorn_server: Any, fake_openai: Any, fake_sd_fleet: Any, mongo_client: MongoClient, db_name: str,
+    gunicorn_server: Any,
+    fake_openai: Any,
+    fake_sd_fleet: Any,
+    mongo_client: MongoClient,
+    db_name: str,
     need_storybook: None,
 ) -> None:
     fleet = fake_sd_fleet(2, delay=0.4)
-    base = gunicorn_server(workers=2, **story_app_env(
-        fake_openai, IMAGE_PROVIDER="sdwebui", SD_INSTANCES=",".join(f.url for f in fleet)))
+    base = gunicorn_server(
+        workers=2,
+        **story_app_env(fake_openai, IMAGE_PROVIDER="sdwebui", SD_INSTANCES=",".join(f.url for f in fleet)),
+    )
     db = mongo_client[db_name]
     book = start_book(base, pages=3)
     victim = next(f for f in fleet if f.wait_until_running(timeout=20))
@@ -165,8 +187,9 @@ def test_mongodb_restart_fails_cleanly_and_recovers(
     port = free_port()
     mongo = ensure_embedded_mongo(data_dir, port)
     try:
-        base = gunicorn_server(workers=2, **story_app_env(fake_openai, MONGO_URI=mongo.uri, MONGO_DB="faults",
-                                                          JOB_LEASE_S="3"))
+        base = gunicorn_server(
+            workers=2, **story_app_env(fake_openai, MONGO_URI=mongo.uri, MONGO_DB="faults", JOB_LEASE_S="3")
+        )
         client: MongoClient = MongoClient(mongo.uri, tz_aware=True, serverSelectionTimeoutMS=3000)
         db = client["faults"]
         accepted = start_book(base)
@@ -177,10 +200,12 @@ def test_mongodb_restart_fails_cleanly_and_recovers(
 
         stop_embedded_mongo(data_dir)
         started = time.monotonic()
-        for method, path, body in (("GET", f"/jobs/{accepted}", None),
-                                   ("GET", f"/storybook/books/{accepted}", None),
-                                   ("POST", "/storybook/books", {"description": "during the outage", "pages": 1}),
-                                   ("GET", "/health", None)):
+        for method, path, body in (
+            ("GET", f"/jobs/{accepted}", None),
+            ("GET", f"/storybook/books/{accepted}", None),
+            ("POST", "/storybook/books", {"description": "during the outage", "pages": 1}),
+            ("GET", "/health", None),
+        ):
             resp = requests.request(method, base + path, json=body, timeout=30)
             assert resp.status_code == 503, (path, resp.status_code, resp.text[:300])
             assert resp.headers["Content-Type"].startswith("application/json"), path
@@ -193,15 +218,20 @@ def test_mongodb_restart_fails_cleanly_and_recovers(
         mongo = ensure_embedded_mongo(data_dir, port)  # same port: the servers' URI stays valid
         fake_openai.delay = 0.0
         # the servers recover by themselves (no restart): reads work and old data is all there
-        until(lambda: requests.get(f"{base}/jobs/{accepted}", timeout=30).status_code == 200, 30,
-              "the server to answer again")
+        until(
+            lambda: requests.get(f"{base}/jobs/{accepted}", timeout=30).status_code == 200,
+            30,
+            "the server to answer again",
+        )
         snap = requests.get(f"{base}/storybook/books/{accepted}", timeout=10).json()
         assert snap["status"] == "done" and snap["pages"][0]["text"]
         # the job that was running during the outage ends (done, or failed by the reaper) — never stuck
         until(lambda: job_status(db, in_flight) in ("done", "failed"), 30, "the in-flight book to end")
         after = start_book(base)
         until(lambda: job_status(db, after) == "done", 30, "a book after recovery")
-        assert db.jobs.count_documents({"input.description": "during the outage"}) == 0  # refused, not half-made
+        assert (
+            db.jobs.count_documents({"input.description": "during the outage"}) == 0
+        )  # refused, not half-made
         assert_no_job_left_active(db)
         client.close()
     finally:
@@ -238,8 +268,11 @@ def test_worker_killed_mid_job_ends_failed_and_can_be_retried(
     # retry: the same request again succeeds (gunicorn replaced the worker)
     retry = start_book(base)
     until(lambda: job_status(db, retry) == "done", 30, "the retried book")
-    _, workers_after = until(lambda: (lambda m: m if len(m[1]) == 2 else None)(gunicorn_pids(base)), 20,
-                             "gunicorn to replace the worker")
+    _, workers_after = until(
+        lambda: (lambda m: m if len(m[1]) == 2 else None)(gunicorn_pids(base)),
+        20,
+        "gunicorn to replace the worker",
+    )
     assert worker_pid not in workers_after
     assert_no_job_left_active(db)
 

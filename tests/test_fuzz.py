@@ -43,14 +43,23 @@ def fuzz_app(mongo_client: Any, mongo_uri: str, tmp_path_factory: pytest.TempPat
 
     db_name = "fuzz_" + secrets.token_hex(4)
     with FakeOpenAI() as fake:
-        app = create_app({
-            "MONGO_URI": mongo_uri, "MONGO_DB": db_name,
-            "DATA_DIR": str(Path(tmp_path_factory.mktemp("fuzz")) / "data"),
-            "LLM_PROVIDER": "openai", "OPENAI_BASE_URL": fake.url, "OPENAI_API_KEY": "k", "LLM_MODEL": "fake-model",
-            "LLM_RETRY_BASE_S": 0.01, "LLM_MAX_RETRIES": 1, "IMAGE_PROVIDER": "placeholder",
-            "RATE_LIMIT_ENABLED": False,  # the fuzzer sends far more than a person would
-            "SSE_HEARTBEAT_S": 1.0, "JOB_LEASE_S": 5.0,
-        })
+        app = create_app(
+            {
+                "MONGO_URI": mongo_uri,
+                "MONGO_DB": db_name,
+                "DATA_DIR": str(Path(tmp_path_factory.mktemp("fuzz")) / "data"),
+                "LLM_PROVIDER": "openai",
+                "OPENAI_BASE_URL": fake.url,
+                "OPENAI_API_KEY": "k",
+                "LLM_MODEL": "fake-model",
+                "LLM_RETRY_BASE_S": 0.01,
+                "LLM_MAX_RETRIES": 1,
+                "IMAGE_PROVIDER": "placeholder",
+                "RATE_LIMIT_ENABLED": False,  # the fuzzer sends far more than a person would
+                "SSE_HEARTBEAT_S": 1.0,
+                "JOB_LEASE_S": 5.0,
+            }
+        )
         app.testing = False  # exceptions become the server's 500s (what a client sees), not test errors
         yield app
         app.extensions["services"].close()
@@ -70,11 +79,19 @@ def api_schema(fuzz_app: Any) -> Any:
 def _fuzz_operation(operation: Any) -> str | None:
     """Run the bounded examples of one operation; the first failure (with its reproduction) or None."""
 
-    @given(case=st.one_of(operation.as_strategy(GenerationMode.POSITIVE),
-                          operation.as_strategy(GenerationMode.NEGATIVE)))
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-              phases=[Phase.explicit, Phase.generate],  # no shrinking: report the example as found
-              suppress_health_check=list(HealthCheck))
+    @given(
+        case=st.one_of(
+            operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE)
+        )
+    )
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],  # no shrinking: report the example as found
+        suppress_health_check=list(HealthCheck),
+    )
     def run(case: Any) -> None:
         case.call_and_validate(checks=[not_a_server_error, response_schema_conformance])
 

@@ -24,7 +24,9 @@ def assert_rejected(resp: Any) -> str:
 
 @pytest.mark.parametrize("key", BAD_KEYS)
 @pytest.mark.parametrize("where", ["top", "records", "entry"])
-def test_ideation_time_record_rejects_unstorable_keys(client: Any, openai_app: Any, key: str, where: str) -> None:
+def test_ideation_time_record_rejects_unstorable_keys(
+    client: Any, openai_app: Any, key: str, where: str
+) -> None:
     body: dict[str, Any] = {"username": "10", "stageSwitchRecords": {"准备": [{"startTime": 1}]}}
     if where == "top":
         body[key] = 1  # extra keys are stored too
@@ -36,7 +38,9 @@ def test_ideation_time_record_rejects_unstorable_keys(client: Any, openai_app: A
     assert repr(key)[1:-1] in message  # names the offending key
     assert openai_app.extensions["services"].db.ideation_time_records.count_documents({}) == 0
     # the same body without the bad key is stored
-    ok = client.post("/ideation/timeRecord", json={"username": "10", "stageSwitchRecords": {"准备": [{"startTime": 1}]}})
+    ok = client.post(
+        "/ideation/timeRecord", json={"username": "10", "stageSwitchRecords": {"准备": [{"startTime": 1}]}}
+    )
     assert ok.status_code == 200 and ok.get_json()["success"] is True
 
 

@@ -61,10 +61,16 @@ def test_recording_provider_stores_images_and_records_generations(make_app: Any,
     svc = app.extensions["services"]
     assert isinstance(svc.image_provider, RecordingImageProvider) and svc.image_provider.name == "placeholder"
     unit = {"module": "lineart", "model": "control_v11p_sd15_lineart", "image": b"raw bytes"}
-    requests = [ImageRequest(prompt=f"card {i}", width=96, height=64, controlnet=[unit] if i == 0 else [],
-                             context={"app": "storybook", "user": "ann", "session": "s1", "job": "j1",
-                                      "step": f"page-{i}"})
-                for i in range(3)]
+    requests = [
+        ImageRequest(
+            prompt=f"card {i}",
+            width=96,
+            height=64,
+            controlnet=[unit] if i == 0 else [],
+            context={"app": "storybook", "user": "ann", "session": "s1", "job": "j1", "step": f"page-{i}"},
+        )
+        for i in range(3)
+    ]
     results = svc.image_provider.generate_many(requests)
     assert [size_of(r.png) for r in results] == [(96, 64)] * 3
     for i, r in enumerate(results):
@@ -86,8 +92,15 @@ def test_recording_provider_stores_images_and_records_generations(make_app: Any,
 
 def test_failed_image_generation_is_recorded_too(make_app: Any, fake_openai: Any, fake_sd: Any) -> None:
     fake_sd.dead = True
-    app = make_app(LLM_PROVIDER="openai", OPENAI_BASE_URL=fake_openai.url, OPENAI_API_KEY="k",
-                   IMAGE_PROVIDER="sdwebui", SD_INSTANCES=fake_sd.url, SD_MAX_ATTEMPTS=1, SD_WAIT_TIMEOUT_S=0.5)
+    app = make_app(
+        LLM_PROVIDER="openai",
+        OPENAI_BASE_URL=fake_openai.url,
+        OPENAI_API_KEY="k",
+        IMAGE_PROVIDER="sdwebui",
+        SD_INSTANCES=fake_sd.url,
+        SD_MAX_ATTEMPTS=1,
+        SD_WAIT_TIMEOUT_S=0.5,
+    )
     svc = app.extensions["services"]
     with pytest.raises(ModelError) as err:
         svc.image_provider.generate(ImageRequest(prompt="lost?", context={"app": "ideation", "user": "bo"}))
@@ -111,22 +124,30 @@ def image_calls(fake: Any) -> list[dict[str, Any]]:
 
 
 def provider_for(fake: Any, model: str = "gpt-image-1", **kw: Any) -> OpenAIImageProvider:
-    client = openai.OpenAI(base_url=fake.url, api_key="test-key", max_retries=kw.pop("max_retries", 0), timeout=10)
+    client = openai.OpenAI(
+        base_url=fake.url, api_key="test-key", max_retries=kw.pop("max_retries", 0), timeout=10
+    )
     return OpenAIImageProvider(client, model, **kw)
 
 
 def test_openai_images_b64(fake_openai: Any) -> None:
     provider = provider_for(fake_openai)
-    result = provider.generate(ImageRequest(prompt="a paper boat", negative_prompt="text, watermark",
-                                            width=512, height=512))
+    result = provider.generate(
+        ImageRequest(prompt="a paper boat", negative_prompt="text, watermark", width=512, height=512)
+    )
     assert result.provider == "openai" and result.instance == "gpt-image-1"
     assert size_of(result.png) == (512, 512)  # native 1024x1024, resized to what was asked
     assert result.info["native_size"] == "1024x1024"
     sent = image_calls(fake_openai)[-1]
     assert sent["path"] == "/v1/images/generations"
     assert sent["json"]["model"] == "gpt-image-1" and sent["json"]["size"] == "1024x1024"
-    assert "response_format" not in sent["json"]  # gpt-image models always answer b64 and reject the parameter
-    assert sent["json"]["prompt"].startswith("a paper boat") and "Avoid: text, watermark" in sent["json"]["prompt"]
+    assert (
+        "response_format" not in sent["json"]
+    )  # gpt-image models always answer b64 and reject the parameter
+    assert (
+        sent["json"]["prompt"].startswith("a paper boat")
+        and "Avoid: text, watermark" in sent["json"]["prompt"]
+    )
     assert sent["headers"]["authorization"] == "Bearer test-key"
     other = provider.generate(ImageRequest(prompt="a paper plane", width=512, height=512))
     assert other.png != result.png
@@ -142,8 +163,16 @@ def test_openai_inpainting_goes_to_images_edit_with_an_alpha_mask(fake_openai: A
     sd_mask = Image.new("L", (512, 512), 0)
     sd_mask.paste(255, (0, 0, 256, 512))  # regenerate the left half
     for invert in (False, True):
-        result = provider.generate(ImageRequest(prompt="a red chair", width=512, height=512, init_image=init,
-                                                mask=png_bytes(sd_mask), inpainting_mask_invert=invert))
+        result = provider.generate(
+            ImageRequest(
+                prompt="a red chair",
+                width=512,
+                height=512,
+                init_image=init,
+                mask=png_bytes(sd_mask),
+                inpainting_mask_invert=invert,
+            )
+        )
         assert size_of(result.png) == (512, 512)
         sent = [r for r in fake_openai.requests if r["path"].endswith("/images/edits")][-1]
         assert sent["form"]["model"] == "gpt-image-1" and sent["form"]["size"] == "1024x1024"
@@ -188,20 +217,36 @@ def test_openai_image_errors_are_model_errors(fake_openai: Any) -> None:
     assert err.value.status == 500 and err.value.retryable
     retrying = provider_for(fake_openai, max_retries=1)
     fake_openai.fail_next(500)
-    assert retrying.generate(ImageRequest(prompt="second time lucky", width=256, height=256)).png[:8] == PNG_SIGNATURE
+    assert (
+        retrying.generate(ImageRequest(prompt="second time lucky", width=256, height=256)).png[:8]
+        == PNG_SIGNATURE
+    )
     seg = provider.segment(png_bytes(Image.new("RGB", (8, 8))), "drone")
     assert seg.provider.startswith("placeholder-threshold") and "cannot segment" in seg.provider
 
 
 def test_openai_images_from_settings_openai_and_azure(fake_openai: Any) -> None:
-    plain = OpenAIImageProvider.from_settings(load_settings(
-        {"OPENAI_BASE_URL": fake_openai.url, "OPENAI_API_KEY": "k", "IMAGE_PROVIDER": "openai"}, use_env=False))
+    plain = OpenAIImageProvider.from_settings(
+        load_settings(
+            {"OPENAI_BASE_URL": fake_openai.url, "OPENAI_API_KEY": "k", "IMAGE_PROVIDER": "openai"},
+            use_env=False,
+        )
+    )
     assert plain.name == "openai" and plain.model == "gpt-image-1"
     assert size_of(plain.generate(ImageRequest(prompt="plain", width=256, height=256)).png) == (256, 256)
-    azure = OpenAIImageProvider.from_settings(load_settings(
-        {"LLM_PROVIDER": "azure", "AZURE_OPENAI_ENDPOINT": fake_openai.base, "AZURE_OPENAI_API_KEY": "az",
-         "AZURE_OPENAI_DEPLOYMENT": "chat", "OPENAI_IMAGE_MODEL": "my-image-deployment", "IMAGE_PROVIDER": "openai"},
-        use_env=False))
+    azure = OpenAIImageProvider.from_settings(
+        load_settings(
+            {
+                "LLM_PROVIDER": "azure",
+                "AZURE_OPENAI_ENDPOINT": fake_openai.base,
+                "AZURE_OPENAI_API_KEY": "az",
+                "AZURE_OPENAI_DEPLOYMENT": "chat",
+                "OPENAI_IMAGE_MODEL": "my-image-deployment",
+                "IMAGE_PROVIDER": "openai",
+            },
+            use_env=False,
+        )
+    )
     result = azure.generate(ImageRequest(prompt="on azure", width=256, height=256))
     assert azure.name == "azure" and result.provider == "azure"
     sent = image_calls(fake_openai)[-1]
@@ -210,11 +255,13 @@ def test_openai_images_from_settings_openai_and_azure(fake_openai: Any) -> None:
 
 
 def test_app_with_openai_images_records_them(make_app: Any, fake_openai: Any) -> None:
-    app = make_app(LLM_PROVIDER="openai", OPENAI_BASE_URL=fake_openai.url, OPENAI_API_KEY="k",
-                   IMAGE_PROVIDER="openai")
+    app = make_app(
+        LLM_PROVIDER="openai", OPENAI_BASE_URL=fake_openai.url, OPENAI_API_KEY="k", IMAGE_PROVIDER="openai"
+    )
     svc = app.extensions["services"]
-    (result,) = svc.image_provider.generate_many([ImageRequest(prompt="recorded", width=128, height=128,
-                                                               context={"app": "storyteller"})])
+    (result,) = svc.image_provider.generate_many(
+        [ImageRequest(prompt="recorded", width=128, height=128, context={"app": "storyteller"})]
+    )
     assert result.provider == "openai" and svc.images.load(result.image_id) == result.png
     rec = svc.db.generations.find_one({"_id": ObjectId(result.generation_id)})
     assert rec["provider"] == "openai" and rec["instance"] == "gpt-image-1" and rec["ok"]

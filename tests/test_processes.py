@@ -64,7 +64,10 @@ def test_sse_from_gunicorn_while_job_runs_in_another_process(
 
     job_id = jobs.submit(kind="test", app="core", runner=runner)
     got: list[list[dict[str, Any]]] = []
-    readers = [threading.Thread(target=lambda: got.append(read_sse(f"{base}/jobs/{job_id}/events"))) for _ in range(3)]
+    readers = [
+        threading.Thread(target=lambda: got.append(read_sse(f"{base}/jobs/{job_id}/events")))
+        for _ in range(3)
+    ]
     for t in readers:
         t.start()
     for t in readers:
@@ -81,9 +84,12 @@ def test_sse_from_gunicorn_while_job_runs_in_another_process(
     assert snap["status"] == "done" and snap["result"] == {"n": 5}
 
 
-def test_killed_runner_job_ends_failed(mongo_uri: str, mongo_client: MongoClient, db_name: str, tmp_path: Path) -> None:
+def test_killed_runner_job_ends_failed(
+    mongo_uri: str, mongo_client: MongoClient, db_name: str, tmp_path: Path
+) -> None:
     script = tmp_path / "runner.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(ROOT)!r})
         from pymongo import MongoClient
@@ -97,7 +103,8 @@ def test_killed_runner_job_ends_failed(mongo_uri: str, mongo_client: MongoClient
         job_id = jobs.submit(kind="test", app="core", runner=runner, job_id="killme000001")
         print("READY", flush=True)
         time.sleep(600)
-    """))
+    """)
+    )
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "READY"

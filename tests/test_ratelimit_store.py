@@ -16,8 +16,12 @@ from apps.core.ratelimit_store import BatchedMongoDBStorage
 
 def storage(mongo_uri: str, db_name: str, flush_s: float = 60.0) -> BatchedMongoDBStorage:
     """A long flush interval unless told otherwise: the tests flush by hand to control timing."""
-    made = storage_from_string("batched+" + mongo_uri, database_name=db_name, flush_s=flush_s,
-                               counter_collection_name="ratelimit_counters")
+    made = storage_from_string(
+        "batched+" + mongo_uri,
+        database_name=db_name,
+        flush_s=flush_s,
+        counter_collection_name="ratelimit_counters",
+    )
     assert isinstance(made, BatchedMongoDBStorage)
     return made
 
@@ -64,7 +68,9 @@ def test_background_flush_and_close_write_pending_hits(mongo_uri: str, db_name: 
     store = storage(mongo_uri, db_name, flush_s=0.05)
     limiter = FixedWindowRateLimiter(store)
     limit = parse("1000/minute")
-    threads = [threading.Thread(target=lambda: [limiter.hit(limit, "ip:9") for _ in range(50)]) for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda: [limiter.hit(limit, "ip:9") for _ in range(50)]) for _ in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:

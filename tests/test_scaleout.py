@@ -42,7 +42,9 @@ def test_two_hosts_share_jobs_streams_and_one_sd_fleet(
     # books started through both hosts at once, each streamed through the *other* host
     books: dict[str, str] = {}
     for i, (start, stream) in enumerate([(host_a, host_b), (host_b, host_a)] * 2):
-        resp = requests.post(f"{start}/storybook/books", json={"description": f"book {i}", "pages": 2}, timeout=15)
+        resp = requests.post(
+            f"{start}/storybook/books", json={"description": f"book {i}", "pages": 2}, timeout=15
+        )
         assert resp.status_code == 202, resp.text
         books[resp.json()["id"]] = stream
     streamed: dict[str, list[dict[str, Any]]] = {}
@@ -95,8 +97,12 @@ def test_a_job_run_by_a_third_process_streams_through_both_hosts(
     try:
         job_id = jobs.submit(kind="test", app="core", runner=runner)
         got: dict[int, list[dict[str, Any]]] = {}
-        readers = [threading.Thread(target=lambda i=i: got.__setitem__(i, read_sse(f"{hosts[i % 2]}/jobs/{job_id}/events")))
-                   for i in range(4)]
+        readers = [
+            threading.Thread(
+                target=lambda i=i: got.__setitem__(i, read_sse(f"{hosts[i % 2]}/jobs/{job_id}/events"))
+            )
+            for i in range(4)
+        ]
         for t in readers:
             t.start()
         for t in readers:
@@ -105,7 +111,9 @@ def test_a_job_run_by_a_third_process_streams_through_both_hosts(
         jobs.shutdown(grace_s=1)
     assert len(got) == 4
     for events in got.values():
-        assert [json.loads(e["data"])["data"]["i"] for e in events if e.get("event") == "tick"] == list(range(6))
+        assert [json.loads(e["data"])["data"]["i"] for e in events if e.get("event") == "tick"] == list(
+            range(6)
+        )
         assert events[-1]["event"] == "done"
     # a reader that reconnects to the other host resumes after its Last-Event-ID
     resumed = read_sse(f"{hosts[1]}/jobs/{job_id}/events", headers={"Last-Event-ID": got[0][3]["id"]})
@@ -152,8 +160,12 @@ def test_metrics_are_merged_across_gunicorn_workers(
         n += 1
     assert requests.get(f"{base}/nowhere", timeout=10).status_code == 404
     db = mongo_client[db_name]
-    db.jobs.insert_many([{"_id": f"metricsjob{i}", "app": "storybook", "status": s}
-                         for i, s in enumerate(["done", "done", "failed"])])
+    db.jobs.insert_many(
+        [
+            {"_id": f"metricsjob{i}", "app": "storybook", "status": s}
+            for i, s in enumerate(["done", "done", "failed"])
+        ]
+    )
     writers = {p.name.rsplit("_", 1)[1] for p in metrics_dir.glob("counter_*.db")}
     assert len(writers) == 2, f"both workers should have counted requests: {sorted(writers)}"
     seen = set()
@@ -171,9 +183,11 @@ def test_metrics_are_merged_across_gunicorn_workers(
 
 
 def test_json_logs_carry_the_request_id(gunicorn_server: Any, fake_openai: Any, tmp_path: Path) -> None:
-    base = gunicorn_server(workers=1, LOG_JSON="true", **{**story_app_env(fake_openai),
-                                                          "RATE_LIMIT_ENABLED": "true",
-                                                          "RATE_LIMIT_DEFAULT": "1/minute"})
+    base = gunicorn_server(
+        workers=1,
+        LOG_JSON="true",
+        **{**story_app_env(fake_openai), "RATE_LIMIT_ENABLED": "true", "RATE_LIMIT_DEFAULT": "1/minute"},
+    )
     assert requests.get(f"{base}/auth/me", timeout=10).status_code == 200
     over = requests.get(f"{base}/auth/me", headers={"X-Request-ID": "req-abc-123"}, timeout=10)
     assert over.status_code == 429 and over.headers["X-Request-ID"] == "req-abc-123"

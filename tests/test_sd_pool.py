@@ -31,8 +31,16 @@ from tests.fakes.fake_sd import FakeSD
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-FAST = {"timeout_s": 5.0, "wait_timeout_s": 10.0, "lease_s": 2.0, "max_attempts": 3, "poll_s": 0.01,
-        "probe_base_s": 0.2, "probe_max_s": 1.0, "ping_timeout_s": 0.5}
+FAST = {
+    "timeout_s": 5.0,
+    "wait_timeout_s": 10.0,
+    "lease_s": 2.0,
+    "max_attempts": 3,
+    "poll_s": 0.01,
+    "probe_base_s": 0.2,
+    "probe_max_s": 1.0,
+    "ping_timeout_s": 0.5,
+}
 
 
 def wait_until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
@@ -80,16 +88,34 @@ def req(prompt: str = "a red bicycle", **kw: Any) -> ImageRequest:
 
 # ---------------------------------------------------------------------------------------------- payloads
 def test_payload_txt2img_with_checkpoint_and_extra() -> None:
-    endpoint, payload = build_payload(ImageRequest(
-        prompt="a drone", negative_prompt="blurry", width=640, height=384, steps=12, cfg_scale=5.5,
-        sampler_name="Euler a", seed=42, checkpoint="v2-1_512-ema-pruned",
-        extra={"styles": ["photographic"], "override_settings": {"CLIP_stop_at_last_layers": 2}}))
+    endpoint, payload = build_payload(
+        ImageRequest(
+            prompt="a drone",
+            negative_prompt="blurry",
+            width=640,
+            height=384,
+            steps=12,
+            cfg_scale=5.5,
+            sampler_name="Euler a",
+            seed=42,
+            checkpoint="v2-1_512-ema-pruned",
+            extra={"styles": ["photographic"], "override_settings": {"CLIP_stop_at_last_layers": 2}},
+        )
+    )
     assert endpoint == "/sdapi/v1/txt2img"
     assert payload["prompt"] == "a drone" and payload["negative_prompt"] == "blurry"
-    assert (payload["width"], payload["height"], payload["steps"], payload["cfg_scale"]) == (640, 384, 12, 5.5)
+    assert (payload["width"], payload["height"], payload["steps"], payload["cfg_scale"]) == (
+        640,
+        384,
+        12,
+        5.5,
+    )
     assert payload["sampler_name"] == "Euler a" and payload["seed"] == 42
     # extra is merged last but deeply: our checkpoint override survives next to the extra option
-    assert payload["override_settings"] == {"sd_model_checkpoint": "v2-1_512-ema-pruned", "CLIP_stop_at_last_layers": 2}
+    assert payload["override_settings"] == {
+        "sd_model_checkpoint": "v2-1_512-ema-pruned",
+        "CLIP_stop_at_last_layers": 2,
+    }
     assert payload["override_settings_restore_afterwards"] is False
     assert payload["styles"] == ["photographic"]
     assert "init_images" not in payload and "alwayson_scripts" not in payload
@@ -99,11 +125,26 @@ def test_payload_txt2img_with_checkpoint_and_extra() -> None:
 
 def test_payload_img2img_mask_and_controlnet_passthrough() -> None:
     init, mask, control = a_png((1, 2, 3)), a_png((255, 255, 255)), a_png((9, 9, 9))
-    unit = {"enabled": True, "module": "lineart_standard", "model": "control_v11p_sd15_lineart", "weight": 1.0,
-            "image": control, "processor_res": 64, "pixel_perfect": True}
-    endpoint, payload = build_payload(ImageRequest(prompt="scene", init_image=init, mask=mask,
-                                                   inpainting_mask_invert=True, denoising_strength=0.6,
-                                                   controlnet=[unit], extra={"inpainting_fill": 1}))
+    unit = {
+        "enabled": True,
+        "module": "lineart_standard",
+        "model": "control_v11p_sd15_lineart",
+        "weight": 1.0,
+        "image": control,
+        "processor_res": 64,
+        "pixel_perfect": True,
+    }
+    endpoint, payload = build_payload(
+        ImageRequest(
+            prompt="scene",
+            init_image=init,
+            mask=mask,
+            inpainting_mask_invert=True,
+            denoising_strength=0.6,
+            controlnet=[unit],
+            extra={"inpainting_fill": 1},
+        )
+    )
     assert endpoint == "/sdapi/v1/img2img"
     assert base64.b64decode(payload["init_images"][0]) == init
     assert base64.b64decode(payload["mask"]) == mask
@@ -116,20 +157,31 @@ def test_payload_img2img_mask_and_controlnet_passthrough() -> None:
 
 
 def test_decode_first_image_never_returns_empty_bytes() -> None:
-    for bad in ({}, {"images": []}, {"images": [""]}, {"images": [None]}, {"images": ["%%not base64%%"]},
-                {"images": [base64.b64encode(b"hello").decode()]}, ["not", "a", "dict"]):
+    for bad in (
+        {},
+        {"images": []},
+        {"images": [""]},
+        {"images": [None]},
+        {"images": ["%%not base64%%"]},
+        {"images": [base64.b64encode(b"hello").decode()]},
+        ["not", "a", "dict"],
+    ):
         with pytest.raises(SDError) as err:
             decode_first_image(bad, "http://x")
         assert err.value.kind == "image" and err.value.retryable and err.value.failure == "empty"
     good = a_png()
-    assert decode_first_image({"images": ["data:image/png;base64," + base64.b64encode(good).decode()]}) == good
+    assert (
+        decode_first_image({"images": ["data:image/png;base64," + base64.b64encode(good).decode()]}) == good
+    )
     jpeg = io.BytesIO()
     Image.new("RGB", (8, 8), (1, 2, 3)).save(jpeg, format="JPEG")
     assert_png(decode_first_image({"images": [base64.b64encode(jpeg.getvalue()).decode()]}), (8, 8))
 
 
 def test_checkpoint_names_compare_by_name() -> None:
-    assert checkpoint_key("v1-5-pruned-emaonly.safetensors [6ce0161689]") == checkpoint_key("v1-5-pruned-emaonly")
+    assert checkpoint_key("v1-5-pruned-emaonly.safetensors [6ce0161689]") == checkpoint_key(
+        "v1-5-pruned-emaonly"
+    )
     assert checkpoint_key("models/SD/RV.ckpt") == "rv"
     assert checkpoint_key(None) is None
 
@@ -197,7 +249,9 @@ def test_txt2img_through_the_pool(fake_sd: FakeSD, make_provider: Callable[..., 
     assert fake_sd.requests[-1]["path"] == "/sdapi/v1/img2img" and fake_sd.requests[-1]["json"]["mask"]
 
 
-def test_one_generation_per_instance(fake_sd_fleet: Any, make_provider: Callable[..., SDPoolProvider]) -> None:
+def test_one_generation_per_instance(
+    fake_sd_fleet: Any, make_provider: Callable[..., SDPoolProvider]
+) -> None:
     fleet = fake_sd_fleet(2, delay=0.15)
     provider = make_provider(fleet)
     with ThreadPoolExecutor(6) as ex:
@@ -224,7 +278,9 @@ def test_two_workers_share_one_view(fake_sd_fleet: Any, make_provider: Callable[
     assert workers[0].stats()["total_served"] == 9
 
 
-def test_generate_many_keeps_request_order(fake_sd_fleet: Any, make_provider: Callable[..., SDPoolProvider]) -> None:
+def test_generate_many_keeps_request_order(
+    fake_sd_fleet: Any, make_provider: Callable[..., SDPoolProvider]
+) -> None:
     fleet = fake_sd_fleet(2, delay=0.05)
     provider = make_provider(fleet)
     results = provider.generate_many([req(f"img{i}", seed=100 + i) for i in range(5)])
@@ -242,9 +298,11 @@ def test_fifo_across_workers(fake_sd: FakeSD, db: Any, make_provider: Callable[.
     done: list[str] = []
     threads = []
     for i in range(6):
+
         def run(i: int = i) -> None:
             workers[i % 2].generate(req(f"q{i}"))
             done.append(f"q{i}")
+
         t = threading.Thread(target=run)
         t.start()
         threads.append(t)
@@ -260,8 +318,9 @@ def test_fifo_across_workers(fake_sd: FakeSD, db: Any, make_provider: Callable[.
     assert fake_sd.max_concurrent_seen == 1
 
 
-def test_images_of_one_request_share_a_queue_entry(fake_sd: FakeSD, db: Any,
-                                                    make_provider: Callable[..., SDPoolProvider]) -> None:
+def test_images_of_one_request_share_a_queue_entry(
+    fake_sd: FakeSD, db: Any, make_provider: Callable[..., SDPoolProvider]
+) -> None:
     """generate_many's images wait as one entry (want = M): fewer queue documents, same FIFO order."""
     # callers of one process arriving within join_window_s share an entry (widened: a busy test machine
     # may start the three threads further apart than the default 20 ms)
@@ -295,8 +354,12 @@ def test_plan_gives_free_instances_to_the_oldest_waiters() -> None:
         {"_id": "d", "state": "down", "holder": None},
         {"_id": "e", "state": "up", "holder": "dead", "lease_until": now - timedelta(seconds=1)},  # expired
     ]
-    waiters = [{"_id": "w1", "checkpoint": "B"}, {"_id": "w2", "checkpoint": None},
-               {"_id": "w3", "checkpoint": "A", "exclude": ["a"]}, {"_id": "w4"}]
+    waiters = [
+        {"_id": "w1", "checkpoint": "B"},
+        {"_id": "w2", "checkpoint": None},
+        {"_id": "w3", "checkpoint": "A", "exclude": ["a"]},
+        {"_id": "w4"},
+    ]
     plan = dict(plan_assignment(waiters, instances, now))
     # w1 gets the B instance; w2 the idle-longest of the rest; w3 avoids `a` (failed it) -> what is left
     assert plan["w1"] == "b"
@@ -311,8 +374,9 @@ def test_plan_gives_free_instances_to_the_oldest_waiters() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- leases
-def test_lease_is_renewed_while_a_long_generation_runs(fake_sd: FakeSD,
-                                                       make_provider: Callable[..., SDPoolProvider]) -> None:
+def test_lease_is_renewed_while_a_long_generation_runs(
+    fake_sd: FakeSD, make_provider: Callable[..., SDPoolProvider]
+) -> None:
     fake_sd.delay = 1.2
     a, b = make_provider([fake_sd], lease_s=0.4), make_provider([fake_sd], lease_s=0.4)
     first = threading.Thread(target=a.generate, args=(req("long"),))
@@ -324,8 +388,9 @@ def test_lease_is_renewed_while_a_long_generation_runs(fake_sd: FakeSD,
     assert fake_sd.max_concurrent_seen == 1
 
 
-def test_expired_lease_frees_the_instance(fake_sd: FakeSD, db: Any,
-                                          make_provider: Callable[..., SDPoolProvider]) -> None:
+def test_expired_lease_frees_the_instance(
+    fake_sd: FakeSD, db: Any, make_provider: Callable[..., SDPoolProvider]
+) -> None:
     """A holder that stops renewing (its process is gone) loses the instance when the lease runs out."""
     dying = make_provider([fake_sd], lease_s=0.6)
     lease = dying.pool.acquire()
@@ -353,11 +418,15 @@ SDPoolProvider(pool).generate(ImageRequest(prompt="from the doomed worker", widt
 """
 
 
-def test_lease_expires_after_a_worker_is_killed(fake_sd: FakeSD, db: Any, mongo_uri: str,
-                                                make_provider: Callable[..., SDPoolProvider]) -> None:
+def test_lease_expires_after_a_worker_is_killed(
+    fake_sd: FakeSD, db: Any, mongo_uri: str, make_provider: Callable[..., SDPoolProvider]
+) -> None:
     fake_sd.hang = True  # the doomed worker's generation never finishes
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_WORKER, str(ROOT), mongo_uri, db.name, fake_sd.url],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WORKER, str(ROOT), mongo_uri, db.name, fake_sd.url],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_until(lambda: fake_sd.requests, timeout=30, what="the worker's generation to reach the instance")
         holder = db.sd_instances.find_one({"_id": fake_sd.url})["holder"]
@@ -376,8 +445,9 @@ def test_lease_expires_after_a_worker_is_killed(fake_sd: FakeSD, db: Any, mongo_
 
 
 # ---------------------------------------------------------------------------------------------- faults
-def test_dead_instance_is_skipped_marked_down_and_probed_back(fake_sd_fleet: Any,
-                                                              make_provider: Callable[..., SDPoolProvider]) -> None:
+def test_dead_instance_is_skipped_marked_down_and_probed_back(
+    fake_sd_fleet: Any, make_provider: Callable[..., SDPoolProvider]
+) -> None:
     dead, alive = fake_sd_fleet(2, delay=0.03)
     dead.dead = True
     provider = make_provider([dead, alive])
@@ -399,8 +469,9 @@ def test_dead_instance_is_skipped_marked_down_and_probed_back(fake_sd_fleet: Any
     assert {row["url"]: row["state"] for row in provider.health()["instances"]}[dead.url] == "up"
 
 
-def test_hung_instance_times_out_and_work_moves_on(fake_sd_fleet: Any,
-                                                   make_provider: Callable[..., SDPoolProvider]) -> None:
+def test_hung_instance_times_out_and_work_moves_on(
+    fake_sd_fleet: Any, make_provider: Callable[..., SDPoolProvider]
+) -> None:
     hung, ok = fake_sd_fleet(2, delay=0.05)
     hung.hang = True
     provider = make_provider([hung, ok], timeout_s=0.6)
@@ -417,13 +488,22 @@ def test_hung_instance_times_out_and_work_moves_on(fake_sd_fleet: Any,
     assert len([r for r in hung.requests if r["path"].endswith("txt2img")]) == 1
 
 
-def test_failed_generation_is_retried_elsewhere_and_recorded(make_app: Any, fake_sd_fleet: Any,
-                                                            fake_openai: Any) -> None:
-    first, second = sorted(fake_sd_fleet(2), key=lambda f: f.url)  # a fresh pool hands out the lowest URL first
+def test_failed_generation_is_retried_elsewhere_and_recorded(
+    make_app: Any, fake_sd_fleet: Any, fake_openai: Any
+) -> None:
+    first, second = sorted(
+        fake_sd_fleet(2), key=lambda f: f.url
+    )  # a fresh pool hands out the lowest URL first
     first.fail_next(500)
-    app = make_app(LLM_PROVIDER="openai", OPENAI_BASE_URL=fake_openai.url, OPENAI_API_KEY="k",
-                   IMAGE_PROVIDER="sdwebui", SD_INSTANCES=f"{first.url},{second.url}", SD_TIMEOUT_S=5,
-                   SD_WAIT_TIMEOUT_S=5)
+    app = make_app(
+        LLM_PROVIDER="openai",
+        OPENAI_BASE_URL=fake_openai.url,
+        OPENAI_API_KEY="k",
+        IMAGE_PROVIDER="sdwebui",
+        SD_INSTANCES=f"{first.url},{second.url}",
+        SD_TIMEOUT_S=5,
+        SD_WAIT_TIMEOUT_S=5,
+    )
     svc = app.extensions["services"]
     result = svc.image_provider.generate(req("retry me", context={"app": "test", "user": "u1"}))
     assert result.attempts == 2 and result.instance == second.url
@@ -438,8 +518,9 @@ def test_failed_generation_is_retried_elsewhere_and_recorded(make_app: Any, fake
     assert health["provider"] == "sdwebui" and health["up"] == 2
 
 
-def test_empty_image_is_retried_never_returned(fake_sd_fleet: Any, fake_sd: FakeSD,
-                                               make_provider: Callable[..., SDPoolProvider], db: Any) -> None:
+def test_empty_image_is_retried_never_returned(
+    fake_sd_fleet: Any, fake_sd: FakeSD, make_provider: Callable[..., SDPoolProvider], db: Any
+) -> None:
     first, second = sorted(fake_sd_fleet(2), key=lambda f: f.url)
     first.empty_images_next(1)
     result = make_provider([first, second]).generate(req("not empty"))
@@ -455,8 +536,9 @@ def test_empty_image_is_retried_never_returned(fake_sd_fleet: Any, fake_sd: Fake
     assert doc["state"] == "down" and "empty" in doc["last_error"]
 
 
-def test_wait_timeout_when_every_instance_is_down(fake_sd_fleet: Any,
-                                                  make_provider: Callable[..., SDPoolProvider]) -> None:
+def test_wait_timeout_when_every_instance_is_down(
+    fake_sd_fleet: Any, make_provider: Callable[..., SDPoolProvider]
+) -> None:
     fleet = fake_sd_fleet(2)
     for fake in fleet:
         fake.dead = True
@@ -473,17 +555,23 @@ def test_wait_timeout_when_every_instance_is_down(fake_sd_fleet: Any,
 
 
 # ---------------------------------------------------------------------------------------------- affinity
-def test_requests_go_to_the_instance_with_their_checkpoint(make_provider: Callable[..., SDPoolProvider]) -> None:
+def test_requests_go_to_the_instance_with_their_checkpoint(
+    make_provider: Callable[..., SDPoolProvider],
+) -> None:
     models = ["ckptA", "ckptB", "ckptC"]
-    with FakeSD(name="A", models=models, checkpoint="ckptA") as fa, FakeSD(name="B", models=models,
-                                                                           checkpoint="ckptB") as fb:
+    with (
+        FakeSD(name="A", models=models, checkpoint="ckptA") as fa,
+        FakeSD(name="B", models=models, checkpoint="ckptB") as fb,
+    ):
         provider = make_provider([fa, fb])
         assert provider.pool.refresh_checkpoints() == {fa.url: "ckptA", fb.url: "ckptB"}
         for _ in range(3):
             assert provider.generate(req("b", checkpoint="ckptB")).instance == fb.url
             assert provider.generate(req("a", checkpoint="ckptA")).instance == fa.url
         with ThreadPoolExecutor(2) as ex:
-            both = list(ex.map(provider.generate, [req("b", checkpoint="ckptB"), req("a", checkpoint="ckptA")]))
+            both = list(
+                ex.map(provider.generate, [req("b", checkpoint="ckptB"), req("a", checkpoint="ckptA")])
+            )
         assert [r.instance for r in both] == [fb.url, fa.url]
         assert fa.switches == 0 and fb.switches == 0  # no checkpoint was ever reloaded
         # a checkpoint nobody has: one instance switches, and later requests for it follow it there
@@ -504,11 +592,16 @@ def test_segment_with_sam(fake_sd: FakeSD, make_provider: Callable[..., SDPoolPr
     assert base64.b64decode(sent["json"]["input_image"]) == png_bytes(img)
     with Image.open(io.BytesIO(seg.mask)) as mask, Image.open(io.BytesIO(seg.cutout)) as cut:
         assert mask.mode == "L" and mask.getpixel((32, 32)) == 255 and mask.getpixel((2, 2)) == 0
-        assert cut.mode == "RGB" and cut.getpixel((2, 2)) == (255, 255, 255) and cut.getpixel((32, 32)) == (10, 10, 10)
+        assert (
+            cut.mode == "RGB"
+            and cut.getpixel((2, 2)) == (255, 255, 255)
+            and cut.getpixel((32, 32)) == (10, 10, 10)
+        )
 
 
-def test_segment_without_sam_says_it_is_a_placeholder(fake_sd: FakeSD,
-                                                      make_provider: Callable[..., SDPoolProvider]) -> None:
+def test_segment_without_sam_says_it_is_a_placeholder(
+    fake_sd: FakeSD, make_provider: Callable[..., SDPoolProvider]
+) -> None:
     seg = make_provider([fake_sd], sam=False).segment(a_png((20, 20, 20)), "drone")
     assert seg.provider.startswith("placeholder-threshold") and "SD_SAM_ENABLED" in seg.provider
     assert not fake_sd.requests  # no instance was used
@@ -523,8 +616,9 @@ def test_pool_needs_a_database_and_instances(db: Any) -> None:
         SDInstancePool(db, [])
 
 
-def test_close_frees_the_leases_this_process_holds(fake_sd: FakeSD, db: Any,
-                                                   make_provider: Callable[..., SDPoolProvider]) -> None:
+def test_close_frees_the_leases_this_process_holds(
+    fake_sd: FakeSD, db: Any, make_provider: Callable[..., SDPoolProvider]
+) -> None:
     """A worker that shuts down while holding an instance frees it at once (not after `lease_s`)."""
     leaving = make_provider([fake_sd], lease_s=60)
     lease = leaving.pool.acquire()

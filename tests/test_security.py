@@ -37,14 +37,25 @@ def key_headers(key: str) -> dict[str, str]:
 @pytest.fixture
 def secured(make_app: Any, fake_openai: Any) -> dict[str, Any]:
     """An apikey app (fake OpenAI, placeholder images) with users alice, bob and admin."""
-    app = make_app(AUTH_MODE="apikey", SECRET_KEY=SECRET, LLM_PROVIDER="openai", OPENAI_BASE_URL=fake_openai.url,
-                   OPENAI_API_KEY="k", LLM_MODEL="fake-model", RATE_LIMIT_DEFAULT="10000/minute",
-                   RATE_LIMIT_GENERATE="10000/minute")
+    app = make_app(
+        AUTH_MODE="apikey",
+        SECRET_KEY=SECRET,
+        LLM_PROVIDER="openai",
+        OPENAI_BASE_URL=fake_openai.url,
+        OPENAI_API_KEY="k",
+        LLM_MODEL="fake-model",
+        RATE_LIMIT_DEFAULT="10000/minute",
+        RATE_LIMIT_GENERATE="10000/minute",
+    )
     db = app.extensions["services"].db
     keys = {name: create_user(db, name) for name in ("alice", "bob")}
     keys["admin"] = create_user(db, "root", role="admin")
-    return {"app": app, "client": app.test_client(), "svc": app.extensions["services"],
-            "h": {name: key_headers(k) for name, k in keys.items()}}
+    return {
+        "app": app,
+        "client": app.test_client(),
+        "svc": app.extensions["services"],
+        "h": {name: key_headers(k) for name, k in keys.items()},
+    }
 
 
 def quick_job(svc: Any, owner: str, gate: threading.Event | None = None) -> str:
@@ -127,7 +138,7 @@ def test_images_are_owner_only_and_unguessable(secured: dict[str, Any]) -> None:
     assert denied.status_code == 404 and not denied.data.startswith(b"\x89PNG")
     # guessing: neighbours of a real id (one character changed) are not images
     for i in range(5):
-        flipped = image[:i] + ("A" if image[i] != "A" else "B") + image[i + 1:]
+        flipped = image[:i] + ("A" if image[i] != "A" else "B") + image[i + 1 :]
         assert client.get(f"/images/{flipped}.png", headers=h["alice"]).status_code == 404
 
 
@@ -187,14 +198,19 @@ def test_auth_me(secured: dict[str, Any], make_app: Any) -> None:
     assert bearer["user"] == "bob"
     open_app = make_app(AUTH_MODE="none")
     assert open_app.test_client().get("/auth/me").get_json() == {
-        "auth_mode": "none", "authenticated": False, "user": None, "role": None}
+        "auth_mode": "none",
+        "authenticated": False,
+        "user": None,
+        "role": None,
+    }
 
 
 def test_basic_mode_users_and_the_storybook_pair(make_app: Any) -> None:
     import base64
 
-    app = make_app(AUTH_MODE="basic", BASIC_AUTH_USERNAME="story", BASIC_AUTH_PASSWORD="teller",
-                   SECRET_KEY=SECRET)
+    app = make_app(
+        AUTH_MODE="basic", BASIC_AUTH_USERNAME="story", BASIC_AUTH_PASSWORD="teller", SECRET_KEY=SECRET
+    )
     create_user(app.extensions["services"].db, "carol", password="pw-carol")
     client = app.test_client()
 
@@ -244,7 +260,11 @@ def test_username_paths_are_owner_only_in_every_app(secured: dict[str, Any]) -> 
         as_bob = client.get(url, headers=h["bob"])
         as_alice = client.get(url, headers=h["alice"])
         as_admin = client.get(url, headers=h["admin"])
-        assert as_alice.status_code in (403, 404), (url, as_alice.status_code, as_alice.get_data(as_text=True))
+        assert as_alice.status_code in (403, 404), (
+            url,
+            as_alice.status_code,
+            as_alice.get_data(as_text=True),
+        )
         assert as_bob.status_code not in (401, 403), (url, as_bob.status_code)
         assert as_admin.status_code == as_bob.status_code, url
         # nothing of bob's in alice's answer
@@ -260,8 +280,9 @@ def test_storybook_books_are_owner_only(secured: dict[str, Any]) -> None:
     client, svc, h = secured["client"], secured["svc"], secured["h"]
     if "/storybook/books" not in _openapi_paths(client):
         pytest.skip("storybook /books not mounted")
-    created = client.post("/storybook/books", json={"description": "a fox learns to fly", "pages": 1},
-                          headers=h["bob"])
+    created = client.post(
+        "/storybook/books", json={"description": "a fox learns to fly", "pages": 1}, headers=h["bob"]
+    )
     assert created.status_code == 202, created.get_data(as_text=True)
     book = created.get_json()["id"]
     wait_done(svc, book, timeout=30)
@@ -288,28 +309,45 @@ def test_storyteller_sessions_are_owner_only(secured: dict[str, Any]) -> None:
     paths = _openapi_paths(client)
     if "/storyteller/api/settings" not in paths:
         pytest.skip("storyteller JSON API not mounted")
-    settings = {"maincharacter": "Ada", "keywords": "bob-only-keyword", "genre": "Adventure", "registro": "Casual",
-                "childsafe": True, "maxnowords": 100, "twist": False}
+    settings = {
+        "maincharacter": "Ada",
+        "keywords": "bob-only-keyword",
+        "genre": "Adventure",
+        "registro": "Casual",
+        "childsafe": True,
+        "maxnowords": 100,
+        "twist": False,
+    }
     made = client.post("/storyteller/api/settings", json=settings, headers=h["bob"])
     assert made.status_code == 200, made.get_data(as_text=True)
     session = made.get_json()["session"]
     fresh = secured["app"].test_client()  # no cookie jar shared with bob
-    for url in (f"/storyteller/api/session?session={session}", f"/storyteller/api/versions?session={session}"):
+    for url in (
+        f"/storyteller/api/session?session={session}",
+        f"/storyteller/api/versions?session={session}",
+    ):
         theirs = fresh.get(url, headers=h["alice"])
         assert theirs.status_code == 404, (url, theirs.status_code)
         assert "bob-only-keyword" not in theirs.get_data(as_text=True)
         assert client.get(url, headers=h["bob"]).status_code == 200
     if "/storyteller/api/edit" in paths and "/storyteller/api/versions/{version_id}" in paths:
-        edit = client.post("/storyteller/api/edit", json={"session": session, "text": "bob's private draft"},
-                           headers=h["bob"])
+        edit = client.post(
+            "/storyteller/api/edit",
+            json={"session": session, "text": "bob's private draft"},
+            headers=h["bob"],
+        )
         assert edit.status_code == 201, edit.get_data(as_text=True)
         version = edit.get_json()["id"]
         assert client.get(f"/storyteller/api/versions/{version}", headers=h["bob"]).status_code == 200
         theirs = fresh.get(f"/storyteller/api/versions/{version}", headers=h["alice"])
         assert theirs.status_code == 404 and "private draft" not in theirs.get_data(as_text=True)
         # alice cannot write into bob's session either
-        assert fresh.post("/storyteller/api/edit", json={"session": session, "text": "x"},
-                          headers=h["alice"]).status_code == 404
+        assert (
+            fresh.post(
+                "/storyteller/api/edit", json={"session": session, "text": "x"}, headers=h["alice"]
+            ).status_code
+            == 404
+        )
 
 
 def test_refinement_sessions_are_owner_only(secured: dict[str, Any]) -> None:
@@ -371,7 +409,9 @@ def test_rate_limits_are_shared_across_app_instances(make_app: Any) -> None:
     first = make_app(RATE_LIMIT_DEFAULT="6/minute", RATE_LIMIT_BATCH_S=0)
     second = make_app(RATE_LIMIT_DEFAULT="6/minute", RATE_LIMIT_BATCH_S=0)
     a, b = first.test_client(), second.test_client()
-    codes = [a.get("/auth/me").status_code for _ in range(3)] + [b.get("/auth/me").status_code for _ in range(3)]
+    codes = [a.get("/auth/me").status_code for _ in range(3)] + [
+        b.get("/auth/me").status_code for _ in range(3)
+    ]
     assert codes == [200] * 6
     assert b.get("/auth/me").status_code == 429
     assert a.get("/auth/me").status_code == 429
@@ -412,14 +452,19 @@ def test_daily_model_call_cap(make_app: Any) -> None:
     keys["root"] = key_headers(create_user(db, "root", role="admin"))
     client = app.test_client()
     paths = _openapi_paths(client)
-    gen = "/ideation/generate" if "/ideation/generate" in paths else next(
-        (p for p in paths if p.startswith("/storybook/") and "post" in paths[p]), None)
+    gen = (
+        "/ideation/generate"
+        if "/ideation/generate" in paths
+        else next((p for p in paths if p.startswith("/storybook/") and "post" in paths[p]), None)
+    )
     if gen is None:
         pytest.skip("no generation route mounted")
     now = datetime.now(UTC)
     rows = [{"user": "alice", "kind": "chat", "created_at": now - timedelta(minutes=i)} for i in range(3)]
     rows += [{"user": "bob", "kind": "moderation", "created_at": now} for _ in range(5)]  # free: not counted
-    rows += [{"user": "bob", "kind": "chat", "created_at": now - timedelta(days=1, hours=1)} for _ in range(5)]
+    rows += [
+        {"user": "bob", "kind": "chat", "created_at": now - timedelta(days=1, hours=1)} for _ in range(5)
+    ]
     rows += [{"user": "root", "kind": "chat", "created_at": now} for _ in range(5)]
     db.generations.insert_many(rows)
     capped = client.post(gen, json={}, headers=keys["alice"])
@@ -437,7 +482,8 @@ def test_daily_model_call_cap(make_app: Any) -> None:
 def test_daily_cap_is_off_without_auth(make_app: Any) -> None:
     app = make_app(MODEL_DAILY_CALL_CAP=1)
     app.extensions["services"].db.generations.insert_many(
-        [{"user": None, "kind": "chat", "created_at": datetime.now(UTC)} for _ in range(3)])
+        [{"user": None, "kind": "chat", "created_at": datetime.now(UTC)} for _ in range(3)]
+    )
     client = app.test_client()
     if "/ideation/generate" not in _openapi_paths(client):
         pytest.skip("ideation not mounted")

@@ -18,9 +18,7 @@ LONG_PAGE = (
 )
 
 
-def test_a_many_token_page_is_coalesced_but_still_progressive(
-    make_app: Any, fake_openai: Any
-) -> None:
+def test_a_many_token_page_is_coalesced_but_still_progressive(make_app: Any, fake_openai: Any) -> None:
     base = story_responder(fake_openai)
 
     def respond(body: dict[str, Any]) -> Any:
@@ -45,7 +43,9 @@ def test_a_many_token_page_is_coalesced_but_still_progressive(
     assert "".join(deltas) == LONG_PAGE and text == LONG_PAGE
     assert kinds[-1][1]["book"]["pages"][0]["text"] == LONG_PAGE
     # (b) the writes: page.delta events in the job's log in MongoDB, far fewer than tokens
-    stored = app.extensions["services"].db.job_events.count_documents({"job": book["id"], "type": "page.delta"})
+    stored = app.extensions["services"].db.job_events.count_documents(
+        {"job": book["id"], "type": "page.delta"}
+    )
     assert stored == len(deltas)
     assert stored <= tokens // 8, (stored, tokens)
     # (c) still progressive: the text arrived in several pieces before the page was complete

@@ -511,7 +511,11 @@ def ensure_local_llm_server(
         with open(log_path, "ab") as log_fh:
             # own session: a Ctrl-C to gunicorn's group does not kill it mid-request; stop_* does
             proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=subprocess.STDOUT, start_new_session=True,
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log_fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
                 env=child_env(),
             )
         _CHILDREN[proc.pid] = (os.getpid(), proc)

@@ -92,8 +92,9 @@ def _new_key() -> str:
     return "csk_" + secrets.token_urlsafe(32)
 
 
-def create_user(db: Database, name: str, *, role: str = "user", password: str | None = None,
-                rotate: bool = False) -> str:
+def create_user(
+    db: Database, name: str, *, role: str = "user", password: str | None = None, rotate: bool = False
+) -> str:
     """Create a user; returns its API key (shown once; only its hash is stored).
 
     An existing name raises UserExists unless `rotate`: then its keys are replaced by the new one
@@ -120,7 +121,8 @@ def rotate_key(db: Database, name: str) -> str:
     """Replace every API key of `name` by one new key (role and password unchanged)."""
     key = _new_key()
     result = db.users_auth.update_one(
-        {"name": name}, {"$set": {"key_hashes": [hash_key(key)], "updated_at": datetime.now(UTC)}})
+        {"name": name}, {"$set": {"key_hashes": [hash_key(key)], "updated_at": datetime.now(UTC)}}
+    )
     if result.matched_count == 0:
         raise UnknownUser(name)
     return key
@@ -135,9 +137,16 @@ def list_users(db: Database) -> list[dict[str, Any]]:
     """Name, role, key count, password set, dates: never a hash."""
     out = []
     for doc in db.users_auth.find({}, sort=[("name", 1)]):
-        out.append({"name": doc["name"], "role": doc.get("role", "user"), "keys": len(doc.get("key_hashes") or []),
-                    "password": bool(doc.get("password")), "created_at": doc.get("created_at"),
-                    "updated_at": doc.get("updated_at")})
+        out.append(
+            {
+                "name": doc["name"],
+                "role": doc.get("role", "user"),
+                "keys": len(doc.get("key_hashes") or []),
+                "password": bool(doc.get("password")),
+                "created_at": doc.get("created_at"),
+                "updated_at": doc.get("updated_at"),
+            }
+        )
     return out
 
 
@@ -320,8 +329,9 @@ def stream_token_route(job_param: str) -> Callable[[F], F]:
     return mark
 
 
-def token_scope_ok(payload: dict[str, Any], view: Callable[..., Any] | None,
-                   view_args: dict[str, Any] | None) -> bool:
+def token_scope_ok(
+    payload: dict[str, Any], view: Callable[..., Any] | None, view_args: dict[str, Any] | None
+) -> bool:
     """May this token open this route? Only a marked route whose job parameter is the token's job.
 
     (The one place a token's scope is decided; a second token kind adds its own check here.)
@@ -332,7 +342,9 @@ def token_scope_ok(payload: dict[str, Any], view: Callable[..., Any] | None,
     if param is None:
         return False
     job = (view_args or {}).get(param)
-    return isinstance(payload.get("j"), str) and job is not None and hmac.compare_digest(str(job), payload["j"])
+    return (
+        isinstance(payload.get("j"), str) and job is not None and hmac.compare_digest(str(job), payload["j"])
+    )
 
 
 def _token_user() -> User:
@@ -341,8 +353,9 @@ def _token_user() -> User:
         token_secret(svc.db, svc.settings.SECRET_KEY), request.args.get(TOKEN_PARAM, "")
     )
     if payload is None or not payload.get("u"):
-        raise _unauthorized("invalid or expired stream token; ask POST /auth/stream-token for a new one",
-                            basic=False)
+        raise _unauthorized(
+            "invalid or expired stream token; ask POST /auth/stream-token for a new one", basic=False
+        )
     if payload.get("k") is not None:  # a token of another scope kind (make_scoped_token)
         return _scoped_token_user(payload)
     view = current_app.view_functions.get(request.endpoint or "")
@@ -364,12 +377,18 @@ def register_token_scope(kind: str, check: ScopeCheck) -> None:
     _SCOPE_CHECKS[kind] = check
 
 
-def make_scoped_token(secret: bytes, user: User | None, kind: str, scope_id: str, ttl_s: int,
-                      now: float | None = None) -> tuple[str, int]:
+def make_scoped_token(
+    secret: bytes, user: User | None, kind: str, scope_id: str, ttl_s: int, now: float | None = None
+) -> tuple[str, int]:
     """A signed token that opens only the streams of one `scope_id` of `kind`; (token, expiry)."""
     expires = int((now if now is not None else time.time()) + ttl_s)
-    payload = {"u": user.name if user else None, "r": user.role if user else None, "k": kind, "s": scope_id,
-               "exp": expires}
+    payload = {
+        "u": user.name if user else None,
+        "r": user.role if user else None,
+        "k": kind,
+        "s": scope_id,
+        "exp": expires,
+    }
     body = _b64(json.dumps(payload, separators=(",", ":")).encode())
     return f"{body}.{_sign(secret, body)}", expires
 
@@ -403,9 +422,13 @@ def check_owner(owner: str | None, message: str = "not found") -> None:
 
 # ---------------------------------------------------------------- routes
 
-auth_bp = APIBlueprint("auth", __name__, url_prefix="/auth",
-                       abp_tags=[Tag(name="auth", description="Who am I; stream tokens for EventSource URLs")],
-                       abp_security=PROTECTED)
+auth_bp = APIBlueprint(
+    "auth",
+    __name__,
+    url_prefix="/auth",
+    abp_tags=[Tag(name="auth", description="Who am I; stream tokens for EventSource URLs")],
+    abp_security=PROTECTED,
+)
 
 
 class Me(BaseModel):
@@ -418,8 +441,12 @@ class Me(BaseModel):
 class StreamTokenBody(BaseModel):
     model_config = ConfigDict(**body_example({"job_id": "Qm9va0V4YW1wbGUx"}))
 
-    job_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$",
-                        description="the job (or storybook book) to stream")
+    job_id: str = Field(
+        min_length=8,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="the job (or storybook book) to stream",
+    )
 
 
 class StreamToken(BaseModel):
@@ -516,8 +543,10 @@ def register_cli(app: Flask) -> None:
         """Users, roles and how many keys each has (never the keys)."""
         for u in list_users(services().db):
             created = u["created_at"].strftime("%Y-%m-%d") if u["created_at"] else "-"
-            click.echo(f"{u['name']}\t{u['role']}\tkeys={u['keys']}\tpassword={'yes' if u['password'] else 'no'}"
-                       f"\tcreated={created}")
+            click.echo(
+                f"{u['name']}\t{u['role']}\tkeys={u['keys']}\tpassword={'yes' if u['password'] else 'no'}"
+                f"\tcreated={created}"
+            )
 
     @users.command("rotate")
     @click.argument("name")

@@ -52,7 +52,9 @@ def envelope(data: Any = None, *, status: int = 200) -> Response:
     return resp
 
 
-def envelope_fail(message: str, *, code: int = BUSINESS_FAIL, status: int = 400, data: Any = None) -> Response:
+def envelope_fail(
+    message: str, *, code: int = BUSINESS_FAIL, status: int = 400, data: Any = None
+) -> Response:
     resp = jsonify({"success": False, "code": code, "message": message, "data": data})
     resp.status_code = status
     return resp

@@ -81,7 +81,9 @@ def error_response(
     if uses_envelope():
         resp = envelope_fail(message, code=envelope_code, status=status)
     else:
-        body: dict[str, Any] = {"error": {"status": status, "code": code or _default_code(status), "message": message}}
+        body: dict[str, Any] = {
+            "error": {"status": status, "code": code or _default_code(status), "message": message}
+        }
         if detail is not None:
             body["detail"] = detail
         resp = jsonify(body)
@@ -144,7 +146,9 @@ def validation_error_response(exc: ValidationError) -> Response:
             except Exception:  # noqa: BLE001 - any decode failure is the client's malformed JSON
                 return error_response(400, "request body is not valid JSON", code="malformed_json")
         if not raw and all(not e.get("loc") for e in exc.errors()):
-            return error_response(400, "request body is missing (expected a JSON object)", code="missing_body")
+            return error_response(
+                400, "request body is missing (expected a JSON object)", code="missing_body"
+            )
     detail = pydantic_detail(exc)
     return error_response(422, _summary(detail), detail=detail)
 
@@ -183,7 +187,10 @@ def register_error_handlers(app: Flask) -> None:
         what = "image service" if exc.kind == "image" else "language model"
         log.warning("model error (%s): %s", exc.provider, exc.message)
         return error_response(
-            status, f"the {what} failed: {exc.message}", code="model_error", envelope_code=2,
+            status,
+            f"the {what} failed: {exc.message}",
+            code="model_error",
+            envelope_code=2,
             headers={"Retry-After": "10"} if status == 503 else None,
         )
 

@@ -25,7 +25,9 @@ def configure_logging(app: Flask, settings: Settings) -> None:
 
         handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s"))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s"))
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s")
+        )
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "_creativity", False)]:
         root.removeHandler(old)

@@ -19,8 +19,12 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from pymongo.errors import PyMongoError
 
 REQUESTS = Counter("http_requests_total", "HTTP requests", ["method", "route", "status"])
-LATENCY = Histogram("http_request_duration_seconds", "HTTP request latency (streams: time to first byte)",
-                    ["method", "route"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+LATENCY = Histogram(
+    "http_request_duration_seconds",
+    "HTTP request latency (streams: time to first byte)",
+    ["method", "route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
 
 
 class DatabaseCollector:
@@ -34,10 +38,16 @@ class DatabaseCollector:
         up = GaugeMetricFamily("database_up", "MongoDB answers")
         try:
             jobs = GaugeMetricFamily("jobs", "Jobs by app and status", labels=["app", "status"])
-            for row in db.jobs.aggregate([{"$group": {"_id": {"app": "$app", "status": "$status"}, "n": {"$sum": 1}}}]):
+            for row in db.jobs.aggregate(
+                [{"$group": {"_id": {"app": "$app", "status": "$status"}, "n": {"$sum": 1}}}]
+            ):
                 jobs.add_metric([str(row["_id"].get("app")), str(row["_id"].get("status"))], row["n"])
-            busy = GaugeMetricFamily("sd_instance_busy", "1 while an SD instance holds a lease", labels=["instance"])
-            state = GaugeMetricFamily("sd_instance_up", "1 when an SD instance is healthy", labels=["instance"])
+            busy = GaugeMetricFamily(
+                "sd_instance_busy", "1 while an SD instance holds a lease", labels=["instance"]
+            )
+            state = GaugeMetricFamily(
+                "sd_instance_up", "1 when an SD instance is healthy", labels=["instance"]
+            )
             now = datetime.now(UTC)
             for doc in db.sd_instances.find({}, {"holder": 1, "lease_until": 1, "state": 1}):
                 lease = doc.get("lease_until")
@@ -46,17 +56,31 @@ class DatabaseCollector:
                 state.add_metric([doc["_id"]], 1.0 if doc.get("state", "up") == "up" else 0.0)
             waiting = GaugeMetricFamily("sd_waiting_callers", "Callers waiting for a free SD instance")
             # one queue entry per request; `want` is how many of its images still wait for an instance
-            queued = db.sd_waiters.aggregate([{"$match": {"expires_at": {"$gt": now}, "want": {"$gt": 0}}},
-                                              {"$group": {"_id": None, "n": {"$sum": "$want"}}}])
+            queued = db.sd_waiters.aggregate(
+                [
+                    {"$match": {"expires_at": {"$gt": now}, "want": {"$gt": 0}}},
+                    {"$group": {"_id": None, "n": {"$sum": "$want"}}},
+                ]
+            )
             waiting.add_metric([], float(next(iter(queued), {}).get("n", 0)))
-            calls = GaugeMetricFamily("model_calls_last_hour", "Model calls in the last hour",
-                                      labels=["kind", "provider", "ok"])
+            calls = GaugeMetricFamily(
+                "model_calls_last_hour", "Model calls in the last hour", labels=["kind", "provider", "ok"]
+            )
             since = now - timedelta(hours=1)
-            pipeline = [{"$match": {"created_at": {"$gte": since}}},
-                        {"$group": {"_id": {"kind": "$kind", "provider": "$provider", "ok": "$ok"}, "n": {"$sum": 1}}}]
+            pipeline = [
+                {"$match": {"created_at": {"$gte": since}}},
+                {
+                    "$group": {
+                        "_id": {"kind": "$kind", "provider": "$provider", "ok": "$ok"},
+                        "n": {"$sum": 1},
+                    }
+                },
+            ]
             for row in db.generations.aggregate(pipeline):
                 key = row["_id"]
-                calls.add_metric([str(key.get("kind")), str(key.get("provider")), str(key.get("ok")).lower()], row["n"])
+                calls.add_metric(
+                    [str(key.get("kind")), str(key.get("provider")), str(key.get("ok")).lower()], row["n"]
+                )
             up.add_metric([], 1.0)
             yield from (up, jobs, busy, state, waiting, calls)
         except PyMongoError:

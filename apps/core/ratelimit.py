@@ -72,7 +72,7 @@ def _app_and_path() -> tuple[str | None, str]:
             return name, path
         prefix = f"/{name}"
         if path == prefix or path.startswith(prefix + "/"):
-            return name, path[len(prefix):] or "/"
+            return name, path[len(prefix) :] or "/"
     return None, path
 
 
@@ -112,7 +112,9 @@ def _breach_response(limit: RequestLimit | None) -> Response:
     what = "generation requests" if limit is not None and "generate" in limit.request_args else "requests"
     amount = str(limit.limit) if limit is not None else "the limit"
     return error_response(
-        429, f"too many {what} ({amount}); retry in {seconds} s", code="rate_limited",
+        429,
+        f"too many {what} ({amount}); retry in {seconds} s",
+        code="rate_limited",
         headers={"Retry-After": str(seconds)},
     )
 
@@ -132,8 +134,12 @@ def init_ratelimit(app: Flask, settings: Settings) -> Limiter | None:
     if settings.PROXY_FIX_X_FOR > 0:
         from werkzeug.middleware.proxy_fix import ProxyFix
 
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.PROXY_FIX_X_FOR,  # type: ignore[method-assign]
-                                x_proto=settings.PROXY_FIX_X_FOR, x_host=settings.PROXY_FIX_X_FOR)
+        app.wsgi_app = ProxyFix(
+            app.wsgi_app,
+            x_for=settings.PROXY_FIX_X_FOR,  # type: ignore[method-assign]
+            x_proto=settings.PROXY_FIX_X_FOR,
+            x_host=settings.PROXY_FIX_X_FOR,
+        )
     limiter: Limiter | None = None
     if settings.RATE_LIMIT_ENABLED:
         for value in (settings.RATE_LIMIT_DEFAULT, settings.RATE_LIMIT_GENERATE):
@@ -150,7 +156,9 @@ def init_ratelimit(app: Flask, settings: Settings) -> Limiter | None:
                 "counter_collection_name": "ratelimit_counters",
                 "window_collection_name": "ratelimit_windows",
                 # fail fast when the database is away: the request goes on and gets its own clean 503
-                "serverSelectionTimeoutMS": 1500, "connectTimeoutMS": 1500, "socketTimeoutMS": 5000,
+                "serverSelectionTimeoutMS": 1500,
+                "connectTimeoutMS": 1500,
+                "socketTimeoutMS": 5000,
                 "appname": "creativity-ratelimit",
             }
             if uri.startswith("batched+"):
@@ -160,8 +168,11 @@ def init_ratelimit(app: Flask, settings: Settings) -> Limiter | None:
             app=app,
             application_limits=[
                 ApplicationLimit(settings.RATE_LIMIT_DEFAULT, scope="all", exempt_when=is_exempt),
-                ApplicationLimit(settings.RATE_LIMIT_GENERATE, scope="generate",
-                                 exempt_when=lambda: is_exempt() or not is_generation_request()),
+                ApplicationLimit(
+                    settings.RATE_LIMIT_GENERATE,
+                    scope="generate",
+                    exempt_when=lambda: is_exempt() or not is_generation_request(),
+                ),
             ],
             storage_uri=uri,
             storage_options=options,

@@ -86,8 +86,9 @@ class BatchedMongoDBStorage(MongoDBStorage):
         with self._lock:
             racing = self._live(key, now)
             pending = racing.pending if racing is not None else 0
-            self._counters[key] = _Counter(seen=count, pending=pending, expiry_s=expiry, ends_at=ends_at,
-                                           synced_at=time.monotonic())
+            self._counters[key] = _Counter(
+                seen=count, pending=pending, expiry_s=expiry, ends_at=ends_at, synced_at=time.monotonic()
+            )
             self._ensure_flusher()
             return count + pending
 
@@ -130,10 +131,16 @@ class BatchedMongoDBStorage(MongoDBStorage):
         ended = {"$lt": ["$expireAt", now]}
         doc = self.counters.find_one_and_update(
             {"_id": key},
-            [{"$set": {
-                "count": {"$cond": {"if": ended, "then": amount, "else": {"$add": ["$count", amount]}}},
-                "expireAt": {"$cond": {"if": ended, "then": new_end, "else": "$expireAt"}},
-            }}],
+            [
+                {
+                    "$set": {
+                        "count": {
+                            "$cond": {"if": ended, "then": amount, "else": {"$add": ["$count", amount]}}
+                        },
+                        "expireAt": {"$cond": {"if": ended, "then": new_end, "else": "$expireAt"}},
+                    }
+                }
+            ],
             upsert=True,
             projection={"count": 1, "expireAt": 1},
             return_document=ReturnDocument.AFTER,

@@ -29,8 +29,11 @@ RETRY_AFTER_S = 5
 def database_unavailable(exc: Exception) -> Response:
     log.warning("database unavailable on %s %s: %s", request.method, request.path, type(exc).__name__)
     return error_response(
-        503, "the database is temporarily unavailable; retry shortly", code="database_unavailable",
-        headers={"Retry-After": str(RETRY_AFTER_S)}, envelope_code=2,
+        503,
+        "the database is temporarily unavailable; retry shortly",
+        code="database_unavailable",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+        envelope_code=2,
     )
 
 
@@ -54,22 +57,35 @@ ERROR_BODY_SCHEMA: dict[str, Any] = {
                 "error": {
                     "type": "object",
                     "required": ["status", "code", "message"],
-                    "properties": {"status": {"type": "integer"}, "code": {"type": "string"},
-                                   "message": {"type": "string"}},
+                    "properties": {
+                        "status": {"type": "integer"},
+                        "code": {"type": "string"},
+                        "message": {"type": "string"},
+                    },
                 },
                 "detail": {
                     "type": "array",
-                    "items": {"type": "object", "required": ["loc", "msg", "type"],
-                              "properties": {"loc": {"type": "array"}, "msg": {"type": "string"},
-                                             "type": {"type": "string"}}},
+                    "items": {
+                        "type": "object",
+                        "required": ["loc", "msg", "type"],
+                        "properties": {
+                            "loc": {"type": "array"},
+                            "msg": {"type": "string"},
+                            "type": {"type": "string"},
+                        },
+                    },
                 },
             },
         },
         {
             "type": "object",
             "required": ["success", "code", "message"],
-            "properties": {"success": {"type": "boolean"}, "code": {"type": "integer"},
-                           "message": {"type": "string"}, "data": {}},
+            "properties": {
+                "success": {"type": "boolean"},
+                "code": {"type": "integer"},
+                "message": {"type": "string"},
+                "data": {},
+            },
         },
     ],
 }
@@ -90,9 +106,13 @@ def document_error_bodies(app: Any) -> None:
                 if not isinstance(operation, dict):
                     continue
                 response = (operation.get("responses") or {}).get("422")
-                schema = (((response or {}).get("content") or {}).get("application/json") or {}).get("schema") or {}
+                schema = (((response or {}).get("content") or {}).get("application/json") or {}).get(
+                    "schema"
+                ) or {}
                 if schema.get("type") == "array" and "ValidationErrorModel" in str(schema.get("items")):
-                    response["description"] = "Invalid request (JSON error body; the envelope for ideation/refinement)"
+                    response["description"] = (
+                        "Invalid request (JSON error body; the envelope for ideation/refinement)"
+                    )
                     response["content"]["application/json"]["schema"] = ref
 
     app.generate_spec_json = generate_with_real_errors

@@ -119,8 +119,9 @@ def job_events(path: JobPath) -> Response:
     """Server-Sent Events of a job; resumable with Last-Event-ID; heartbeat comments."""
     svc = services()
     _owned_job(path.job_id)
-    stream = job_event_stream(svc.jobs, svc.watcher, path.job_id, after=last_event_id(),
-                              heartbeat_s=svc.settings.SSE_HEARTBEAT_S)
+    stream = job_event_stream(
+        svc.jobs, svc.watcher, path.job_id, after=last_event_id(), heartbeat_s=svc.settings.SSE_HEARTBEAT_S
+    )
     return sse_response(stream)
 
 

@@ -69,7 +69,9 @@ def to_data_url(data: bytes, content_type: str = "image/png") -> str:
     return f"data:{content_type};base64,{to_base64(data)}"
 
 
-def inspect_image(data: bytes, *, max_bytes: int, max_side: int, field: str = "image") -> tuple[str, int, int]:
+def inspect_image(
+    data: bytes, *, max_bytes: int, max_side: int, field: str = "image"
+) -> tuple[str, int, int]:
     """Return (content_type, width, height) or raise 413/415/422."""
     if not data:
         raise ApiError(422, f"{field}: empty image")
@@ -110,7 +112,8 @@ class _RecentImages:
     def __init__(self, max_bytes: int, ttl_s: float) -> None:
         self.max_bytes = max_bytes
         self._items: TTLCache[str, tuple[StoredImage, bytes]] = TTLCache(
-            maxsize=max_bytes, ttl=ttl_s, getsizeof=lambda item: len(item[1]))
+            maxsize=max_bytes, ttl=ttl_s, getsizeof=lambda item: len(item[1])
+        )
         self._lock = threading.Lock()  # cachetools' caches are not thread-safe
 
     def get(self, image_id: str) -> tuple[StoredImage, bytes] | None:
@@ -131,8 +134,15 @@ class _RecentImages:
 class ImageStore:
     """Save and load images; callers never touch GridFS directly."""
 
-    def __init__(self, db: Database, *, max_bytes: int, max_side: int, cache_bytes: int = 64 << 20,
-                 cache_ttl_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        max_bytes: int,
+        max_side: int,
+        cache_bytes: int = 64 << 20,
+        cache_ttl_s: float = 60.0,
+    ) -> None:
         self.db = db
         self.bucket = gridfs.GridFSBucket(db, bucket_name="images")
         self.max_bytes = max_bytes
@@ -154,8 +164,16 @@ class ImageStore:
             self._recent.put(info, data)
         return info, data
 
-    def save(self, data: bytes, *, app: str, user: str | None = None, kind: str = "generated",
-             job: str | None = None, **metadata: Any) -> str:
+    def save(
+        self,
+        data: bytes,
+        *,
+        app: str,
+        user: str | None = None,
+        kind: str = "generated",
+        job: str | None = None,
+        **metadata: Any,
+    ) -> str:
         content_type, width, height = inspect_image(data, max_bytes=self.max_bytes, max_side=self.max_side)
         image_id = secrets.token_urlsafe(18)
         meta = {

@@ -14,8 +14,12 @@ USERNAME_PATTERN = r"^[\w.\-]{0,64}$"
 
 
 class ButtonInfo(BaseModel):
-    buttonText: str = Field(max_length=40, description="the pressed button's label (Chinese, or an English id)")
-    aiStage: str = Field(max_length=40, description="the AI stage the button belongs to (Chinese, or an English id)")
+    buttonText: str = Field(
+        max_length=40, description="the pressed button's label (Chinese, or an English id)"
+    )
+    aiStage: str = Field(
+        max_length=40, description="the AI stage the button belongs to (Chinese, or an English id)"
+    )
 
 
 class GenerateBody(BaseModel):
@@ -40,12 +44,15 @@ class GenerateBody(BaseModel):
 
     username: str = Field(default="", pattern=USERNAME_PATTERN, description="participant id")
     designTask: str = Field(default="", max_length=2000)
-    currentNum: int = Field(default=1, ge=0, le=64, description="how many outputs (bounded by IDEATION_MAX_NUM)")
+    currentNum: int = Field(
+        default=1, ge=0, le=64, description="how many outputs (bounded by IDEATION_MAX_NUM)"
+    )
     currentAIStage: str | None = Field(default=None, max_length=40)
     currentStage: str | None = Field(default=None, max_length=40)
     selectedTexts: list[str] | None = Field(default=None, max_length=50)
-    selectedCanvasRecords: list[str] | None = Field(default=None, max_length=4,
-                                                     description="[] or one image: a URL from /upload or a data URL")
+    selectedCanvasRecords: list[str] | None = Field(
+        default=None, max_length=4, description="[] or one image: a URL from /upload or a data URL"
+    )
     selectedButtonInfo: ButtonInfo
 
 

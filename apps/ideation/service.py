@@ -86,9 +86,21 @@ class Generation:
 
 # ControlNet units of the original (research note §3.3); `image` bytes are base64-encoded by agent/sd.py
 def _unit(module: str, model: str, image: bytes | None, **overrides: Any) -> dict[str, Any]:
-    unit: dict[str, Any] = {"enabled": True, "module": module, "model": model, "weight": 1.0, "resize_mode": 1,
-                            "processor_res": 512, "threshold_a": -1, "threshold_b": -1, "guidance_start": 0.0,
-                            "guidance_end": 1.0, "control_mode": 0, "pixel_perfect": False, "lowvram": False}
+    unit: dict[str, Any] = {
+        "enabled": True,
+        "module": module,
+        "model": model,
+        "weight": 1.0,
+        "resize_mode": 1,
+        "processor_res": 512,
+        "threshold_a": -1,
+        "threshold_b": -1,
+        "guidance_start": 0.0,
+        "guidance_end": 1.0,
+        "control_mode": 0,
+        "pixel_perfect": False,
+        "lowvram": False,
+    }
     if image is not None:
         unit["image"] = image
     unit.update(overrides)
@@ -122,14 +134,32 @@ class IdeationService:
         if client and self.settings.AUTH_MODE == "none":
             claim_uploads(self.db, APP, client, username)
         canvas, canvas_id = self._canvas(body.selectedCanvasRecords or [], username)
-        gen = Generation(username=username, task=task, op=op, num=num, texts=list(body.selectedTexts or []),
-                         current_stage=L.resolve_stage(body.currentStage), canvas=canvas, canvas_image_id=canvas_id)
+        gen = Generation(
+            username=username,
+            task=task,
+            op=op,
+            num=num,
+            texts=list(body.selectedTexts or []),
+            current_stage=L.resolve_stage(body.currentStage),
+            canvas=canvas,
+            canvas_image_id=canvas_id,
+        )
         started = time.perf_counter()
         record = {
-            "_id": gen.request_id, "username": username, "op": op, "buttonText": info.buttonText,
-            "aiStage": info.aiStage, "currentAIStage": body.currentAIStage, "currentStage": body.currentStage,
-            "designTask": task, "num": num, "selectedTexts": gen.texts, "canvas_image_id": canvas_id,
-            "created_at": datetime.now(UTC), "status": "working", "client_key": client,
+            "_id": gen.request_id,
+            "username": username,
+            "op": op,
+            "buttonText": info.buttonText,
+            "aiStage": info.aiStage,
+            "currentAIStage": body.currentAIStage,
+            "currentStage": body.currentStage,
+            "designTask": task,
+            "num": num,
+            "selectedTexts": gen.texts,
+            "canvas_image_id": canvas_id,
+            "created_at": datetime.now(UTC),
+            "status": "working",
+            "client_key": client,
             **lease_fields(self.svc.jobs),
         }
         self.db.ideation_requests.insert_one(record)
@@ -145,11 +175,20 @@ class IdeationService:
         except ModelError as exc:
             self._failed(gen, exc, started)
             raise
-        self.db.ideation_requests.update_one({"_id": gen.request_id}, {"$set": {
-            # stored with server-relative image URLs: the Host header this answer used is the client's
-            "status": "done", "data": relative_image_urls(data, self.base_url), "image_ids": gen.image_ids,
-            "texts": gen.texts_out,
-            "latency_ms": (time.perf_counter() - started) * 1000}, "$unset": {"lease_until": ""}})
+        self.db.ideation_requests.update_one(
+            {"_id": gen.request_id},
+            {
+                "$set": {
+                    # stored with server-relative image URLs: the Host header this answer used is the client's
+                    "status": "done",
+                    "data": relative_image_urls(data, self.base_url),
+                    "image_ids": gen.image_ids,
+                    "texts": gen.texts_out,
+                    "latency_ms": (time.perf_counter() - started) * 1000,
+                },
+                "$unset": {"lease_until": ""},
+            },
+        )
         return data
 
     @staticmethod
@@ -160,14 +199,25 @@ class IdeationService:
     def _discard(self, gen: Generation, *, new_canvas: bool) -> None:
         """Undo a refused request: its record and the images it stored (not a canvas it only referenced)."""
         self.db.ideation_requests.delete_one({"_id": gen.request_id})
-        for image_id in [*gen.image_ids, *([gen.canvas_image_id] if new_canvas and gen.canvas_image_id else [])]:
+        for image_id in [
+            *gen.image_ids,
+            *([gen.canvas_image_id] if new_canvas and gen.canvas_image_id else []),
+        ]:
             self.svc.images.delete(image_id)
 
     def _failed(self, gen: Generation, exc: Exception, started: float) -> None:
-        self.db.ideation_requests.update_one({"_id": gen.request_id}, {"$set": {
-            "status": "failed", "error": getattr(exc, "message", str(exc)),
-            "image_ids": gen.image_ids, "latency_ms": (time.perf_counter() - started) * 1000},
-            "$unset": {"lease_until": ""}})
+        self.db.ideation_requests.update_one(
+            {"_id": gen.request_id},
+            {
+                "$set": {
+                    "status": "failed",
+                    "error": getattr(exc, "message", str(exc)),
+                    "image_ids": gen.image_ids,
+                    "latency_ms": (time.perf_counter() - started) * 1000,
+                },
+                "$unset": {"lease_until": ""},
+            },
+        )
 
     # ------------------------------------------------------------------ inputs
     def _canvas(self, records: list[str], username: str) -> tuple[bytes | None, str | None]:
@@ -184,8 +234,9 @@ class IdeationService:
             data = decode_base64_image(ref, field="selectedCanvasRecords[0]")
             image_id = self.svc.images.save(data, app=APP, user=username or None, kind="canvas")
             return data, image_id
-        raise BusinessException(1, "selectedCanvasRecords[0] must be a URL returned by /upload or a data URL",
-                                status=422)
+        raise BusinessException(
+            1, "selectedCanvasRecords[0] must be a URL returned by /upload or a data URL", status=422
+        )
 
     def _require_canvas(self, gen: Generation) -> bytes:
         if gen.canvas is None:
@@ -195,15 +246,23 @@ class IdeationService:
     def _ctx(self, gen: Generation, step: str) -> CallContext:
         return CallContext(app=APP, user=gen.username or None, session=gen.request_id, step=step)
 
-    def _chat(self, gen: Generation, template: str, variables: dict[str, Any], *, n: int | None = None,
-              array_key: str | None = None) -> Any:
+    def _chat(
+        self,
+        gen: Generation,
+        template: str,
+        variables: dict[str, Any],
+        *,
+        n: int | None = None,
+        array_key: str | None = None,
+    ) -> Any:
         schema = None
         if n is not None and array_key is not None:
             schema = json.loads(json.dumps(self.svc.prompts.get(template).schema))
             schema["properties"][array_key]["minItems"] = n
             schema["properties"][array_key]["maxItems"] = n
-        result = self.svc.llm.chat(template=template, variables=variables, schema=schema,
-                                   context=self._ctx(gen, template))
+        result = self.svc.llm.chat(
+            template=template, variables=variables, schema=schema, context=self._ctx(gen, template)
+        )
         if result.generation_id:
             gen.generation_ids.append(result.generation_id)
         gen.texts_out.append(result.data)
@@ -217,25 +276,36 @@ class IdeationService:
             return cached["object"]
         data = self._chat(gen, "ideation/mainbody", {"designTask": gen.task})
         name = str(data.get("object", "")).strip() or "product"
-        self.db.ideation_mainbody.update_one({"_id": key}, {"$set": {"object": name, "task": gen.task,
-                                                                     "created_at": datetime.now(UTC)}}, upsert=True)
+        self.db.ideation_mainbody.update_one(
+            {"_id": key},
+            {"$set": {"object": name, "task": gen.task, "created_at": datetime.now(UTC)}},
+            upsert=True,
+        )
         return name
 
     def _sd_text(self, kind: str, *, negative: bool, mainbody: str = "", extra: str = "") -> str:
-        rendered = self.svc.prompts.render("ideation/sd_prompts", {"kind": kind, "negative": negative,
-                                                                   "mainbody": mainbody, "extra": extra})
+        rendered = self.svc.prompts.render(
+            "ideation/sd_prompts", {"kind": kind, "negative": negative, "mainbody": mainbody, "extra": extra}
+        )
         return rendered.messages[-1]["content"].strip()
 
     # ------------------------------------------------------------------ images
     def _images(self, gen: Generation, requests: list[ImageRequest]) -> list[bytes]:
         for i, req in enumerate(requests):
-            req.context = {"app": APP, "user": gen.username or None, "session": gen.request_id, "step": gen.op,
-                           "index": i}
+            req.context = {
+                "app": APP,
+                "user": gen.username or None,
+                "session": gen.request_id,
+                "step": gen.op,
+                "index": i,
+            }
         results = self.svc.image_provider.generate_many(requests)
         out = []
         for res in results:
             if not res.png:
-                raise ModelError("the image service returned an empty image", kind="image", provider=res.provider)
+                raise ModelError(
+                    "the image service returned an empty image", kind="image", provider=res.provider
+                )
             if res.image_id:
                 gen.image_ids.append(res.image_id)
             if res.generation_id:
@@ -246,20 +316,39 @@ class IdeationService:
     def _urls(self, ids: list[str]) -> dict[str, str]:
         return {str(i): absolute_image_url(image_id, self.base_url) for i, image_id in enumerate(ids)}
 
-    def _txt2img(self, gen: Generation, prompt: str, negative: str, checkpoint: str,
-                 controlnet: list[dict[str, Any]] | None = None, n: int | None = None) -> dict[str, str]:
+    def _txt2img(
+        self,
+        gen: Generation,
+        prompt: str,
+        negative: str,
+        checkpoint: str,
+        controlnet: list[dict[str, Any]] | None = None,
+        n: int | None = None,
+    ) -> dict[str, str]:
         count = n or gen.num
-        reqs = [ImageRequest(prompt=prompt, negative_prompt=negative, width=512, height=512, steps=20,
-                             cfg_scale=7.0, sampler_name="Euler a", checkpoint=checkpoint,
-                             controlnet=list(controlnet or []), label=f"{gen.op} {i + 1}/{count}")
-                for i in range(count)]
+        reqs = [
+            ImageRequest(
+                prompt=prompt,
+                negative_prompt=negative,
+                width=512,
+                height=512,
+                steps=20,
+                cfg_scale=7.0,
+                sampler_name="Euler a",
+                checkpoint=checkpoint,
+                controlnet=list(controlnet or []),
+                label=f"{gen.op} {i + 1}/{count}",
+            )
+            for i in range(count)
+        ]
         before = len(gen.image_ids)
         self._images(gen, reqs)
         return self._urls(gen.image_ids[before:])
 
     def _store(self, gen: Generation, data: bytes, kind: str) -> str:
-        image_id = self.svc.images.save(data, app=APP, user=gen.username or None, kind=kind, session=gen.request_id,
-                                        step=gen.op)
+        image_id = self.svc.images.save(
+            data, app=APP, user=gen.username or None, kind=kind, session=gen.request_id, step=gen.op
+        )
         gen.image_ids.append(image_id)
         return image_id
 
@@ -277,13 +366,23 @@ class IdeationService:
 
     # ------------------------------------------------------------------ design brief (shape A)
     def op_brief_new(self, gen: Generation) -> dict[str, str]:
-        data = self._chat(gen, "ideation/brief_new", {"designTask": gen.task, "userInput": gen.user_input,
-                                                      "n": gen.num}, n=gen.num, array_key="briefs")
+        data = self._chat(
+            gen,
+            "ideation/brief_new",
+            {"designTask": gen.task, "userInput": gen.user_input, "n": gen.num},
+            n=gen.num,
+            array_key="briefs",
+        )
         return {str(i): json.dumps(b, ensure_ascii=False) for i, b in enumerate(data["briefs"])}
 
     def op_brief_reference(self, gen: Generation) -> dict[str, str]:
-        data = self._chat(gen, "ideation/brief_reference", {"designTask": gen.task, "userInput": gen.user_input,
-                                                            "n": gen.num}, n=gen.num, array_key="products")
+        data = self._chat(
+            gen,
+            "ideation/brief_reference",
+            {"designTask": gen.task, "userInput": gen.user_input, "n": gen.num},
+            n=gen.num,
+            array_key="products",
+        )
         return {str(i): json.dumps(p, ensure_ascii=False) for i, p in enumerate(data["products"])}
 
     def op_brief_extend(self, gen: Generation) -> dict[str, str]:
@@ -295,24 +394,42 @@ class IdeationService:
     # ------------------------------------------------------------------ sketch (shape B / C)
     def op_sketch_new(self, gen: Generation) -> dict[str, str]:
         body = self.mainbody(gen)
-        return self._txt2img(gen, self._sd_text("sketch", negative=False, mainbody=body),
-                             self._sd_text("sketch", negative=True), self.ckpt_sketch)
+        return self._txt2img(
+            gen,
+            self._sd_text("sketch", negative=False, mainbody=body),
+            self._sd_text("sketch", negative=True),
+            self.ckpt_sketch,
+        )
 
     def op_sketch_reference(self, gen: Generation) -> list[dict[str, str]]:
         body = self.mainbody(gen)
-        advice = self._chat(gen, "ideation/sketch_advice", {"designTask": gen.task, "userInput": gen.user_input})
-        sd = self._chat(gen, "ideation/sketch_sd_prompt",
-                        {"description": json.dumps(advice.get("外观造型", advice), ensure_ascii=False)})
-        urls = self._txt2img(gen, self._sd_text("sketch", negative=False, mainbody=body, extra=sd["prompt"]),
-                             self._sd_text("sketch", negative=True), self.ckpt_sketch)
+        advice = self._chat(
+            gen, "ideation/sketch_advice", {"designTask": gen.task, "userInput": gen.user_input}
+        )
+        sd = self._chat(
+            gen,
+            "ideation/sketch_sd_prompt",
+            {"description": json.dumps(advice.get("外观造型", advice), ensure_ascii=False)},
+        )
+        urls = self._txt2img(
+            gen,
+            self._sd_text("sketch", negative=False, mainbody=body, extra=sd["prompt"]),
+            self._sd_text("sketch", negative=True),
+            self.ckpt_sketch,
+        )
         return [{"0": json.dumps(advice, ensure_ascii=False)}, urls]
 
     def op_sketch_extend(self, gen: Generation) -> dict[str, str]:
         canvas = self._require_canvas(gen)
         body = self.mainbody(gen)
         unit = _unit("pidinet_scribble", "control_v11p_sd15_scribble", canvas)
-        return self._txt2img(gen, self._sd_text("sketch", negative=False, mainbody=body),
-                             self._sd_text("sketch", negative=True), self.ckpt_sketch, [unit])
+        return self._txt2img(
+            gen,
+            self._sd_text("sketch", negative=False, mainbody=body),
+            self._sd_text("sketch", negative=True),
+            self.ckpt_sketch,
+            [unit],
+        )
 
     def op_sketch_convert(self, gen: Generation) -> dict[str, str]:
         body = self.mainbody(gen)
@@ -320,31 +437,57 @@ class IdeationService:
             if not gen.texts:
                 raise BusinessException(1, L.MSG_IMAGE_OR_TEXT_MISSING)
             extra = ", ".join(gen.texts)
-            return self._txt2img(gen, self._sd_text("sketch", negative=False, mainbody=body, extra=extra),
-                                 self._sd_text("sketch", negative=True), self.ckpt_sketch)
+            return self._txt2img(
+                gen,
+                self._sd_text("sketch", negative=False, mainbody=body, extra=extra),
+                self._sd_text("sketch", negative=True),
+                self.ckpt_sketch,
+            )
         cut = self.svc.image_provider.segment(gen.canvas, body)
         self._store(gen, cut.cutout, "cutout")
         unit = _unit("lineart", "control_v11p_sd15_lineart", cut.cutout, resize_mode="Crop and Resize")
-        return self._txt2img(gen, self._sd_text("sketch", negative=False, mainbody=""),
-                             self._sd_text("sketch", negative=True), self.ckpt_sketch, [unit])
+        return self._txt2img(
+            gen,
+            self._sd_text("sketch", negative=False, mainbody=""),
+            self._sd_text("sketch", negative=True),
+            self.ckpt_sketch,
+            [unit],
+        )
 
     # ------------------------------------------------------------------ white model (shape B / D)
     def op_model_new(self, gen: Generation) -> dict[str, str]:
         body = self.mainbody(gen)
-        return self._txt2img(gen, self._sd_text("model", negative=False, mainbody=body),
-                             self._sd_text("model", negative=True), self.ckpt_model)
+        return self._txt2img(
+            gen,
+            self._sd_text("model", negative=False, mainbody=body),
+            self._sd_text("model", negative=True),
+            self.ckpt_model,
+        )
 
     def op_model_convert(self, gen: Generation) -> dict[str, str]:
         if gen.canvas is None:
             return self.op_model_new(gen)
         pos, neg = self._sd_text("model", negative=False), self._sd_text("model", negative=True)
         if gen.current_stage == L.STAGE_SKETCH:
-            unit = _unit("lineart_standard", "control_v11p_sd15_lineart", gen.canvas, processor_res=64,
-                         threshold_a=64, threshold_b=64, pixel_perfect=True)
+            unit = _unit(
+                "lineart_standard",
+                "control_v11p_sd15_lineart",
+                gen.canvas,
+                processor_res=64,
+                threshold_a=64,
+                threshold_b=64,
+                pixel_perfect=True,
+            )
             return self._txt2img(gen, pos, neg, self.ckpt_sketch, [unit])
         if gen.current_stage == L.STAGE_RENDERING:
-            unit = _unit("depth", "control_v11f1p_sd15_depth", gen.canvas, processor_res=64, threshold_a=64,
-                         threshold_b=64)
+            unit = _unit(
+                "depth",
+                "control_v11f1p_sd15_depth",
+                gen.canvas,
+                processor_res=64,
+                threshold_a=64,
+                threshold_b=64,
+            )
             return self._txt2img(gen, pos, neg, self.ckpt_control, [unit])
         raise BusinessException(1, L.MSG_WRONG_STAGE)
 
@@ -352,33 +495,52 @@ class IdeationService:
         command = self.settings.IDEATION_MULTIVIEW_CMD
         if not command:
             raise BusinessException(
-                1, "多角度拓展未配置：set IDEATION_MULTIVIEW_CMD to a multi-view tool (argv with {input} {output})",
-                status=503)
+                1,
+                "多角度拓展未配置：set IDEATION_MULTIVIEW_CMD to a multi-view tool (argv with {input} {output})",
+                status=503,
+            )
         if gen.canvas is None and not gen.texts:
             raise BusinessException(1, L.MSG_IMAGE_OR_TEXT_MISSING)
         body = self.mainbody(gen)
         source = gen.canvas
         if source is None:
-            source = self._images(gen, [ImageRequest(prompt=self._sd_text("model", negative=False, mainbody=body,
-                                                                          extra=", ".join(gen.texts)),
-                                                     negative_prompt=self._sd_text("model", negative=True),
-                                                     checkpoint=self.ckpt_model)])[0]
+            source = self._images(
+                gen,
+                [
+                    ImageRequest(
+                        prompt=self._sd_text(
+                            "model", negative=False, mainbody=body, extra=", ".join(gen.texts)
+                        ),
+                        negative_prompt=self._sd_text("model", negative=True),
+                        checkpoint=self.ckpt_model,
+                    )
+                ],
+            )[0]
         cut = self.svc.image_provider.segment(source, body)
         with tempfile.TemporaryDirectory(prefix="multiview-") as tmp:
             src = Path(tmp) / "input.png"
             out = Path(tmp) / "out"
             out.mkdir()
             src.write_bytes(cut.cutout)
-            argv = [part.replace("{input}", str(src)).replace("{output}", str(out)) for part in shlex.split(command)]
+            argv = [
+                part.replace("{input}", str(src)).replace("{output}", str(out))
+                for part in shlex.split(command)
+            ]
             try:
-                proc = subprocess.run(argv, capture_output=True, timeout=self.settings.IDEATION_MULTIVIEW_TIMEOUT_S,
-                                      check=False)  # an argv list, never a shell string
+                proc = subprocess.run(
+                    argv, capture_output=True, timeout=self.settings.IDEATION_MULTIVIEW_TIMEOUT_S, check=False
+                )  # an argv list, never a shell string
             except (OSError, subprocess.TimeoutExpired) as exc:
-                raise ModelError(f"multi-view tool failed to run: {exc}", provider="multiview", kind="image") from exc
+                raise ModelError(
+                    f"multi-view tool failed to run: {exc}", provider="multiview", kind="image"
+                ) from exc
             if proc.returncode != 0:
                 tail = proc.stderr.decode(errors="replace")[-300:]
-                raise ModelError(f"multi-view tool exited with {proc.returncode}: {tail}", provider="multiview",
-                                 kind="image")
+                raise ModelError(
+                    f"multi-view tool exited with {proc.returncode}: {tail}",
+                    provider="multiview",
+                    kind="image",
+                )
             views = sorted(out.glob("*.png"))[:6]
             if not views:
                 raise ModelError("multi-view tool produced no PNG views", provider="multiview", kind="image")
@@ -392,16 +554,29 @@ class IdeationService:
 
     def op_rendering_new(self, gen: Generation) -> dict[str, str]:
         scene = self._scene_prompt(gen)
-        return self._txt2img(gen, self._sd_text("scene", negative=False, extra=scene),
-                             self._sd_text("scene", negative=True), self.ckpt_model)
+        return self._txt2img(
+            gen,
+            self._sd_text("scene", negative=False, extra=scene),
+            self._sd_text("scene", negative=True),
+            self.ckpt_model,
+        )
 
     def op_rendering_reference(self, gen: Generation) -> dict[str, str]:
         body = self.mainbody(gen)
-        reqs = [ImageRequest(prompt=self._sd_text("product", negative=False, mainbody=body),
-                             negative_prompt=self._sd_text("product", negative=True), checkpoint=self.ckpt_model,
-                             sampler_name="Euler a", label=f"reference {i + 1}") for i in range(gen.num)]
+        reqs = [
+            ImageRequest(
+                prompt=self._sd_text("product", negative=False, mainbody=body),
+                negative_prompt=self._sd_text("product", negative=True),
+                checkpoint=self.ckpt_model,
+                sampler_name="Euler a",
+                label=f"reference {i + 1}",
+            )
+            for i in range(gen.num)
+        ]
         images = self._images(gen, reqs)
-        ids = [self._store(gen, self.svc.image_provider.segment(png, body).cutout, "cutout") for png in images]
+        ids = [
+            self._store(gen, self.svc.image_provider.segment(png, body).cutout, "cutout") for png in images
+        ]
         return self._urls(ids)
 
     def op_rendering_extend(self, gen: Generation) -> dict[str, str]:
@@ -409,14 +584,40 @@ class IdeationService:
         body = self.mainbody(gen)
         scene = self._scene_prompt(gen)
         cut = self.svc.image_provider.segment(canvas, body)
-        unit = _unit("inpaint_only", "control_v11p_sd15_inpaint", None, pixel_perfect=True, threshold_a=64,
-                     threshold_b=64)
-        reqs = [ImageRequest(prompt=scene, negative_prompt="", width=512, height=512, steps=30, cfg_scale=7.0,
-                             sampler_name="DPM++ 2M Karras", checkpoint=self.ckpt_sketch, init_image=canvas,
-                             mask=cut.mask, inpainting_mask_invert=True, denoising_strength=0.75, controlnet=[unit],
-                             extra={"inpainting_fill": 1, "inpaint_full_res": False, "inpaint_full_res_padding": 32,
-                                    "mask_blur": 4, "resize_mode": 0}, label=f"scene {i + 1}")
-                for i in range(gen.num)]
+        unit = _unit(
+            "inpaint_only",
+            "control_v11p_sd15_inpaint",
+            None,
+            pixel_perfect=True,
+            threshold_a=64,
+            threshold_b=64,
+        )
+        reqs = [
+            ImageRequest(
+                prompt=scene,
+                negative_prompt="",
+                width=512,
+                height=512,
+                steps=30,
+                cfg_scale=7.0,
+                sampler_name="DPM++ 2M Karras",
+                checkpoint=self.ckpt_sketch,
+                init_image=canvas,
+                mask=cut.mask,
+                inpainting_mask_invert=True,
+                denoising_strength=0.75,
+                controlnet=[unit],
+                extra={
+                    "inpainting_fill": 1,
+                    "inpaint_full_res": False,
+                    "inpaint_full_res_padding": 32,
+                    "mask_blur": 4,
+                    "resize_mode": 0,
+                },
+                label=f"scene {i + 1}",
+            )
+            for i in range(gen.num)
+        ]
         before = len(gen.image_ids)
         self._images(gen, reqs)
         return self._urls(gen.image_ids[before:])
@@ -425,20 +626,46 @@ class IdeationService:
         canvas = self._require_canvas(gen)
         if gen.current_stage not in (L.STAGE_SKETCH, L.STAGE_MODEL):
             raise BusinessException(1, L.MSG_WRONG_STAGE)
-        unit = _unit("lineart_standard", "control_v11p_sd15_lineart", canvas, processor_res=64, threshold_a=64,
-                     threshold_b=64)
-        return self._txt2img(gen, self._sd_text("product", negative=False),
-                             self._sd_text("product", negative=True), self.ckpt_control, [unit])
+        unit = _unit(
+            "lineart_standard",
+            "control_v11p_sd15_lineart",
+            canvas,
+            processor_res=64,
+            threshold_a=64,
+            threshold_b=64,
+        )
+        return self._txt2img(
+            gen,
+            self._sd_text("product", negative=False),
+            self._sd_text("product", negative=True),
+            self.ckpt_control,
+            [unit],
+        )
 
     # ------------------------------------------------------------------ uploads, timings, state
-    def upload(self, data: bytes, filename: str, username: str | None, kind: str, *,
-               source: str | None = None, client: str | None = None) -> str:
+    def upload(
+        self,
+        data: bytes,
+        filename: str,
+        username: str | None,
+        kind: str,
+        *,
+        source: str | None = None,
+        client: str | None = None,
+    ) -> str:
         """Store an upload; with no stated owner (auth off, no `username`) link it by `client` (attribution.py)."""
         if not username and client and self.settings.AUTH_MODE == "none":
             username = participant_of(self.db, client)
             source = "client" if username else None
-        image_id = self.svc.images.save(data, app=APP, user=username or None, kind=kind, filename=filename,
-                                        user_source=source if username else None, client_key=client)
+        image_id = self.svc.images.save(
+            data,
+            app=APP,
+            user=username or None,
+            kind=kind,
+            filename=filename,
+            user_source=source if username else None,
+            client_key=client,
+        )
         return absolute_image_url(image_id, self.base_url)
 
     def time_record(self, body: Any, client: str | None = None) -> None:
@@ -453,10 +680,19 @@ class IdeationService:
         now = datetime.now(UTC)
         self.db.ideation_users.update_one(
             {"username": username},
-            {"$setOnInsert": {"username": username, "designTask": "", "currentStage": L.STAGE_NOT_READY,
-                              "designBriefSchemes": [], "sketchSchemes": [], "modelImageSchemes": [],
-                              "renderingSchemes": [], "created_at": now},
-             "$set": {"last_seen_at": now}},
+            {
+                "$setOnInsert": {
+                    "username": username,
+                    "designTask": "",
+                    "currentStage": L.STAGE_NOT_READY,
+                    "designBriefSchemes": [],
+                    "sketchSchemes": [],
+                    "modelImageSchemes": [],
+                    "renderingSchemes": [],
+                    "created_at": now,
+                },
+                "$set": {"last_seen_at": now},
+            },
             upsert=True,
         )
         return _public_user(self.db.ideation_users.find_one({"username": username}) or {})
@@ -466,8 +702,12 @@ class IdeationService:
         doc = self.db.ideation_users.find_one({"username": username})
         return _public_user(doc) if doc is not None else None
 
-    STAGE_FIELDS = {L.STAGE_BRIEF: "designBriefSchemes", L.STAGE_SKETCH: "sketchSchemes",
-                    L.STAGE_MODEL: "modelImageSchemes", L.STAGE_RENDERING: "renderingSchemes"}
+    STAGE_FIELDS = {
+        L.STAGE_BRIEF: "designBriefSchemes",
+        L.STAGE_SKETCH: "sketchSchemes",
+        L.STAGE_MODEL: "modelImageSchemes",
+        L.STAGE_RENDERING: "renderingSchemes",
+    }
 
     def paint_save(self, username: str, data: dict[str, Any]) -> None:
         schemes = data.get("designSchemes") or {}
@@ -490,19 +730,30 @@ class IdeationService:
     def history(self, username: str, limit: int) -> dict[str, Any]:
         requests = []
         for doc in self.db.ideation_requests.find({"username": username}).sort("created_at", -1).limit(limit):
-            requests.append({
-                "id": doc["_id"], "op": doc.get("op"), "buttonText": doc.get("buttonText"),
-                "aiStage": doc.get("aiStage"), "designTask": doc.get("designTask"), "num": doc.get("num"),
-                "status": doc.get("status"), "error": doc.get("error"),
-                "data": absolute_image_urls(doc.get("data"), self.base_url),
-                "images": [absolute_image_url(i, self.base_url) for i in doc.get("image_ids", [])],
-                "canvas": absolute_image_url(doc["canvas_image_id"], self.base_url) if doc.get("canvas_image_id") else None,
-                "created_at": doc["created_at"].isoformat() if doc.get("created_at") else None,
-                "latency_ms": doc.get("latency_ms"),
-            })
+            requests.append(
+                {
+                    "id": doc["_id"],
+                    "op": doc.get("op"),
+                    "buttonText": doc.get("buttonText"),
+                    "aiStage": doc.get("aiStage"),
+                    "designTask": doc.get("designTask"),
+                    "num": doc.get("num"),
+                    "status": doc.get("status"),
+                    "error": doc.get("error"),
+                    "data": absolute_image_urls(doc.get("data"), self.base_url),
+                    "images": [absolute_image_url(i, self.base_url) for i in doc.get("image_ids", [])],
+                    "canvas": absolute_image_url(doc["canvas_image_id"], self.base_url)
+                    if doc.get("canvas_image_id")
+                    else None,
+                    "created_at": doc["created_at"].isoformat() if doc.get("created_at") else None,
+                    "latency_ms": doc.get("latency_ms"),
+                }
+            )
         timings = [
             {k: v for k, v in t.items() if k != "_id"} | {"received_at": t["received_at"].isoformat()}
-            for t in self.db.ideation_time_records.find({"username": username}).sort("received_at", -1).limit(limit)
+            for t in self.db.ideation_time_records.find({"username": username})
+            .sort("received_at", -1)
+            .limit(limit)
         ]
         return {"username": username, "requests": requests, "timeRecords": timings}
 

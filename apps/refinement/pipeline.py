@@ -527,14 +527,20 @@ def convergence(run: Run, schemes: list[list[str]], num: int) -> list[Stimulus]:
     listed = [{"texts": t} for t in schemes]
     total = s * num
 
-    def chain(items: str, texts_template: str, prompts_template: str, kind: str) -> tuple[list[str], list[GeneratedImage]]:
+    def chain(
+        items: str, texts_template: str, prompts_template: str, kind: str
+    ) -> tuple[list[str], list[GeneratedImage]]:
         """texts per scheme (`items`) -> one SD prompt per text -> one image per prompt."""
         grouped = run.chat(
-            texts_template, texts_template, {"schemes": listed, "num": num},
+            texts_template,
+            texts_template,
+            {"schemes": listed, "num": num},
             counts={"schemes": s, f"schemes[].{items}": num},
         )["schemes"]
         texts = [x for g in grouped for x in g[items]]
-        prompts = run.chat(prompts_template, prompts_template, {items: texts}, counts={"prompts": total})["prompts"]
+        prompts = run.chat(prompts_template, prompts_template, {items: texts}, counts={"prompts": total})[
+            "prompts"
+        ]
         return texts, run.images(f"{kind}_images", kind, prompts)
 
     def scene_chain() -> tuple[list[str], list[GeneratedImage]]:

@@ -281,7 +281,9 @@ class BookRunner:
             return self._finish()
         except JobCancelled as exc:  # or JobShutdown: the book ends failed, code "shutdown"
             self._abort.set()
-            self._set({"status": exc.status, "finished_at": _now(), "error": {**exc.error, "step": self.step}})
+            self._set(
+                {"status": exc.status, "finished_at": _now(), "error": {**exc.error, "step": self.step}}
+            )
             self._writer.flush()
             raise
         except Exception as exc:
@@ -520,11 +522,25 @@ class BookRunner:
                     request.denoising_strength = CHAIN_DENOISE
             result = self._generate(request)
             url, key = self._publish(f"page-{i}", result)
-            self._set({f"pages.{i - 1}.image_id": result.image_id, f"pages.{i - 1}.instance": result.instance,
-                       f"pages.{i - 1}.s3_key": key})
+            self._set(
+                {
+                    f"pages.{i - 1}.image_id": result.image_id,
+                    f"pages.{i - 1}.instance": result.instance,
+                    f"pages.{i - 1}.s3_key": key,
+                }
+            )
             progress = self._advance(f"picture {i}")
-            self.emit("page.image", {"page": i, "url": url, "image_id": result.image_id,
-                                     "instance": result.instance, "seed": result.seed, "progress": progress})
+            self.emit(
+                "page.image",
+                {
+                    "page": i,
+                    "url": url,
+                    "image_id": result.image_id,
+                    "instance": result.instance,
+                    "seed": result.seed,
+                    "progress": progress,
+                },
+            )
             return result
 
         return self._picture_step(draw, f"the illustration of page {i}", page=i)
@@ -535,8 +551,10 @@ class BookRunner:
             url, key = self._publish("cover", result)
             self._set({"cover": {"image_id": result.image_id, "instance": result.instance, "s3_key": key}})
             progress = self._advance("cover")
-            self.emit("cover", {"url": url, "image_id": result.image_id, "instance": result.instance,
-                                "progress": progress})
+            self.emit(
+                "cover",
+                {"url": url, "image_id": result.image_id, "instance": result.instance, "progress": progress},
+            )
             return result
 
         return self._picture_step(draw, "the cover illustration")
@@ -549,11 +567,19 @@ class BookRunner:
         except JobCancelled:
             return None
         except Exception as exc:
-            if self.ctx is not None and self.ctx.manager.aborting:  # the shutdown stopped it: not the picture's fault
+            if (
+                self.ctx is not None and self.ctx.manager.aborting
+            ):  # the shutdown stopped it: not the picture's fault
                 return None
             if isinstance(exc, ModelError):
-                exc = StepFailed("model_error", f"{what} failed: {exc.message}", "illustrations",
-                                 provider=exc.provider, kind=exc.kind, **extra)
+                exc = StepFailed(
+                    "model_error",
+                    f"{what} failed: {exc.message}",
+                    "illustrations",
+                    provider=exc.provider,
+                    kind=exc.kind,
+                    **extra,
+                )
             self._fail(exc)
             raise
 

@@ -665,8 +665,12 @@ class FakeOpenAI:
                 return refused
             files = request.files.getlist("image") or request.files.getlist("image[]")
             if not files:
-                return error_response(400, "Missing required parameter: 'image'.", param="image",
-                                      code="missing_required_parameter")
+                return error_response(
+                    400,
+                    "Missing required parameter: 'image'.",
+                    param="image",
+                    code="missing_required_parameter",
+                )
             entry["form"] = dict(request.form)
             entry["files"] = {"image": files[0].read()}
             if "mask" in request.files:
