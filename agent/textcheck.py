@@ -240,7 +240,9 @@ class SentenceGate:
         tail, self.buffer = self.buffer, ""
         if not tail.strip():
             return ""
-        if truncated:
+        # an unfinished last fragment is dropped when the reply was cut, and also when the model simply
+        # stopped mid-sentence after complete ones: a stored text ends at a sentence end
+        if (truncated or self.text.strip()) and not ends_at_sentence_end(tail):
             whole = trim_to_sentence_end(tail)
             if not whole and self.text.strip():
                 self.dropped.append(tail.strip())

@@ -145,12 +145,23 @@ def _schema_descriptions(schema: dict[str, Any]) -> list[str]:
 class Bench:
     """Runs the steps against one LLM front door (the configured provider)."""
 
-    def __init__(self, llm: LLM, prompts: PromptLibrary, n: int | None, local_ctx: int | None) -> None:
+    def __init__(
+        self, llm: LLM, prompts: PromptLibrary, n: int | None, local_ctx: int | None, seed: int | None = None
+    ) -> None:
         self.llm = llm
+        self.seed = seed  # set: every call gets seed, seed+1, ... (repeatable runs; the tests use it)
+        self._calls = 0
         self.prompts = prompts
         self.n = n
         self.local_ctx = local_ctx
         self.inputs = yaml.safe_load(INPUTS.read_text(encoding="utf-8"))
+
+    def _seeded(self, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        out = dict(params or {})
+        if self.seed is not None:
+            out["seed"] = self.seed + self._calls
+            self._calls += 1
+        return out
 
     def _take(self, items: list[Any]) -> list[Any]:
         return items[: self.n] if self.n else items
@@ -158,7 +169,9 @@ class Bench:
     def _json(self, template: str, variables: dict[str, Any], schema: dict[str, Any]) -> tuple[Any, Sample]:
         rendered = self.prompts.render(template, variables)
         try:
-            result = self.llm.chat(template=template, variables=variables, schema=schema)
+            result = self.llm.chat(
+                template=template, variables=variables, schema=schema, params=self._seeded()
+            )
         except ModelError as exc:
             return None, Sample(text="", result=None, valid=False, error=exc.message)
         data = result.data
@@ -230,7 +243,9 @@ class Bench:
 
     def _page(self, variables: dict[str, Any]) -> Sample:
         try:
-            stream = self.llm.chat(template="storybook/page", variables=variables, stream=True)
+            stream = self.llm.chat(
+                template="storybook/page", variables=variables, stream=True, params=self._seeded()
+            )
             raw = "".join(stream)
         except ModelError as exc:
             return Sample(text="", result=None, error=exc.message)
@@ -262,7 +277,7 @@ class Bench:
                 template=template,
                 variables=variables,
                 messages=rendered.messages,
-                params=params,
+                params=self._seeded(params),
                 word_limit=words,
             )
         except ModelError as exc:
