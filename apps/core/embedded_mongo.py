@@ -5,6 +5,13 @@ talk to it only over the wire, like any MongoDB. A file lock plus a state file
 in DATA_DIR make every gunicorn worker (and every other server process using
 the same DATA_DIR) share one instance: the first caller starts it, later
 callers read its port and reuse it. Only the process that started it stops it.
+
+It runs with `--auth` (SCRAM-SHA-256): any local user on a shared lab PC can reach a localhost
+port, so the study data needs a password. The password is generated once and kept in
+DATA_DIR/embedded-mongo.secret (mode 0600); the user is provisioned the way secantus documents it
+(start once without `--auth` on 127.0.0.1, `createUser`, stop, restart with `--auth`), only when the
+secret file does not exist yet. The URIs handed out carry the credentials: never log them (use
+`redact_uri`).
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ import fcntl
 import json
 import logging
 import os
+import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -20,18 +29,21 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote_plus
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "embedded-mongo.json"
 LOCK_FILE = "embedded-mongo.lock"
+SECRET_FILE = "embedded-mongo.secret"
+USER = "creativity"
 
 
 @dataclass
 class EmbeddedMongo:
-    uri: str
+    uri: str = field(repr=False)  # carries the password
     pid: int
     port: int
     owner: bool  # True when this process started it (and so stops it)
@@ -72,8 +84,38 @@ def _locked(data_dir: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def uri_for(port: int) -> str:
-    return f"mongodb://127.0.0.1:{port}/?directConnection=true"
+def uri_for(port: int, password: str | None = None) -> str:
+    """The server's URI; with `password`, one that authenticates as the provisioned user."""
+    if password is None:
+        return f"mongodb://127.0.0.1:{port}/?directConnection=true"
+    return (
+        f"mongodb://{USER}:{quote_plus(password)}@127.0.0.1:{port}/"
+        "?directConnection=true&authSource=admin&authMechanism=SCRAM-SHA-256"
+    )
+
+
+def redact_uri(uri: str) -> str:
+    """`uri` with any password replaced, for logs."""
+    return re.sub(r"(mongodb(?:\+srv)?://[^:/@]+):[^@]*@", r"\1:***@", uri)
+
+
+def _read_secret(data_dir: Path) -> str | None:
+    try:
+        return (data_dir / SECRET_FILE).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def _write_secret(data_dir: Path, password: str) -> None:
+    """Write the secret atomically, mode 0600 from the start (never readable by others, even briefly)."""
+    tmp = data_dir / f".{SECRET_FILE}.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(password + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, data_dir / SECRET_FILE)
 
 
 def _read_state(data_dir: Path) -> dict | None:
@@ -83,54 +125,129 @@ def _read_state(data_dir: Path) -> dict | None:
         return None
 
 
-def ensure_embedded_mongo(data_dir: Path, port: int = 0, *, startup_timeout: float = 30.0) -> EmbeddedMongo:
-    """Return the host's embedded server, starting it if nobody has."""
-    data_dir = Path(data_dir).resolve()
-    with _locked(data_dir):
-        state = _read_state(data_dir)
-        if state and _alive(state["pid"]) and _answers(state["port"]):
-            return EmbeddedMongo(uri_for(state["port"]), state["pid"], state["port"], owner=False)
-        chosen = port or _free_port()
-        storage = data_dir / "db"
-        storage.mkdir(parents=True, exist_ok=True)
-        logfile = open(data_dir / "embedded-mongo.log", "ab")  # noqa: SIM115 - handed to the child
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "secantus",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(chosen),
-                "--storage-path",
-                str(storage),
-                "--log-level",
-                "WARNING",
-            ],
+def _spawn(data_dir: Path, port: int, *, auth: bool) -> subprocess.Popen:
+    storage = data_dir / "db"
+    storage.mkdir(parents=True, exist_ok=True)
+    args = [
+        sys.executable,
+        "-m",
+        "secantus",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--storage-path",
+        str(storage),
+        "--log-level",
+        "WARNING",
+    ]
+    if auth:
+        args.append("--auth")
+    with open(data_dir / "embedded-mongo.log", "ab") as logfile:
+        return subprocess.Popen(
+            args,
             stdout=logfile,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a Ctrl-C in the dev server's terminal must not kill it first
         )
-        logfile.close()
-        deadline = time.monotonic() + startup_timeout
-        while not _answers(chosen):
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"embedded MongoDB (secantusdb) exited with code {proc.returncode}; "
-                    f"see {data_dir / 'embedded-mongo.log'}"
-                )
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(
-                    f"embedded MongoDB did not answer on port {chosen} within {startup_timeout}s"
-                )
-            time.sleep(0.05)
+
+
+def _wait_answering(proc: subprocess.Popen, port: int, data_dir: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not _answers(port):
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"embedded MongoDB (secantusdb) exited with code {proc.returncode}; "
+                f"see {data_dir / 'embedded-mongo.log'}"
+            )
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"embedded MongoDB did not answer on port {port} within {timeout}s")
+        time.sleep(0.05)
+
+
+def _terminate(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _provision(data_dir: Path, port: int, timeout: float) -> str:
+    """Create the user on a server started without --auth, stop it; return the new password.
+
+    Works on a new and on an existing (unauthenticated) data dir; a user left from a lost secret
+    file gets the new password.
+    """
+    from pymongo import MongoClient
+    from pymongo.errors import OperationFailure
+
+    password = secrets.token_urlsafe(32)
+    proc = _spawn(data_dir, port, auth=False)
+    try:
+        _wait_answering(proc, port, data_dir, timeout)
+        client: MongoClient = MongoClient(uri_for(port), serverSelectionTimeoutMS=int(timeout * 1000))
+        try:
+            admin = client["admin"]
+            try:
+                admin.command("createUser", USER, pwd=password, roles=["root"])
+            except OperationFailure as exc:
+                if "already exists" not in str(exc):
+                    raise
+                admin.command("updateUser", USER, pwd=password)
+        finally:
+            client.close()
+    finally:
+        _terminate(proc)
+    _write_secret(data_dir, password)
+    log.info("embedded MongoDB: user %r provisioned, secret in %s", USER, data_dir / SECRET_FILE)
+    return password
+
+
+def ensure_embedded_mongo(data_dir: Path, port: int = 0, *, startup_timeout: float = 30.0) -> EmbeddedMongo:
+    """Return the host's embedded server (authenticating URI), starting it if nobody has."""
+    data_dir = Path(data_dir).resolve()
+    with _locked(data_dir):
+        state = _read_state(data_dir)
+        password = _read_secret(data_dir)
+        if password and state and _alive(state["pid"]) and _answers(state["port"]):
+            return EmbeddedMongo(uri_for(state["port"], password), state["pid"], state["port"], owner=False)
+        if state and _alive(state["pid"]):
+            # running but not answering, or started before authentication existed: replace it
+            _kill_pid(state["pid"])
+        chosen = port or _free_port()
+        if password is None:
+            password = _provision(data_dir, chosen, startup_timeout)
+        proc = _spawn(data_dir, chosen, auth=True)
+        _wait_answering(proc, chosen, data_dir, startup_timeout)
         (data_dir / STATE_FILE).write_text(
             json.dumps({"pid": proc.pid, "port": chosen, "owner_pid": os.getpid()})
         )
-        log.info("embedded MongoDB started on 127.0.0.1:%s (pid %s, data %s)", chosen, proc.pid, storage)
-        return EmbeddedMongo(uri_for(chosen), proc.pid, chosen, owner=True)
+        log.info(
+            "embedded MongoDB started on 127.0.0.1:%s with auth (pid %s, data %s)",
+            chosen,
+            proc.pid,
+            data_dir / "db",
+        )
+        return EmbeddedMongo(uri_for(chosen, password), proc.pid, chosen, owner=True)
+
+
+def _kill_pid(pid: int, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `timeout`; reaps it when it is our child."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        _reap(pid)
+        time.sleep(0.05)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    _reap(pid)
 
 
 def stop_embedded_mongo(data_dir: Path, timeout: float = 10.0) -> bool:
@@ -143,14 +260,7 @@ def stop_embedded_mongo(data_dir: Path, timeout: float = 10.0) -> bool:
         pid = state["pid"]
         stopped = False
         if _alive(pid):
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while _alive(pid) and time.monotonic() < deadline:
-                _reap(pid)
-                time.sleep(0.05)
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
-            _reap(pid)
+            _kill_pid(pid, timeout)
             stopped = True
         (data_dir / STATE_FILE).unlink(missing_ok=True)
         return stopped
