@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from pymongo import MongoClient, WriteConcern
 from pymongo.errors import OperationFailure
 
-from apps.core.db import RESEARCH_COLLECTIONS, DurableDatabase, gridfs_bucket
+from apps.core.db import RESEARCH_COLLECTIONS, DurableDatabase, coordination, gridfs_bucket
 from apps.core.embedded_mongo import (
     SECRET_FILE,
     STATE_FILE,
@@ -98,20 +99,21 @@ def test_existing_unauthenticated_data_dir_gets_a_user(own_db: Path) -> None:
 
 
 def test_research_collections_cover_every_exported_one() -> None:
-    """Every collection exported as research data is written journaled (`jobs` is coordination)."""
+    """Every collection exported as research data is written journaled."""
     import app  # noqa: F401 - imports every app, which register their export collections
     from apps.core.export import _COLLECTIONS
 
-    missing = set(_COLLECTIONS) - {"jobs"} - RESEARCH_COLLECTIONS
+    missing = set(_COLLECTIONS) - RESEARCH_COLLECTIONS
     assert not missing, f"add to RESEARCH_COLLECTIONS in apps/core/db.py: {sorted(missing)}"
 
 
 def test_write_concerns_are_scoped(mongo_client: MongoClient) -> None:
     db = DurableDatabase(mongo_client, "wc_scope")
-    for name in ("generations", "storyteller_feedback", "refinement_saves"):
+    for name in ("jobs", "generations", "storyteller_feedback", "refinement_saves"):
         assert db[name].write_concern.document.get("j") is True, name
         assert getattr(db, name).write_concern.document.get("j") is True, name
-    for name in ("jobs", "job_events", "ratelimit_counters", "llm_slots", "sd_instances", "sd_waiters"):
+    assert "j" not in coordination(db.jobs).write_concern.document  # lease renewals
+    for name in ("job_events", "ratelimit_counters", "llm_slots", "sd_instances", "sd_waiters"):
         assert "j" not in db[name].write_concern.document, name
     bucket = gridfs_bucket(db)
     assert bucket._files.write_concern.document.get("j") is True
@@ -147,3 +149,71 @@ def test_acknowledged_research_writes_survive_kill_9(own_db: Path) -> None:
     client = MongoClient(again.uri, serverSelectionTimeoutMS=3000)
     assert client["study"]["generations"].count_documents({}) == n
     client.close()
+
+
+# ------------------------------------------------------------------------------------ supervision
+
+
+def _db_call(base: str, job_id: str) -> tuple[requests.Response, float]:
+    started = time.monotonic()
+    resp = requests.get(f"{base}/jobs/{job_id}", timeout=60)
+    return resp, time.monotonic() - started
+
+
+@pytest.mark.timeout(180)
+def test_master_restarts_killed_database_and_calls_fail_fast(
+    gunicorn_server: Any, fake_openai: Any, tmp_path: Path
+) -> None:
+    """kill -9 the master's embedded database: JSON 503 within 5 s, restarted on the same port, recovery."""
+    from tests.test_faults import start_book, story_app_env, until
+
+    data_dir = tmp_path / "master-owned"
+    base = gunicorn_server(
+        workers=2,
+        **story_app_env(
+            fake_openai,
+            MONGO_URI=None,  # the master starts (and so supervises) the database
+            DATA_DIR=str(data_dir),
+            MONGO_DB="supervised",
+            RATE_LIMIT_ENABLED="true",  # the limiter's own client is on the request path too
+            EMBEDDED_MONGO_CHECK_S="1.5",  # an outage long enough to be seen by the first request
+            JOB_LEASE_S="10",  # a loaded test machine must not fail the book before the kill
+        ),
+    )
+    until(lambda: requests.get(f"{base}/health", timeout=10).status_code == 200, 60, "the server up")
+    job_id = start_book(base)
+    until(
+        lambda: requests.get(f"{base}/jobs/{job_id}", timeout=10).json()["status"] == "done", 30, "the book"
+    )
+    before = json.loads((data_dir / STATE_FILE).read_text())
+
+    os.kill(before["pid"], signal.SIGKILL)
+    resp, took = _db_call(base, job_id)
+    assert resp.status_code == 503, (resp.status_code, resp.text[:300])
+    assert resp.headers["Content-Type"].startswith("application/json")
+    assert resp.json()["error"]["code"] == "database_unavailable"
+    assert int(resp.headers["Retry-After"]) > 0
+    print(f"first call after the kill: {resp.status_code} in {took:.2f} s")
+    assert took < 5.0, f"the 503 took {took:.1f} s"
+
+    def restarted() -> dict | None:
+        state = json.loads((data_dir / STATE_FILE).read_text())
+        return state if state["pid"] != before["pid"] else None
+
+    after = until(restarted, 15, "the master to restart the database", step=0.1)
+    assert after["port"] == before["port"], "restarted on another port: the workers' URI is stale"
+    resp = until(
+        lambda: (r := _db_call(base, job_id)[0]).status_code == 200 and r, 15, "requests to succeed again"
+    )
+    assert resp.json()["status"] == "done"  # written before the kill, still there
+    assert (
+        requests.post(
+            f"{base}/storybook/books", json={"description": "after the restart", "pages": 1}, timeout=15
+        ).status_code
+        == 202
+    )
+
+    log = next(tmp_path.glob("gunicorn-*.log")).read_text()
+    assert f"embedded MongoDB restarted on 127.0.0.1:{before['port']}" in log, log[-2000:]
+    password = (data_dir / SECRET_FILE).read_text().strip()
+    assert password not in log and password not in (data_dir / "embedded-mongo.log").read_text()

@@ -9,8 +9,8 @@ them, so a test can check that the list misses none.
 Durability: research data (participants' inputs, saved work, generated items and images, generation
 records, feedback) is written with `j: true` (`RESEARCH_COLLECTIONS`, `research_write_concern`), so an
 acknowledged write survives a kill -9 of the database right after the 200. Coordination collections
-(jobs and their events and leases, rate-limit counters, LLM slots, the SD pool) keep the client's
-default: they are rewritten constantly and a lost update there is re-derived.
+(job events and leases, rate-limit counters, LLM slots, the SD pool) keep the client's default:
+they are rewritten constantly and a lost update there is re-derived.
 """
 
 from __future__ import annotations
@@ -34,10 +34,13 @@ IndexFn = Callable[[Database], None]
 _INDEX_FUNCTIONS: list[IndexFn] = []
 
 IMAGES_BUCKET = "images"
-# Research data: written journaled. Every collection an app registers for export (apps/core/export.py)
-# except `jobs` belongs here; tests/test_db_safety.py checks that none is missed.
+# Research data: written journaled. Every collection exported (apps/core/export.py) belongs here;
+# tests/test_db_safety.py checks that none is missed. `jobs` too: a job's input, status and result are
+# research data, and a lost "done" comes back "working" and is failed by the reaper. Lease renewals
+# (jobs and leased records) go through `coordination()` instead: they are rewritten every heartbeat.
 RESEARCH_COLLECTIONS: frozenset[str] = frozenset(
     {
+        "jobs",
         "generations",
         "ideation_requests",
         "ideation_users",
@@ -69,6 +72,11 @@ SOCKET_TIMEOUT_MS = 10000
 def research_write_concern(base: WriteConcern) -> WriteConcern:
     """`base` (the client's, e.g. `w: majority` from MONGO_URI) plus `j: true`."""
     return WriteConcern(**{**base.document, "j": True})
+
+
+def coordination(collection: Collection) -> Collection:
+    """`collection` with the client's default write concern (no journal wait): for hot rewrites."""
+    return collection.with_options(write_concern=collection.database.client.write_concern)
 
 
 class DurableDatabase(Database):

@@ -26,11 +26,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import quote_plus
 
 log = logging.getLogger(__name__)
@@ -280,3 +282,93 @@ def stop_at_exit(data_dir: Path, server: EmbeddedMongo) -> None:
         from .lifecycle import stop_db_at_exit
 
         stop_db_at_exit(lambda: stop_embedded_mongo(data_dir))
+
+
+class _Log(Protocol):
+    def info(self, msg: str, *args: object) -> None: ...
+    def warning(self, msg: str, *args: object) -> None: ...
+    def error(self, msg: str, *args: object) -> None: ...
+
+
+class Supervisor:
+    """Restart the host's embedded server when it dies, on the same port (workers' URIs stay valid).
+
+    Runs as a thread in gunicorn's master: without it a killed database stays down until someone
+    restarts the whole server. Restarts back off (1 s doubling to `backoff_max_s`) so a server that
+    dies at once is not restarted in a tight loop; the backoff resets after `stable_s` of health.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int,
+        *,
+        interval_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        stable_s: float = 60.0,
+        logger: _Log | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port
+        self.interval_s = interval_s
+        self.backoff_max_s = backoff_max_s
+        self.stable_s = stable_s
+        self.log: _Log = logger or log
+        self.restarts = 0
+        self.started_one = False  # this process started a server, so it stops it at exit
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Supervisor:
+        self._thread = threading.Thread(target=self._run, name="embedded-mongo-supervisor", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop watching (before the server is stopped on purpose, or it would be restarted)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def healthy(self) -> bool:
+        state = _read_state(self.data_dir)
+        if not state:
+            return False
+        _reap(state["pid"])  # our own dead child stays a zombie (and "alive") until reaped
+        return _alive(state["pid"]) and _answers(state["port"])
+
+    def _run(self) -> None:
+        delay = 1.0
+        next_try = 0.0
+        healthy_since = time.monotonic()
+        misses = 0
+        while not self._stop.wait(self.interval_s):
+            if self.healthy():
+                misses = 0
+                if time.monotonic() - healthy_since > self.stable_s:
+                    delay = 1.0
+                continue
+            misses += 1
+            if misses < 2 or time.monotonic() < next_try:
+                continue  # one missed probe may be a busy server; a restart in backoff waits its turn
+            state = _read_state(self.data_dir) or {}
+            self.log.warning(
+                "embedded MongoDB on 127.0.0.1:%s (pid %s) is down; restarting", self.port, state.get("pid")
+            )
+            try:
+                server = ensure_embedded_mongo(self.data_dir, self.port)
+            except Exception as exc:  # noqa: BLE001 - any failure: log it, retry after the backoff
+                self.log.error("embedded MongoDB restart failed: %s; next try in %.0f s", exc, delay)
+            else:
+                self.restarts += 1
+                self.started_one = self.started_one or server.owner
+                self.log.warning(
+                    "embedded MongoDB restarted on 127.0.0.1:%s (pid %s; restart %d)",
+                    server.port,
+                    server.pid,
+                    self.restarts,
+                )
+                healthy_since = time.monotonic()
+                misses = 0
+            next_try = time.monotonic() + delay
+            delay = min(delay * 2, self.backoff_max_s)
