@@ -1,6 +1,7 @@
 """Shared fixtures: real servers on 127.0.0.1 only.
 
-- `mongo_uri`: the embedded MongoDB (secantusdb, its own process) once per test session.
+- `mongo_uri`: the embedded MongoDB (secantusdb, its own process, with --auth; the URI carries the
+  password) once per test session.
 - `fake_openai`, `fake_sd`: real HTTP fake model servers (tests/fakes).
 - `make_app(**overrides)`: a fresh app per test on its own fresh database.
 """
