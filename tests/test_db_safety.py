@@ -217,3 +217,26 @@ def test_master_restarts_killed_database_and_calls_fail_fast(
     assert f"embedded MongoDB restarted on 127.0.0.1:{before['port']}" in log, log[-2000:]
     password = (data_dir / SECRET_FILE).read_text().strip()
     assert password not in log and password not in (data_dir / "embedded-mongo.log").read_text()
+
+
+@pytest.mark.timeout(120)
+def test_supervisor_restarts_then_stops_watching(own_db: Path) -> None:
+    """Restart on the same port after a kill -9; after stop() (the master's exit) a kill stays a kill."""
+    from apps.core.embedded_mongo import Supervisor
+    from tests.test_faults import until
+
+    first = ensure_embedded_mongo(own_db)
+    supervisor = Supervisor(own_db, first.port, interval_s=0.2).start()
+    try:
+        os.kill(first.pid, signal.SIGKILL)
+        until(lambda: supervisor.restarts == 1 and supervisor.healthy(), 20, "the restart", step=0.1)
+        state = json.loads((own_db / STATE_FILE).read_text())
+        assert state["pid"] != first.pid and state["port"] == first.port and supervisor.started_one
+        client: MongoClient = MongoClient(first.uri, serverSelectionTimeoutMS=3000)  # the old URI works
+        client["study"]["x"].count_documents({})  # a command that needs the credentials
+        client.close()
+    finally:
+        supervisor.stop()
+    os.kill(state["pid"], signal.SIGKILL)
+    time.sleep(1.0)
+    assert supervisor.restarts == 1 and not supervisor.healthy(), "restarted after stop()"
