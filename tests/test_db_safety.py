@@ -176,7 +176,8 @@ def test_master_restarts_killed_database_and_calls_fail_fast(
             DATA_DIR=str(data_dir),
             MONGO_DB="supervised",
             RATE_LIMIT_ENABLED="true",  # the limiter's own client is on the request path too
-            EMBEDDED_MONGO_CHECK_S="1.5",  # an outage long enough to be seen by the first request
+            # an outage (2 missed checks + the restart, >= 3.5 s) longer than a call's 2 s server selection
+            EMBEDDED_MONGO_CHECK_S="2.5",
             JOB_LEASE_S="10",  # a loaded test machine must not fail the book before the kill
         ),
     )
@@ -189,7 +190,7 @@ def test_master_restarts_killed_database_and_calls_fail_fast(
 
     os.kill(before["pid"], signal.SIGKILL)
     resp, took = _db_call(base, job_id)
-    assert resp.status_code == 503, (resp.status_code, resp.text[:300])
+    assert resp.status_code == 503, (resp.status_code, f"{took:.2f} s", resp.text[:300])
     assert resp.headers["Content-Type"].startswith("application/json")
     assert resp.json()["error"]["code"] == "database_unavailable"
     assert int(resp.headers["Retry-After"]) > 0
