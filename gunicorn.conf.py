@@ -1,7 +1,8 @@
 """gunicorn settings: gthread workers so SSE streams and websockets aren't killed by the sync timeout.
 
 The master starts the embedded MongoDB once for the host (when MONGO_URI is unset)
-and hands its URI to the workers through the environment; it stops it on exit.
+and hands its URI (with the credentials; never logged) to the workers through the environment,
+supervises it (restarts it on the same port when it dies) and stops it on exit.
 On SIGTERM each worker stops taking jobs, lets running ones finish within `graceful_timeout`
 (or stops them and marks them failed, code `shutdown`), then closes its database clients.
 """
@@ -28,10 +29,12 @@ max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", "0"))
 
 _started_mongo = False
 _started_llm = False
+_mongo_port = 0
+_supervisor = None  # apps.core.embedded_mongo.Supervisor, in the master, when it owns the database
 
 
 def on_starting(server) -> None:  # noqa: ANN001 - gunicorn hook signature
-    global _started_mongo, _started_llm
+    global _started_mongo, _started_llm, _mongo_port
     _prepare_metrics_dir()
     from config import exit_on_config_error, load_settings
 
@@ -56,13 +59,30 @@ def on_starting(server) -> None:  # noqa: ANN001 - gunicorn hook signature
         server.log.info("shared local model server at %s", url)
     if os.environ.get("MONGO_URI"):
         return
-    from apps.core.embedded_mongo import ensure_embedded_mongo
+    from apps.core.embedded_mongo import ensure_embedded_mongo, redact_uri
 
     mongo = ensure_embedded_mongo(settings.DATA_DIR, settings.EMBEDDED_MONGO_PORT)
     os.environ["MONGO_URI"] = mongo.uri
     os.environ["EMBEDDED_MONGO"] = "1"  # so /health can still say the database is the embedded one
     _started_mongo = mongo.owner
-    server.log.info("embedded MongoDB at %s (%s)", mongo.uri, "started" if mongo.owner else "shared")
+    _mongo_port = mongo.port
+    server.log.info(
+        "embedded MongoDB at %s (%s)", redact_uri(mongo.uri), "started" if mongo.owner else "shared"
+    )
+
+
+def when_ready(server) -> None:  # noqa: ANN001
+    """Supervise the embedded database from the master (after any daemonize fork, which drops threads)."""
+    global _supervisor
+    if not _mongo_port:
+        return
+    from apps.core.embedded_mongo import Supervisor
+    from config import load_settings
+
+    interval_s = float(os.environ.get("EMBEDDED_MONGO_CHECK_S", "0.5"))  # how often the master looks
+    _supervisor = Supervisor(
+        load_settings().DATA_DIR, _mongo_port, interval_s=interval_s, logger=server.log
+    ).start()
 
 
 def _local_model_runs(server, settings) -> bool:  # noqa: ANN001 - gunicorn's Arbiter
@@ -107,7 +127,9 @@ def on_exit(server) -> None:  # noqa: ANN001
         from config import load_settings
 
         stop_local_llm_server(load_settings().DATA_DIR / "local-llm")
-    if _started_mongo:
+    if _supervisor is not None:
+        _supervisor.stop()  # first, or it would restart the database stopped below
+    if _started_mongo or (_supervisor is not None and _supervisor.started_one):
         from apps.core.embedded_mongo import stop_embedded_mongo
         from config import load_settings
 

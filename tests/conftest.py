@@ -1,6 +1,7 @@
 """Shared fixtures: real servers on 127.0.0.1 only.
 
-- `mongo_uri`: the embedded MongoDB (secantusdb, its own process) once per test session.
+- `mongo_uri`: the embedded MongoDB (secantusdb, its own process, with --auth; the URI carries the
+  password) once per test session.
 - `fake_openai`, `fake_sd`: real HTTP fake model servers (tests/fakes).
 - `make_app(**overrides)`: a fresh app per test on its own fresh database.
 """
@@ -179,7 +180,10 @@ def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | Non
 
 @pytest.fixture
 def gunicorn_server(base_config: dict[str, Any], tmp_path: Path) -> Iterator[Callable[..., str]]:
-    """gunicorn_server(workers=2, **env) -> base URL of a real gunicorn running app:app."""
+    """gunicorn_server(workers=2, **env) -> base URL of a real gunicorn running app:app.
+
+    An env value of None removes the key (MONGO_URI=None: the master starts its own embedded database).
+    """
     procs: list[subprocess.Popen] = []
 
     def start(workers: int = 2, **env_overrides: Any) -> str:
@@ -189,6 +193,7 @@ def gunicorn_server(base_config: dict[str, Any], tmp_path: Path) -> Iterator[Cal
             **{k: str(v) for k, v in base_config.items()},
             **{k: str(v) for k, v in env_overrides.items()},
         }
+        env = {k: v for k, v in env.items() if k not in env_overrides or env_overrides[k] is not None}
         env["PYTHONPATH"] = str(ROOT)
         log = open(tmp_path / f"gunicorn-{port}.log", "wb")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(

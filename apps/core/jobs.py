@@ -38,7 +38,7 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from agent.types import ModelError
 
-from .db import register_indexes
+from .db import coordination, register_indexes
 from .errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -448,7 +448,7 @@ class JobManager:
             )
             for job_id, seq in seqs.items()
         ]
-        self.db.jobs.bulk_write(ops, ordered=False)
+        coordination(self.db.jobs).bulk_write(ops, ordered=False)  # every heartbeat: no journal wait
 
     def reap(self) -> int:
         """Fail every active job whose lease ran out (its worker died). Returns how many."""
@@ -552,7 +552,7 @@ def _beat_records_of(manager: JobManager) -> None:
     for collection, doc_id in held:
         by_collection.setdefault(collection, []).append(doc_id)
     for collection, ids in by_collection.items():
-        manager.db[collection].update_many(
+        coordination(manager.db[collection]).update_many(
             {"_id": {"$in": ids}, "status": "working"}, {"$set": {"lease_until": until}}
         )
     reap_records(manager.db)

@@ -25,7 +25,7 @@ from cachetools import TTLCache
 from PIL import Image, UnidentifiedImageError
 from pymongo.database import Database
 
-from .db import register_indexes
+from .db import gridfs_bucket, register_indexes
 from .errors import ApiError
 
 ALLOWED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
@@ -144,7 +144,7 @@ class ImageStore:
         cache_ttl_s: float = 60.0,
     ) -> None:
         self.db = db
-        self.bucket = gridfs.GridFSBucket(db, bucket_name="images")
+        self.bucket = gridfs_bucket(db)
         self.max_bytes = max_bytes
         self.max_side = max_side
         self._recent = _RecentImages(cache_bytes, cache_ttl_s) if cache_bytes > 0 else None
