@@ -46,6 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 import requests  # noqa: E402
 
+from tests.servers import gunicorn_argv  # noqa: E402
+
 TARGET_P99_MS = 50.0
 
 
@@ -442,18 +444,7 @@ def one_run(
     }
     log = open(tmp / f"gunicorn-{workers}.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "-c",
-            str(ROOT / "gunicorn.conf.py"),
-            "-w",
-            str(workers),
-            "-b",
-            f"127.0.0.1:{port}",
-            "app:app",
-        ],
+        gunicorn_argv(port, workers),
         cwd=str(ROOT),
         env=env,
         stdout=log,

@@ -61,6 +61,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.servers import gunicorn_argv  # noqa: E402
+
 WORKERS = 4
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 IMAGE_SIDE = 64
@@ -361,18 +363,7 @@ class Harness:
         }
         log = tempfile.TemporaryFile()
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "-c",
-                str(ROOT / "gunicorn.conf.py"),
-                "-w",
-                str(WORKERS),
-                "-b",
-                f"127.0.0.1:{port}",
-                "app:app",
-            ],
+            gunicorn_argv(port, WORKERS),
             cwd=str(ROOT),
             env=env,
             stdout=log,

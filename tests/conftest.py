@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from apps.core.embedded_mongo import ensure_embedded_mongo, stop_embedded_mongo  # noqa: E402
+from tests.servers import gunicorn_argv  # noqa: E402
 
 # Tests never pick up a developer's cloud settings from the environment.
 for _key in (
@@ -197,18 +198,7 @@ def gunicorn_server(base_config: dict[str, Any], tmp_path: Path) -> Iterator[Cal
         env["PYTHONPATH"] = str(ROOT)
         log = open(tmp_path / f"gunicorn-{port}.log", "wb")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "-c",
-                str(ROOT / "gunicorn.conf.py"),
-                "-w",
-                str(workers),
-                "-b",
-                f"127.0.0.1:{port}",
-                "app:app",
-            ],
+            gunicorn_argv(port, workers),
             cwd=str(ROOT),
             env=env,
             stdout=log,
