@@ -14,12 +14,32 @@ from typing import Any
 from flask_cors import CORS
 from flask_openapi3 import Info, OpenAPI
 
+from agent.prompts.cli import register as register_prompts_cli
+from apps import ideation, refinement, storybook, storyteller
+from apps.core.auth import init_auth
+from apps.core.auth import register_cli as register_users_cli
+from apps.core.errors import register_error_handlers, validation_error_response
+from apps.core.export import register_cli as register_export_cli
+from apps.core.indexes import create_core_indexes
+from apps.core.logs import configure_logging
+from apps.core.metrics import init_metrics
+from apps.core.openapi import init_openapi
+from apps.core.ratelimit import init_ratelimit
+from apps.core.resilience import init_resilience
+from apps.core.routes import core_bp, register_doc_routes
+from apps.core.screening import init_screening
+from apps.core.services import build_services
+from apps.core.studies import init_studies
 from config import Settings, exit_on_config_error, load_settings
 
 log = logging.getLogger(__name__)
 
+# The apps, each a package with `init_app(app, services)`: blueprint, indexes, export collections, CLI.
+APPS = (storybook, ideation, refinement, storyteller)
+
 
 def create_app(test_config: dict[str, Any] | None = None) -> OpenAPI:
+    """Start-up in one visible order; each step is one call."""
     settings = load_settings(test_config)
     app = OpenAPI(
         __name__,
@@ -33,18 +53,29 @@ def create_app(test_config: dict[str, Any] | None = None) -> OpenAPI:
         validation_error_status=422,
     )
     init_config(app, settings)
-    init_logging(app, settings)
-    init_errors(app)
+    configure_logging(app, settings)
+    register_error_handlers(app)
+    init_screening(app)  # hostile-input screening of every body, before any route reads it
     init_resilience(app)
     init_cors(app, settings)
-    services = init_services(app, settings)
-    init_indexes(app)
-    init_routes(app, settings)
+    services = build_services(settings)
+    app.extensions["services"] = services
+    create_core_indexes(services.db)
+    app.register_api(core_bp)
+    register_doc_routes(app)
+    init_metrics(app)
+    app.config["APPS_MOUNTED"] = []
+    for package in APPS:
+        package.init_app(app, services)
     init_auth(app)
-    init_openapi(app, settings)
+    init_openapi(app, settings.AUTH_MODE)  # /openapi.json for this AUTH_MODE
     init_ratelimit(app, settings)
-    init_cli(app)
-    init_studies(app, services)
+    register_prompts_cli(app)
+    register_users_cli(app)
+    register_export_cli(app)
+    init_studies(
+        app, services
+    )  # STUDY conditions, cost per call, model metrics, /dashboard/, `flask study|calls`
     services.jobs.start()
     return app
 
@@ -59,53 +90,7 @@ def init_config(app: OpenAPI, settings: Settings) -> None:
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
-    from apps.core.errors import validation_error_response
-
     app.validation_error_callback = validation_error_response
-
-
-def init_studies(app: OpenAPI, services: Any) -> None:
-    """STUDY conditions, cost per call, model metrics, /dashboard/, `flask study|calls`."""
-    from apps.core.studies import init_studies as _init
-
-    _init(app, services)
-
-
-def init_logging(app: OpenAPI, settings: Settings) -> None:
-    from apps.core.logs import configure_logging
-
-    configure_logging(app, settings)
-
-
-def init_errors(app: OpenAPI) -> None:
-    from apps.core.errors import register_error_handlers
-
-    register_error_handlers(app)
-
-
-def init_resilience(app: OpenAPI) -> None:
-    from apps.core.resilience import init_resilience as _init
-
-    _init(app)
-
-
-def init_auth(app: OpenAPI) -> None:
-    from apps.core.auth import init_auth as _init
-
-    _init(app)
-
-
-def init_openapi(app: OpenAPI, settings: Settings) -> None:
-    """/openapi.json for this AUTH_MODE: its security schemes, stream models, the API guide."""
-    from apps.core.openapi import init_openapi as _init
-
-    _init(app, settings.AUTH_MODE)
-
-
-def init_ratelimit(app: OpenAPI, settings: Settings) -> None:
-    from apps.core.ratelimit import init_ratelimit as _init
-
-    _init(app, settings)
 
 
 def init_cors(app: OpenAPI, settings: Settings) -> None:
@@ -136,70 +121,6 @@ def _merge_vary(resp: Any) -> Any:
         merged = list(dict.fromkeys(v.strip() for value in values for v in value.split(",") if v.strip()))
         resp.headers["Vary"] = ", ".join(merged)
     return resp
-
-
-def init_services(app: OpenAPI, settings: Settings) -> Any:
-    from agent.factory import build_image_provider, build_llm
-    from agent.prompts import PromptLibrary
-    from apps.core.context import Services
-    from apps.core.db import connect
-    from apps.core.jobs import JobManager
-    from apps.core.lifecycle import track
-    from apps.core.sse import JobWatcher
-    from apps.core.storage import ImageStore
-
-    client, db = connect(settings)
-    store = ImageStore(
-        db,
-        max_bytes=settings.MAX_IMAGE_BYTES,
-        max_side=settings.MAX_IMAGE_SIDE,
-        cache_bytes=settings.IMAGE_CACHE_MB << 20,
-    )
-    prompts = PromptLibrary(settings.PROMPTS_DIR)
-    jobs = JobManager(db, workers=settings.JOB_WORKERS, lease_s=settings.JOB_LEASE_S)
-    services = Services(
-        settings=settings,
-        client=client,
-        db=db,
-        images=store,
-        jobs=jobs,
-        watcher=JobWatcher(jobs, poll_s=settings.SSE_POLL_S),
-        llm=build_llm(settings, db, prompts),
-        image_provider=build_image_provider(settings, db, store.save),
-        prompts=prompts,
-    )
-    app.extensions["services"] = services
-    track(services)  # closed at exit before the embedded database stops (flask commands, dev server)
-    return services
-
-
-def init_routes(app: OpenAPI, settings: Settings) -> None:
-    from apps.core.metrics import init_metrics
-    from apps.core.routes import core_bp, register_doc_routes
-    from apps.routes import register_apps
-
-    app.register_api(core_bp)
-    register_doc_routes(app)
-    init_metrics(app)
-    app.config["APPS_MOUNTED"] = register_apps(app, settings.ROOT_APP)
-
-
-def init_indexes(app: OpenAPI) -> None:
-    """Every index of the core and of every app, from one explicit list (no import-order dependence):
-    each process (every gunicorn worker) creates them all at start."""
-    from apps.indexes import create_all_indexes
-
-    create_all_indexes(app.extensions["services"].db)
-
-
-def init_cli(app: OpenAPI) -> None:
-    from agent.prompts_cli import register as register_prompts
-    from apps.core.auth import register_cli as register_users
-    from apps.core.export import register_cli as register_export
-
-    register_prompts(app)
-    register_users(app)
-    register_export(app)
 
 
 _app: OpenAPI | None = None

@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -314,8 +313,3 @@ def load_settings(overrides: dict[str, Any] | None = None, *, use_env: bool = Tr
         raise ConfigError.from_validation(exc) from exc
     except SettingsError as exc:  # a source that could not be read or decoded at all
         raise ConfigError([(None, str(exc))]) from exc
-
-
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    return load_settings()

@@ -30,7 +30,8 @@ from pymongo import ASCENDING, ReturnDocument
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from agent.prompts import PromptError, PromptLibrary, _check_params
+from agent.prompts import PromptError, PromptLibrary
+from agent.prompts.library import check_params
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def parse_study(name: str, path: Path, text: str) -> Study:
             if not isinstance(variant, str) or not variant:
                 raise StudyError(f"{cwhere}: templates.{tname} must name a variant, e.g. warm")
         try:
-            params = _check_params(body.get("params"), cwhere)
+            params = check_params(body.get("params"), cwhere)
         except PromptError as exc:
             raise StudyError(str(exc)) from exc
         desc = body.get("description")

@@ -2,7 +2,7 @@
 
     python bench/quality.py [--provider local|openai] [--model smollm2-135m|gemma3-270m] [--n N] [--json]
 
-Each step renders the real template from settings/ (agent/prompts.py) and calls the LLM front door
+Each step renders the real template from settings/ (agent/prompts/library.py) and calls the LLM front door
 (agent/llm.py) with the schema and post-processing the app uses (storyteller replies pass the app's
 sentence gate; page texts the storybook's clean_page), so the figures are what a participant gets.
 Inputs: bench/quality_inputs.yaml. `--provider openai` uses OPENAI_BASE_URL / OPENAI_API_KEY / LLM_MODEL

@@ -15,7 +15,6 @@ import pytest
 from bson import json_util
 
 from agent.llm import CallContext
-from apps.core.export import _COLLECTIONS, register_export_collection
 from tests.fakes.pngs import png_bytes
 
 
@@ -151,8 +150,9 @@ def test_export_rejects_bad_arguments(openai_app: Any, tmp_path: Path) -> None:
 def test_app_registered_collection_is_exported(
     openai_app: Any, tmp_path: Path, make_app: Callable[..., Any]
 ) -> None:
-    db = openai_app.extensions["services"].db
-    register_export_collection("storybook_test_books", "storybook", "user")
+    svc = openai_app.extensions["services"]
+    db = svc.db
+    svc.exports.add("storybook_test_books", "storybook", "user")
     try:
         db.storybook_test_books.insert_many([{"user": "alice", "title": "A"}, {"user": "bob", "title": "B"}])
         runner = openai_app.test_cli_runner()
@@ -164,4 +164,4 @@ def test_app_registered_collection_is_exported(
         res = runner.invoke(args=["export", "--app", "ideation", "--out", str(tmp_path / "i")])
         assert res.exit_code == 0 and not (tmp_path / "i" / "storybook_test_books.jsonl").exists()
     finally:
-        _COLLECTIONS.pop("storybook_test_books", None)
+        db.storybook_test_books.drop()

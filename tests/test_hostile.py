@@ -470,7 +470,9 @@ def test_reaper_fails_expired_records_and_spares_live_ones(open_app: Any) -> Non
             {"_id": "done", "status": "done", "lease_until": now - timedelta(seconds=60), "created_at": now},
         ]
     )
-    assert reap_records(db) == 1
+    leased = open_app.extensions["services"].jobs.leased_collections
+    assert "ideation_requests" in leased  # the ideation app declared it at start-up
+    assert reap_records(db, leased) == 1
     dead = db.ideation_requests.find_one({"_id": "dead"})
     assert dead["status"] == "failed" and dead["error_code"] == "runner_died" and dead["error"]
     assert db.ideation_requests.find_one({"_id": "live"})["status"] == "working"

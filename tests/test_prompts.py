@@ -1,4 +1,4 @@
-"""Prompt templates (agent/prompts.py) and `flask prompts` (agent/prompts_cli.py).
+"""Prompt templates (agent/prompts/library.py) and `flask prompts` (agent/prompts/cli.py).
 
 Template trees are built in tmp_path, so these tests do not depend on any app's templates;
 one test checks the project's real settings/ folder, whatever it holds at test time.
@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from flask import Flask
 
 from agent.prompts import PromptError, PromptLibrary, RenderedPrompt, Template, default_library, library_for
-from agent.prompts_cli import prompts_group, register
+from agent.prompts.cli import prompts_group, register
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -495,7 +495,7 @@ def test_books_api_streams_page_deltas_and_keeps_the_book(
     from apps.core.export import export_study
 
     with open_app.app_context():
-        counts = export_study(svc.db, tmp_path / "export", app="storybook", user="alice")
+        counts = export_study(svc.db, tmp_path / "export", app="storybook", catalog=svc.exports, user="alice")
     assert counts["storybooks"] == 1 and counts["images"] == 4
     exported = (tmp_path / "export" / "storybooks.jsonl").read_text()
     assert book["id"] in exported and page_text(2) in exported

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from agent.llm import CallContext
 from agent.prompts import PromptError, PromptLibrary
-from agent.prompts_cli import prompts_group
+from agent.prompts.cli import prompts_group
 from agent.studies import PARTICIPANTS, StudyAssigner, StudyError, check_studies, load_study, parse_study
 from tests.test_storybook import openai_settings, read, story_responder
 

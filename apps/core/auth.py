@@ -40,7 +40,6 @@ from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
 
 from .context import services
-from .db import register_indexes
 from .errors import ApiError
 from .openapi import PROTECTED, body_example
 
@@ -55,8 +54,7 @@ class User:
         return self.role == "admin"
 
 
-@register_indexes
-def _indexes(db: Database) -> None:
+def create_indexes(db: Database) -> None:
     db.users_auth.create_index("name", unique=True)
     db.users_auth.create_index("key_hashes")
 

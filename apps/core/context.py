@@ -17,6 +17,7 @@ from pymongo.database import Database
 
 from config import Settings
 
+from .export_catalog import ExportCatalog
 from .jobs import JobManager
 from .sse import JobWatcher
 from .storage import ImageStore
@@ -40,6 +41,7 @@ class Services:
     llm: LLM
     image_provider: ImageProvider
     prompts: PromptLibrary
+    exports: ExportCatalog = field(default_factory=ExportCatalog)  # filled by each app's init_app
     extras: dict[str, Any] = field(default_factory=dict)
 
     closers: list[Callable[[], None]] = field(default_factory=list)

@@ -2,9 +2,8 @@
 
 `MONGO_URI` set: use it (a replica set or Atlas in production). Unset: the
 embedded server (see embedded_mongo.py), shared by every worker on the host.
-Index functions are listed in `apps/indexes.py` and all run in every process at
-start-up (creating an existing index is a no-op). `register_indexes` only marks
-them, so a test can check that the list misses none.
+Indexes: every process creates them at start-up (creating an existing index is a
+no-op): the core's in `apps/core/indexes.py`, each app's in its `init_app`.
 
 Durability: research data (participants' inputs, saved work, generated items and images, generation
 records, feedback) is written with `j: true` (`RESEARCH_COLLECTIONS`, `research_write_concern`), so an
@@ -16,7 +15,6 @@ they are rewritten constantly and a lost update there is re-derived.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import gridfs
@@ -30,8 +28,6 @@ from .embedded_mongo import ensure_embedded_mongo, stop_at_exit
 
 log = logging.getLogger(__name__)
 
-IndexFn = Callable[[Database], None]
-_INDEX_FUNCTIONS: list[IndexFn] = []
 
 IMAGES_BUCKET = "images"
 # Research data: written journaled. Every collection exported (apps/core/export.py) belongs here;
@@ -95,13 +91,6 @@ class DurableDatabase(Database):
         return super().get_collection(name, *args, **kwargs)
 
 
-def register_indexes(fn: IndexFn) -> IndexFn:
-    """Decorator: mark `fn(db)` as an index function (it must also be listed in apps/indexes.py)."""
-    if fn not in _INDEX_FUNCTIONS:
-        _INDEX_FUNCTIONS.append(fn)
-    return fn
-
-
 def resolve_mongo_uri(settings: Settings) -> str:
     if settings.MONGO_URI:
         return settings.MONGO_URI
@@ -122,11 +111,6 @@ def connect(settings: Settings) -> tuple[MongoClient, Database]:
         appname="creativity-server",
     )
     return client, DurableDatabase(client, settings.MONGO_DB)
-
-
-def registered_index_functions() -> list[IndexFn]:
-    """The marked index functions of the modules imported so far (for the completeness test)."""
-    return list(_INDEX_FUNCTIONS)
 
 
 def gridfs_bucket(db: Database) -> gridfs.GridFSBucket:

@@ -9,14 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Response, has_request_context, jsonify, request
+from flask import Flask, Response, current_app, has_request_context, jsonify, request
 
 SUCCESS = 0
 BUSINESS_FAIL = 1
-AGENT_FAIL = 2
-
-_ENVELOPE_BLUEPRINTS: set[str] = set()
-_ENVELOPE_PREFIXES: set[str] = set()
 
 
 class BusinessException(Exception):
@@ -29,21 +25,39 @@ class BusinessException(Exception):
         self.status = status
 
 
-def mark_envelope(blueprint_name: str, url_prefix: str | None = None) -> None:
-    """Declare that a blueprint's errors use the envelope (its frontend expects it)."""
-    _ENVELOPE_BLUEPRINTS.add(blueprint_name)
-    if url_prefix:
-        _ENVELOPE_PREFIXES.add(url_prefix.rstrip("/") + "/")
+class EnvelopeScope:
+    """The blueprints (and URL prefixes, for unmatched paths) whose errors use the envelope.
+
+    Held in `app.extensions["envelope"]`, filled when each app mounts its blueprint.
+    """
+
+    def __init__(self) -> None:
+        self.blueprints: set[str] = set()
+        self.prefixes: set[str] = set()
+
+    def add(self, blueprint_name: str, url_prefix: str | None = None) -> None:
+        self.blueprints.add(blueprint_name)
+        if url_prefix:
+            self.prefixes.add(url_prefix.rstrip("/") + "/")
+
+    def covers(self, blueprint: str | None, path: str, matched: bool) -> bool:
+        if blueprint and blueprint.split(".")[0] in self.blueprints:
+            return True
+        if not matched:  # unmatched route: decide by prefix
+            return any(path.startswith(p) for p in self.prefixes)
+        return False
+
+
+def envelope_scope(app: Flask) -> EnvelopeScope:
+    """This app's envelope scope (created on first use)."""
+    return app.extensions.setdefault("envelope", EnvelopeScope())
 
 
 def uses_envelope() -> bool:
     if not has_request_context():
         return False
-    if request.blueprint and request.blueprint.split(".")[0] in _ENVELOPE_BLUEPRINTS:
-        return True
-    if request.url_rule is None:  # unmatched route: decide by prefix
-        return any(request.path.startswith(p) for p in _ENVELOPE_PREFIXES)
-    return False
+    scope: EnvelopeScope | None = current_app.extensions.get("envelope")
+    return scope is not None and scope.covers(request.blueprint, request.path, request.url_rule is not None)
 
 
 def envelope(data: Any = None, *, status: int = 200) -> Response:

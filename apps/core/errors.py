@@ -161,10 +161,6 @@ def register_error_handlers(app: Flask) -> None:
         if limit and request.content_length is not None and request.content_length > limit:
             raise RequestEntityTooLarge()
 
-    from .screening import init_screening
-
-    init_screening(app)
-
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> Response:
         return error_response(exc.status, exc.message, code=exc.code, detail=exc.detail, headers=exc.headers)

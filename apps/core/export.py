@@ -14,7 +14,7 @@ writes into OUT:
 Dates in the CSV are ISO 8601 with their zone (UTC). Generation rows get prompt/completion/total
 tokens and, with a price table (MODEL_PRICES), `cost_usd`. On a terminal a progress line goes to
 stderr. Collections: `generations` (every model call) and `jobs` filtered by app (+ user), the events of
-those jobs, plus every collection an app registered with `register_export_collection`.
+those jobs, plus every collection an app added to the export catalog (`services.exports`, apps/core/export_catalog.py).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from pymongo.database import Database
 from config import APP_NAMES
 
 from .context import services
+from .export_catalog import ExportCatalog, ExportCollection
 from .export_rows import (
     IMAGE_COLUMNS,
     Progress,
@@ -50,29 +51,7 @@ from .export_rows import (
     utc,
 )
 
-
-@dataclass(frozen=True)
-class ExportCollection:
-    """How to select one app's (and one user's) documents of a collection."""
-
-    owner_app: str | None  # the collection belongs to this app only (None: shared, filtered by app_field)
-    app_field: str | None  # field holding the app name, for shared collections
-    user_field: str | None  # field holding the user name (None: the user filter does not apply)
-    time_field: str = "created_at"
-
-
-_COLLECTIONS: dict[str, ExportCollection] = {
-    "generations": ExportCollection(None, "app", "user"),
-    "jobs": ExportCollection(None, "app", "owner"),
-}
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
-
-
-def register_export_collection(
-    collection: str, app_name: str, user_field: str | None = "user", time_field: str = "created_at"
-) -> None:
-    """Apps call this for their own collections so `flask export --app` includes them."""
-    _COLLECTIONS[collection] = ExportCollection(app_name, None, user_field, time_field)
 
 
 def _since_filter(field: str, since: datetime) -> dict[str, Any]:
@@ -132,6 +111,7 @@ def export_study(
     out: Path,
     *,
     app: str,
+    catalog: ExportCatalog,
     user: str | None = None,
     since: datetime | None = None,
     filters: StudyFilters | None = None,
@@ -144,7 +124,7 @@ def export_study(
     bar = Progress(progress)
     counts: dict[str, int] = {}
     job_ids: list[Any] = []
-    for name, spec in _COLLECTIONS.items():
+    for name, spec in catalog.items():
         if spec.owner_app is not None and spec.owner_app != app:
             continue
         if spec.user_field is None and (user or filters.condition):
@@ -323,7 +303,7 @@ def register_cli(app: Flask) -> None:
         filters = StudyFilters(session=session, until=until_dt, condition=condition,
                                study=study or svc.settings.STUDY or None)  # fmt: skip
         counts = export_study(
-            svc.db, out, app=app_name, user=user, since=since_dt, filters=filters,
+            svc.db, out, app=app_name, catalog=svc.exports, user=user, since=since_dt, filters=filters,
             prices=svc.extras.get("prices"), progress=sys.stderr.isatty(),
         )  # fmt: skip
         for name, count in counts.items():

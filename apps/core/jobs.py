@@ -38,7 +38,7 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from agent.types import ModelError
 
-from .db import coordination, register_indexes
+from .db import coordination
 from .errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,7 @@ class JobShutdown(JobCancelled):
     error = SHUTDOWN_ERROR
 
 
-@register_indexes
-def _indexes(db: Database) -> None:
+def create_indexes(db: Database) -> None:
     db.jobs.create_index([("status", ASCENDING), ("lease_until", ASCENDING)])
     db.jobs.create_index([("owner", ASCENDING), ("app", ASCENDING), ("created_at", -1)])
     db.jobs.create_index([("app", ASCENDING), ("legacy_id", ASCENDING)], sparse=True)
@@ -102,9 +101,6 @@ class JobContext:
         self.manager.update(self.job_id, progress={"current": current, "total": total, "message": message})
         self.event("progress", {"current": current, "total": total, "message": message})
 
-    def set_data(self, data: Any) -> None:
-        self.manager.update(self.job_id, data=data)
-
     def cancelled(self) -> bool:
         if self.manager.aborting:
             return True
@@ -138,6 +134,7 @@ class JobManager:
         self._beat_stop = threading.Event()  # heartbeat off (after the drain: leases renew while it runs)
         self._idle = threading.Condition(self._lock)
         self._heartbeat: threading.Thread | None = None
+        self.leased_collections: set[str] = set()  # see lease_collection()
         # (app, owner, job id) -> extra fields (study, condition); set by apps/core/studies.py
         self.annotate: Callable[[str, str | None, str], dict[str, Any]] | None = None
         self._drain: threading.Thread | None = None
@@ -147,6 +144,11 @@ class JobManager:
         self._seqs: dict[str, int] = {}
 
     # ---- lifecycle
+
+    def lease_collection(self, name: str) -> None:
+        """Records of `name` with `status: working` carry a lease (`holding`); the reaper fails expired ones."""
+        self.leased_collections.add(name)
+
     def start(self) -> None:
         if self._heartbeat is None:
             self._heartbeat = threading.Thread(target=self._beat, name="job-heartbeat", daemon=True)
@@ -480,20 +482,14 @@ class JobManager:
 # request, not as a job), kept alive by the same heartbeat and failed by the same reaper when their
 # process dies, instead of staying `working` forever
 
-LEASED_COLLECTIONS: set[str] = set()
 RECORD_DIED = "the worker serving this request stopped (killed or crashed) before it finished; retry it"
 
 
-def register_leased_collection(name: str) -> None:
-    """Records of `name` with `status: working` carry a lease; the reaper fails expired ones."""
-    LEASED_COLLECTIONS.add(name)
-
-
-def reap_records(db: Database, now: datetime | None = None) -> int:
-    """Fail every `working` record of a leased collection whose lease ran out. Returns how many."""
+def reap_records(db: Database, collections: set[str], now: datetime | None = None) -> int:
+    """Fail every `working` record of these leased collections whose lease ran out. Returns how many."""
     now = now or _now()
     count = 0
-    for name in sorted(LEASED_COLLECTIONS):
+    for name in sorted(collections):
         result = db[name].update_many(
             {"status": "working", "lease_until": {"$lt": now}},
             {
@@ -555,7 +551,7 @@ def _beat_records_of(manager: JobManager) -> None:
         coordination(manager.db[collection]).update_many(
             {"_id": {"$in": ids}, "status": "working"}, {"$set": {"lease_until": until}}
         )
-    reap_records(manager.db)
+    reap_records(manager.db, manager.leased_collections)
 
 
 def public_job(doc: dict[str, Any]) -> dict[str, Any]:

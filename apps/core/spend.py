@@ -26,12 +26,10 @@ from pymongo.database import Database
 
 from config import Settings
 
-from .db import register_indexes
 from .errors import ApiError
 
 
-@register_indexes
-def _indexes(db: Database) -> None:
+def create_indexes(db: Database) -> None:
     db.generations.create_index([("user", ASCENDING), ("created_at", DESCENDING)])
 
 
@@ -71,7 +69,6 @@ def check_daily_cap(db: Database, user: str, cap: int, now: datetime | None = No
 def init_spend_cap(app: Flask, settings: Settings, is_generation: Callable[[], bool]) -> None:
     if settings.MODEL_DAILY_CALL_CAP <= 0 or settings.AUTH_MODE == "none":
         return
-    _indexes(app.extensions["services"].db)  # this module may be imported after start-up indexes ran
 
     @app.before_request
     def _daily_cap() -> None:

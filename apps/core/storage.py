@@ -22,10 +22,11 @@ from typing import Any
 
 import gridfs
 from cachetools import TTLCache
+from flask import current_app, has_request_context, request
 from PIL import Image, UnidentifiedImageError
 from pymongo.database import Database
 
-from .db import gridfs_bucket, register_indexes
+from .db import gridfs_bucket
 from .errors import ApiError
 
 ALLOWED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
@@ -44,8 +45,7 @@ class StoredImage:
     uploaded: datetime
 
 
-@register_indexes
-def _indexes(db: Database) -> None:
+def create_indexes(db: Database) -> None:
     db["images.files"].create_index([("metadata.app", 1), ("metadata.user", 1), ("uploadDate", -1)])
     db["images.files"].create_index("metadata.job")
 
@@ -232,15 +232,16 @@ def absolute_image_url(image_id: str, base_url: str | None = None) -> str:
     Frontends on another origin (StepIdeator's Next.js app) need absolute URLs; jobs running
     outside a request pass `base_url` captured when the job was created.
     """
-    from flask import has_request_context, request
-
-    from .context import services
-
     base = base_url
     if base is None:
-        configured = services().settings.PUBLIC_BASE_URL if has_request_context() else None
+        configured = _public_base_url() if has_request_context() else None
         base = configured or (request.host_url if has_request_context() else "")
     return base.rstrip("/") + image_path(image_id)
+
+
+def _public_base_url() -> str | None:
+    """PUBLIC_BASE_URL of the current app (read from its Settings, not from Services: no import cycle)."""
+    return current_app.config["SETTINGS"].PUBLIC_BASE_URL
 
 
 def request_base_url() -> str:
@@ -249,20 +250,14 @@ def request_base_url() -> str:
     Never the request's Host header: a client chooses it, and whatever is stored is later served to
     others. Relative URLs are made absolute when answering (`answer_base_url`, `absolute_image_urls`).
     """
-    from .context import services
-
-    return (services().settings.PUBLIC_BASE_URL or "").rstrip("/")
+    return (_public_base_url() or "").rstrip("/")
 
 
 def answer_base_url() -> str:
     """The base for URLs in *this* answer: PUBLIC_BASE_URL, else the current request's host."""
-    from flask import has_request_context, request
-
-    from .context import services
-
     if not has_request_context():
         return ""
-    return (services().settings.PUBLIC_BASE_URL or request.host_url).rstrip("/")
+    return (_public_base_url() or request.host_url).rstrip("/")
 
 
 _IMAGE_PREFIX = "/images/"

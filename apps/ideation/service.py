@@ -26,11 +26,9 @@ from pymongo.database import Database
 from agent.llm import CallContext
 from agent.types import ImageRequest, ModelError
 from apps.core.context import Services
-from apps.core.db import register_indexes
 from apps.core.envelope import BusinessException
-from apps.core.export import register_export_collection
 from apps.core.image_refs import read_image_ref
-from apps.core.jobs import holding, lease_fields, register_leased_collection
+from apps.core.jobs import holding, lease_fields
 from apps.core.storage import (
     absolute_image_url,
     absolute_image_urls,
@@ -43,14 +41,12 @@ from .attribution import claim_uploads, participant_of
 
 APP = "ideation"
 
-for _name in ("ideation_requests", "ideation_users", "ideation_time_records"):
-    register_export_collection(_name, APP, "username")
+EXPORTED = ("ideation_requests", "ideation_users", "ideation_time_records")  # by "username"
 # a request is stored `working` while it runs in its worker; if that worker dies, the reaper fails it
-register_leased_collection("ideation_requests")
+LEASED = "ideation_requests"
 
 
-@register_indexes
-def _indexes(db: Database) -> None:
+def create_indexes(db: Database) -> None:
     db.ideation_requests.create_index([("username", 1), ("created_at", -1)])
     db.ideation_users.create_index("username", unique=True)
     db.ideation_time_records.create_index([("username", 1), ("received_at", -1)])

@@ -20,8 +20,6 @@ from pymongo import ASCENDING, DESCENDING
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
 
-from apps.core.db import register_indexes
-from apps.core.export import register_export_collection
 from apps.core.storage import absolute_image_url
 
 from . import labels as L
@@ -34,8 +32,6 @@ COLLECTIONS = (
     "refinement_versions",
     "refinement_saves",
 )
-for _name in COLLECTIONS:
-    register_export_collection(_name, L.APP, "username")
 
 FRESH_USER: dict[str, Any] = {
     "currentStage": L.STAGE_NOT_READY,
@@ -54,8 +50,7 @@ USER_FIELDS = (
 )
 
 
-@register_indexes
-def _indexes(db: Database) -> None:
+def create_indexes(db: Database) -> None:
     db.refinement_users.create_index("username", unique=True)
     db.refinement_sessions.create_index([("username", ASCENDING), ("created_at", DESCENDING)])
     db.refinement_sessions.create_index([("client", ASCENDING), ("created_at", DESCENDING)])

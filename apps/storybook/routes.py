@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
+from flask import Response, jsonify, request
 from flask_openapi3 import APIBlueprint, Tag
 from pydantic import BaseModel
 
@@ -242,11 +242,3 @@ def cancel_book(path: BookPath) -> Response:
     """Cancel a queued or running book (same as `DELETE /jobs/<id>`); returns the job."""
     _owned_book(path.book_id)
     return jsonify(public_job(services().jobs.cancel(path.book_id)))
-
-
-def init_app(app: Flask) -> None:
-    """Indexes now (the first app of a process creates indexes before the app modules are imported), and
-    the optional S3 client, so a bad S3 configuration fails at start-up rather than in a book."""
-    svc = app.extensions["services"]
-    service.ensure_indexes(svc.db)
-    s3_images(svc)

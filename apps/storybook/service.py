@@ -16,18 +16,13 @@ from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
 
 from apps.core.context import Services
-from apps.core.db import register_indexes
-from apps.core.export import register_export_collection
 from apps.core.jobs import TERMINAL, new_job_id
 
 from .pipeline import APP, COLLECTION, BookRunner, legacy_final_output, new_legacy_id, picture_url
 from .s3 import S3Images, s3_images
 
-register_export_collection(COLLECTION, APP, "owner")
 
-
-@register_indexes
-def ensure_indexes(db: Database) -> None:
+def create_indexes(db: Database) -> None:
     books = db[COLLECTION]
     books.create_index([("owner", ASCENDING), ("created_at", DESCENDING)])
     books.create_index([("owner", ASCENDING), ("status", ASCENDING), ("finished_at", DESCENDING)])

@@ -29,7 +29,6 @@ from apps.core.errors import ApiError
 from apps.core.openapi import PROTECTED, document_model, raw, sse
 from apps.core.sse import format_sse, sse_response
 
-from . import cli
 from . import service as S
 from .responses import (
     CancelMessage,
@@ -480,15 +479,16 @@ def _is_cancel(message: Any) -> bool:
     return isinstance(data, dict) and data.get("type") == "cancel"
 
 
-def init_app(app: Flask) -> None:
-    """WebSocket routes (flask-sock; simple-websocket under werkzeug and gunicorn gthread) and the CLI."""
+def websocket_blueprint(app: Flask) -> Blueprint:
+    """The WebSocket route (flask-sock; simple-websocket under werkzeug and gunicorn gthread)."""
     app.config.setdefault("SOCK_SERVER_OPTIONS", {"ping_interval": 25})
     sock = Sock()
     ws_bp = Blueprint("storyteller_ws", __name__)
     sock.route("/ws", bp=ws_bp)(websocket)
-    app.register_blueprint(ws_bp, url_prefix="/storyteller")
-    if app.config.get("SETTINGS") is not None and app.config["SETTINGS"].ROOT_APP == "storyteller":
-        app.register_blueprint(ws_bp, url_prefix="", name="storyteller_ws_root")
-    cli.register(app)
+    return ws_bp
+
+
+def init_streams() -> None:
+    """Stream tokens for this app's session streams, and the WebSocket's client message in the docs."""
     register_token_scope(TOKEN_KIND, _is_session_stream)
     document_model(CancelMessage)  # the WebSocket's client message (the socket is not an OpenAPI operation)

@@ -16,21 +16,15 @@ from typing import Any
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.database import Database
 
-from apps.core.db import register_indexes
-from apps.core.export import register_export_collection
-
 SESSIONS = "storyteller_sessions"
 VERSIONS = "storyteller_versions"
 FEEDBACK = "storyteller_feedback"
 KINDS = ("generated", "regenerated", "edited", "rewrite")
 
-register_export_collection(SESSIONS, "storyteller", "user")
-register_export_collection(VERSIONS, "storyteller", "user")
-register_export_collection(FEEDBACK, "storyteller", "user")
+EXPORTED = (SESSIONS, VERSIONS, FEEDBACK)  # `flask export --app storyteller`, by "user"
 
 
-@register_indexes
-def _indexes(db: Database) -> None:
+def create_indexes(db: Database) -> None:
     db[SESSIONS].create_index([("client", ASCENDING), ("updated_at", DESCENDING)])
     db[SESSIONS].create_index([("user", ASCENDING), ("updated_at", DESCENDING)])
     db[VERSIONS].create_index([("session", ASCENDING), ("n", ASCENDING)])

@@ -30,7 +30,7 @@ import jsonschema
 import yaml
 from jinja2 import meta
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SUFFIX = ".j2"
 VARIANT_SEP = "."  # settings/<app>/<name>.<variant>.j2 is a variant of <app>/<name> (studies)
 
@@ -155,7 +155,7 @@ def _split_front_matter(text: str, where: str) -> tuple[str, str, int]:
     raise PromptError(f"{where}: the front matter has no closing '---' line")
 
 
-def _check_params(params: Any, where: str) -> dict[str, Any]:
+def check_params(params: Any, where: str) -> dict[str, Any]:
     if params is None:
         return {}
     if not isinstance(params, dict):
@@ -242,7 +242,7 @@ def parse_template(name: str, path: Path, data: bytes, env: jinja2.Environment) 
     if not isinstance(description, str) or not description.strip():
         raise PromptError(f"{where}: 'description' is required (one line saying what the template is for)")
     system_src = _optional_str(meta_, "system", where)
-    params = _check_params(meta_.get("params"), where)
+    params = check_params(meta_.get("params"), where)
     response_format = meta_.get("response_format") or "text"
     if response_format not in RESPONSE_FORMATS:
         raise PromptError(f"{where}: response_format must be 'text' or 'json', not {response_format!r}")

@@ -2,7 +2,7 @@
 
 Designers use this to see what a template turns into (with its samples or their own
 values) and to check every template before a study. It works inside Flask's CLI
-(the app's PROMPTS_DIR) and standalone: `python -m agent.prompts_cli check`.
+(the app's PROMPTS_DIR) and standalone: `python -m agent.prompts.cli check`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import yaml
 from flask import current_app, has_app_context
 from flask.cli import ScriptInfo
 
-from agent.prompts import PromptError, PromptLibrary, Template, default_library, library_for
+from .library import PromptError, PromptLibrary, Template, default_library, library_for
 
 _ROOT_KEY = "prompts.root"
 
