@@ -22,7 +22,6 @@ from apps.core.export import register_export_collection
 SESSIONS = "storyteller_sessions"
 VERSIONS = "storyteller_versions"
 FEEDBACK = "storyteller_feedback"
-KINDS = ("generated", "regenerated", "edited", "rewrite")
 
 register_export_collection(SESSIONS, "storyteller", "user")
 register_export_collection(VERSIONS, "storyteller", "user")
