@@ -52,11 +52,11 @@ from agent.textcheck import (  # noqa: E402
 )
 from agent.types import ChatResult, ModelError  # noqa: E402
 from apps.refinement.pipeline import exact_counts  # noqa: E402
-from apps.storybook.pipeline import (  # noqa: E402
+from apps.storybook.book_prompts import plan_schema  # noqa: E402
+from apps.storybook.text_cleanup import (  # noqa: E402
     clean_page,
     clean_title,
     page_instructions,
-    plan_schema,
     plan_title,
 )
 from apps.storyteller.reply_gate import gated_reply, prompt_instructions, story_params, token_cap  # noqa: E402
@@ -250,7 +250,7 @@ class Bench:
             raw = "".join(stream)
         except ModelError as exc:
             return Sample(text="", result=None, error=exc.message)
-        # the app's own cleaning (storybook/pipeline.py), then the check on what it stores
+        # the app's own cleaning (storybook/text_cleanup.py), then the check on what it stores
         dropped = page_instructions(self.prompts, variables)
         text = clean_page(strip_echo(raw, dropped))
         rendered = self.prompts.render("storybook/page", variables)

@@ -25,25 +25,22 @@ class Operations(GenerationSteps):
         return getattr(self, "op_" + gen.op.replace(".", "_"))(gen)
 
     # ------------------------------------------------------------------ design brief (shape A)
-    def op_brief_new(self, gen: Generation) -> dict[str, str]:
+    def _numbered_json(self, gen: Generation, template: str, array_key: str) -> dict[str, str]:
+        """`gen.num` JSON items of `template` (its `array_key` array), each as a JSON string keyed "0".."""
         data = self._chat(
             gen,
-            "ideation/brief_new",
+            template,
             {"designTask": gen.task, "userInput": gen.user_input, "n": gen.num},
             n=gen.num,
-            array_key="briefs",
+            array_key=array_key,
         )
-        return {str(i): json.dumps(b, ensure_ascii=False) for i, b in enumerate(data["briefs"])}
+        return {str(i): json.dumps(item, ensure_ascii=False) for i, item in enumerate(data[array_key])}
+
+    def op_brief_new(self, gen: Generation) -> dict[str, str]:
+        return self._numbered_json(gen, "ideation/brief_new", "briefs")
 
     def op_brief_reference(self, gen: Generation) -> dict[str, str]:
-        data = self._chat(
-            gen,
-            "ideation/brief_reference",
-            {"designTask": gen.task, "userInput": gen.user_input, "n": gen.num},
-            n=gen.num,
-            array_key="products",
-        )
-        return {str(i): json.dumps(p, ensure_ascii=False) for i, p in enumerate(data["products"])}
+        return self._numbered_json(gen, "ideation/brief_reference", "products")
 
     def op_brief_extend(self, gen: Generation) -> dict[str, str]:
         if not gen.texts:
