@@ -52,14 +52,15 @@ from agent.textcheck import (  # noqa: E402
 )
 from agent.types import ChatResult, ModelError  # noqa: E402
 from apps.refinement.pipeline import exact_counts  # noqa: E402
-from apps.storybook.pipeline import (  # noqa: E402
+from apps.storybook.book_prompts import plan_schema  # noqa: E402
+from apps.storybook.text_cleanup import (  # noqa: E402
     clean_page,
     clean_title,
     page_instructions,
-    plan_schema,
     plan_title,
 )
-from apps.storyteller import service as story  # noqa: E402
+from apps.storyteller.reply_gate import gated_reply, prompt_instructions, story_params, token_cap  # noqa: E402
+from apps.storyteller.selection import rewrite_variables  # noqa: E402
 from config import load_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -249,7 +250,7 @@ class Bench:
             raw = "".join(stream)
         except ModelError as exc:
             return Sample(text="", result=None, error=exc.message)
-        # the app's own cleaning (storybook/pipeline.py), then the check on what it stores
+        # the app's own cleaning (storybook/text_cleanup.py), then the check on what it stores
         dropped = page_instructions(self.prompts, variables)
         text = clean_page(strip_echo(raw, dropped))
         rendered = self.prompts.render("storybook/page", variables)
@@ -267,11 +268,11 @@ class Bench:
     def _story_call(self, kind: str, template: str, variables: dict[str, Any], words: int) -> Sample:
         rendered = self.prompts.render(template, variables)
         if kind == "rewrite":  # the same settings as storyteller's plan_stream
-            params: dict[str, Any] = {"max_tokens": story.token_cap(words + 8, 24, self.local_ctx)}
+            params: dict[str, Any] = {"max_tokens": token_cap(words + 8, 24, self.local_ctx)}
         else:
-            params = story.story_params(words, self.local_ctx)
+            params = story_params(words, self.local_ctx)
         try:
-            reply = story.gated_reply(
+            reply = gated_reply(
                 self.llm,
                 kind=kind,
                 template=template,
@@ -282,7 +283,7 @@ class Bench:
             )
         except ModelError as exc:
             return Sample(text="", result=None, error=exc.message)
-        sentences = story.prompt_instructions(kind, rendered.messages, variables)
+        sentences = prompt_instructions(kind, rendered.messages, variables)
         n = word_count(reply.text)
         in_limit = 0.8 * words <= n <= 1.2 * words and ends_at_sentence_end(reply.text)
         return Sample(
@@ -310,7 +311,7 @@ class Bench:
                 after = (" " + " ".join(sentences[index + 1 :])) if index + 1 < len(sentences) else ""
                 cases.append((entry["prompt"], before, sentences[index], after))
         for prompt, before, selected, after in self._take(cases):
-            variables = story.rewrite_variables(prompt, before, selected, after)
+            variables = rewrite_variables(prompt, before, selected, after)
             step.samples.append(
                 self._story_call("rewrite", "storyteller/rewrite", variables, variables["words"])
             )

@@ -674,7 +674,9 @@ def test_root_mount_and_openapi(make_app: Any, story_fake: Any) -> None:
 
 
 def test_title_page_and_prompt_cleanup() -> None:
-    from apps.storybook.pipeline import _tidy_tags, clean_page, clean_title, new_legacy_id, plan_schema
+    from apps.storybook.book_prompts import plan_schema
+    from apps.storybook.service import new_legacy_id
+    from apps.storybook.text_cleanup import clean_page, clean_title, tidy_tags
 
     assert (
         clean_title('"The Adventures of Benny"') == "The Adventures of Benny"
@@ -684,7 +686,7 @@ def test_title_page_and_prompt_cleanup() -> None:
     assert clean_page("Page 2: Benny ran.") == "Benny ran."
     assert clean_page('**Page 3 of 5:** "Hi there."') == "Hi there."
     assert clean_page('She said "hi" and "bye".') == 'She said "hi" and "bye".'  # inner quotes stay
-    assert _tidy_tags(",, red fox,  a hill ,\n dawn, ,") == "red fox, a hill, dawn"
+    assert tidy_tags(",, red fox,  a hill ,\n dawn, ,") == "red fox, a hill, dawn"
     schema = plan_schema({"properties": {"pages": {"type": "array", "minItems": 1, "maxItems": 20}}}, 7)
     assert schema["properties"]["pages"]["minItems"] == schema["properties"]["pages"]["maxItems"] == 7
     ids = {new_legacy_id() for _ in range(200)}

@@ -20,15 +20,6 @@ STAGE_SKETCH = "草图的环境"
 STAGE_MODEL = "模型图的环境"
 STAGE_RENDERING = "场景与产品渲染图的环境"
 STAGE_FINISH = "完成"
-STAGES = (
-    STAGE_NOT_READY,
-    STAGE_UNABLE,
-    STAGE_BRIEF,
-    STAGE_SKETCH,
-    STAGE_MODEL,
-    STAGE_RENDERING,
-    STAGE_FINISH,
-)
 
 AI_STAGE_ALIASES = {"brief": AI_BRIEF, "sketch": AI_SKETCH, "model": AI_MODEL, "rendering": AI_RENDERING}
 STAGE_ALIASES = {

@@ -22,13 +22,14 @@ Page 1 is therefore complete after plan + max(page-1 text, one picture), long be
 page. Pictures are stored in GridFS by the image provider; with STORYBOOK_S3_BUCKET set they are also
 uploaded to S3 and readers get expiring S3 URLs (apps/storybook/s3.py). Every step appends an event to the job's log; the two SSE views (the original's
 snapshots and the JSON API's events) are folds of that log (apps/storybook/stream.py).
+
+This module only sequences the steps; what each call is given is in book_prompts.py, the cleaning
+of its text in text_cleanup.py, moderation in moderation.py and the ordered writes in writer.py.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import re
 import secrets
 import threading
 import time
@@ -38,14 +39,27 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agent.llm import CallContext
-from agent.textcheck import copies_instructions, strip_echo, strip_meta, template_sentences
+from agent.textcheck import strip_echo
 from agent.types import ImageRequest, ImageResult, ModelError
 from apps.core.context import Services
 from apps.core.errors import ApiError
 from apps.core.jobs import JobCancelled, JobContext
 from apps.core.storage import absolute_image_url
 
+from .book_prompts import (
+    build_sheet,
+    page_variables,
+    plan_instructions,
+    plan_schema,
+    plan_variables,
+    sd_prompts,
+    typed_text,
+)
+from .final_output import legacy_final_output
+from .moderation import StepFailed, check_moderation
 from .s3 import S3Images, s3_images
+from .text_cleanup import clean_page, page_instructions, plan_title
+from .writer import Writer
 
 log = logging.getLogger(__name__)
 
@@ -56,132 +70,10 @@ IMAGE_SIDE = 512
 CHAIN_DENOISE = 0.55
 MAX_IMAGE_THREADS = 24
 PAGE_ATTEMPTS = 2  # a page whose stream broke half-way is written again once (`page.reset` first)
-PREVIOUS_CHARS = 600  # how much of the previous page the next page's prompt sees
-
-_QUOTES = "\"'“”‘’«»「」『』`"
-_TITLE_PREFIX = re.compile(r"^\s*(?:\*\*)?\s*(?:book\s+)?title\s*[:：-]\s*", re.IGNORECASE)
-_PAGE_PREFIX = re.compile(
-    r"^\s*(?:\*\*)?\s*(?:page|p\.)\s*\d+\s*(?:of\s*\d+)?\s*[:.：\-–]?\s*(?:\*\*)?\s*", re.IGNORECASE
-)
-
-
-def clean_title(text: str) -> str:
-    """The model's title without surrounding quotes/markdown or a `Title:` prefix (the original kept them)."""
-    title = _TITLE_PREFIX.sub("", (text or "").strip().splitlines()[0] if (text or "").strip() else "")
-    title = title.strip().strip("*#_ ").strip()
-    while len(title) >= 2 and title[0] in _QUOTES and title[-1] in _QUOTES:
-        title = title[1:-1].strip()
-    return title.strip(_QUOTES + " ").strip() or "Untitled"
-
-
-def clean_page(text: str) -> str:
-    """A page's text without a leading `Page 2:` label, a "Here's the page text ...:" preamble (small
-    models write one) or wrapping quotes; paragraphs kept."""
-    out = _PAGE_PREFIX.sub("", strip_meta((text or "").strip()), count=1).strip()
-    if len(out) >= 2 and out[0] in _QUOTES and out[-1] in _QUOTES and out.count(out[0]) == 2:
-        out = out[1:-1].strip()
-    return re.sub(r"\n{3,}", "\n\n", out)
-
-
-def plan_title(raw: str, instructions: str, description: str) -> str:
-    """The plan's title, unless the model copied it from the instructions ("A Short Title for the Book"):
-    then the story idea itself, which at least says what the book is about."""
-    title = clean_title(raw)
-    if title == "Untitled" or copies_instructions(title, instructions):
-        idea = " ".join(description.split()[:8]).strip(_QUOTES + " .")
-        return (idea[:1].upper() + idea[1:]) if idea else "Untitled"
-    return title
-
-
-def page_instructions(prompts: Any, variables: dict[str, Any]) -> list[str]:
-    """The page prompt's instruction sentences (a small model pastes "Two to four short sentences for
-    young children" into the page), and the previous page's sentences (a copied page): dropped from a page."""
-    rendered = prompts.render("storybook/page", variables)
-    values = [str(v) for v in variables.values() if isinstance(v, str)]
-    values += [str(v) for v in (*variables.get("plan", []), *variables.get("characters", []))]
-    texts = [str(m.get("content") or "") for m in rendered.messages]
-    return template_sentences(texts, values) + template_sentences([variables.get("previous") or ""], [])
-
-
-def _tidy_tags(prompt: str) -> str:
-    """One line, single `, ` separators: the model's scenes sometimes start or end with commas."""
-    return re.sub(r"(?:\s*,\s*)+", ", ", " ".join(prompt.split())).strip(" ,")
-
-
-def plan_schema(template_schema: dict[str, Any], pages: int) -> dict[str, Any]:
-    """The plan template's schema with `pages` bounded to exactly N items."""
-    schema = copy.deepcopy(template_schema)
-    spec = schema.setdefault("properties", {}).setdefault("pages", {"type": "array"})
-    spec["minItems"] = spec["maxItems"] = pages
-    return schema
-
-
-def new_legacy_id() -> int:
-    """A random 53-bit integer: JSON/JS-safe like the original's `id()` task ids, but unguessable."""
-    while True:
-        value = secrets.randbits(53)
-        if value >= 2**32:  # never small, so it can't collide with a counter someone tries
-            return value
-
-
-def moderate(svc: Services, text: str, context: CallContext) -> dict[str, Any]:
-    """svc.llm.moderate when the LLM front door has it, else its moderator directly."""
-    fn = getattr(svc.llm, "moderate", None)
-    if callable(fn):
-        return fn(text, context)
-    moderator = getattr(svc.llm, "moderator", None)
-    if moderator is None:
-        return {"flagged": False, "categories": [], "provider": "off"}
-    return moderator.moderate(text)
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-class StepFailed(ApiError):
-    """A failure with the step it happened in (stored on the book and shown in the stream)."""
-
-    def __init__(self, code: str, message: str, step: str, **extra: Any) -> None:
-        super().__init__(422 if code == "moderated" else 502, message, code=code)
-        self.step = step
-        self.extra = extra
-
-
-class Writer:
-    """Every database write of one book (events, book fields, progress) in order, on one thread.
-
-    Keeps the writes (a few ms each, tens on the embedded server) off the text path: the next page's
-    model call starts the moment the previous page's stream ends. One thread also means the event
-    log's sequence numbers are allocated and inserted in order, so a reader never skips one.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self.error: BaseException | None = None
-
-    def submit(self, fn: Any, *args: Any) -> None:
-        self._pool.submit(self._run, fn, args)
-
-    def _run(self, fn: Any, args: tuple[Any, ...]) -> None:
-        try:
-            fn(*args)
-        except Exception as exc:  # noqa: BLE001 - remembered and raised by flush() in the job's thread
-            log.warning("storybook write failed: %s", exc)
-            if self.error is None:
-                self.error = exc
-
-    def flush(self, timeout: float = 60.0) -> None:
-        """Wait until everything submitted so far is written; raise the first write error."""
-        self._pool.submit(lambda: None).result(timeout)
-        if self.error is not None:
-            raise self.error
-
-    def close(self) -> None:
-        try:
-            self._pool.submit(lambda: None).result(60.0)
-        finally:
-            self._pool.shutdown(wait=False)
 
 
 class BookRunner:
@@ -325,26 +217,12 @@ class BookRunner:
     def _plan(self) -> tuple[dict[str, Any], list[dict[str, str]]]:
         p = self.params
         self._stage("moderation", "checking the story idea")
-        typed = [p["description"], p.get("style") or "", p.get("setting") or ""]
-        for c in [p.get("main_character"), *(p.get("characters") or [])]:
-            if c:
-                typed += [c.get("name", ""), c.get("appearance", "")]
-        self._moderate(
-            "\n".join(t for t in typed if t), "moderation", "The story idea was flagged by the content filter"
-        )
+        self._moderate(typed_text(p), "moderation", "The story idea was flagged by the content filter")
         self._check()
 
         self._stage("plan", "planning the book")
         template = self.svc.prompts.get("storybook/plan")
-        variables = {
-            "description": p["description"],
-            "pages": self.n,
-            "language": p.get("language") or "",
-            "style": p.get("style") or "",
-            "setting": p.get("setting") or "",
-            "main_character": p.get("main_character"),
-            "characters": p.get("characters") or [],
-        }
+        variables = plan_variables(p, self.n)
         result = self.svc.llm.chat(
             template="storybook/plan",
             variables=variables,
@@ -353,11 +231,7 @@ class BookRunner:
             context=self._call("plan"),
         )
         data = result.data or {}
-        rendered = self.svc.prompts.render("storybook/plan", variables)
-        instructions = " ".join(str(m.get("content") or "") for m in rendered.messages)
-        for typed in (p["description"], p.get("style"), p.get("setting")):
-            if typed:  # the user's own words are no instruction echo ("Benny goes to Mars" as a title)
-                instructions = instructions.replace(str(typed), "\n")
+        instructions = plan_instructions(self.svc.prompts, variables, p)
         title = plan_title(str(data.get("title") or ""), instructions, p["description"])
         raw_pages = list(data.get("pages") or [])[: self.n]
         if len(raw_pages) != self.n:  # validated against the schema; this guards a lenient provider
@@ -366,7 +240,7 @@ class BookRunner:
             {"summary": str(pg.get("summary") or "").strip(), "scene": str(pg.get("scene") or "").strip()}
             for pg in raw_pages
         ]
-        sheet = self._sheet(data)
+        sheet = build_sheet(p, data)
         self._moderate(
             "\n".join([title, *(x["summary"] + "\n" + x["scene"] for x in plan)]),
             "plan",
@@ -410,65 +284,9 @@ class BookRunner:
         return sheet, plan
 
     def _moderate(self, text: str, step: str, message: str) -> None:
-        verdict = moderate(self.svc, text, self._call(step))
-        if verdict.get("flagged"):
-            categories = verdict.get("categories") or []
-            if isinstance(categories, dict):
-                categories = sorted(k for k, v in categories.items() if v)
-            why = f" ({', '.join(map(str, categories))})" if categories else ""
-            raise StepFailed(
-                "moderated",
-                f"{message}{why}; please rephrase it.",
-                step,
-                categories=list(categories),
-                provider=verdict.get("provider"),
-            )
-
-    def _sheet(self, data: dict[str, Any]) -> dict[str, Any]:
-        """The character/style sheet: the reader's choices win over the model's."""
-        p = self.params
-        characters = [
-            {"name": str(c.get("name") or "").strip(), "appearance": str(c.get("appearance") or "").strip()}
-            for c in (data.get("characters") or [])
-            if isinstance(c, dict) and c.get("name")
-        ]
-        chosen = [c for c in [p.get("main_character"), *(p.get("characters") or [])] if c]
-        if chosen:
-            names = {c["name"].lower() for c in chosen}
-            merged = []
-            for c in chosen:
-                model_c = next((m for m in characters if m["name"].lower() == c["name"].lower()), None)
-                merged.append(
-                    {
-                        "name": c["name"],
-                        "appearance": c.get("appearance") or (model_c["appearance"] if model_c else ""),
-                    }
-                )
-            characters = merged + [c for c in characters if c["name"].lower() not in names]
-        return {
-            "characters": characters[:4],
-            "style": p.get("style") or str(data.get("style") or "").strip(),
-            "setting": p.get("setting") or str(data.get("setting") or "").strip(),
-        }
+        check_moderation(self.svc, text, self._call(step), step, message)
 
     # ------------------------------------------------------------------ 3: pictures
-    def _sd_prompt(
-        self, kind: str, sheet: dict[str, Any], scene: str = "", title: str = ""
-    ) -> tuple[str, str]:
-        looks = [c["appearance"] or c["name"] for c in sheet["characters"]]
-        common = {
-            "kind": kind,
-            "scene": scene,
-            "title": title,
-            "characters": looks,
-            "style": sheet["style"],
-            "setting": sheet["setting"],
-        }
-        render = self.svc.prompts.render
-        positive = render("storybook/sd_prompt", {**common, "negative": False}).messages[-1]["content"]
-        negative = render("storybook/sd_prompt", {**common, "negative": True}).messages[-1]["content"]
-        return _tidy_tags(positive), _tidy_tags(negative)
-
     def _submit_pictures(
         self, pool: ThreadPoolExecutor, sheet: dict[str, Any], plan: list[dict[str, str]]
     ) -> list[Future]:
@@ -476,7 +294,7 @@ class BookRunner:
         prompts = {}
         previous: Future | None = None
         for i, page in enumerate(plan, start=1):
-            prompt, negative = self._sd_prompt("page", sheet, page["scene"])
+            prompt, negative = sd_prompts(self.svc.prompts, "page", sheet, page["scene"])
             prompts[f"pages.{i - 1}.image_prompt"] = prompt
             request = self._image_request(prompt, negative, f"page {i}", "illustration")
             future = pool.submit(
@@ -484,7 +302,7 @@ class BookRunner:
             )
             futures.append(future)
             previous = future
-        prompt, negative = self._sd_prompt("cover", sheet, title=self.title)
+        prompt, negative = sd_prompts(self.svc.prompts, "cover", sheet, title=self.title)
         prompts["cover_prompt"] = prompt
         self._set(prompts)
         futures.append(pool.submit(self._draw_cover, self._image_request(prompt, negative, "cover", "cover")))
@@ -600,21 +418,7 @@ class BookRunner:
     # ------------------------------------------------------------------ 4: page texts
     def _write_page(self, i: int, sheet: dict[str, Any], plan: list[dict[str, str]], previous: str) -> str:
         p = self.params
-        variables = {
-            "title": self.title,
-            "description": p["description"],
-            "setting": sheet["setting"],
-            "characters": [
-                f"{c['name']}: {c['appearance']}" if c["appearance"] else c["name"]
-                for c in sheet["characters"]
-            ],
-            "plan": [x["summary"] for x in plan],
-            "page": i,
-            "pages": self.n,
-            "summary": plan[i - 1]["summary"],
-            "previous": previous[-PREVIOUS_CHARS:],
-            "language": p.get("language") or "",
-        }
+        variables = page_variables(p, self.title, sheet, plan, i, previous)
         params = {"model": p.get("model"), "temperature": p.get("temperature")}
         for attempt in range(1, PAGE_ATTEMPTS + 1):
             raw = self._stream_page(i, variables, params)
@@ -625,7 +429,7 @@ class BookRunner:
                     )
                     continue
                 raise self._stream_error or ModelError(f"page {i}: the stream broke", provider="")
-            text = clean_page(strip_echo(raw, self._page_instructions(variables)))
+            text = clean_page(strip_echo(raw, page_instructions(self.svc.prompts, variables)))
             if text:
                 self._set({f"pages.{i - 1}.text": text})
                 progress = self._advance(f"page {i} text")
@@ -636,9 +440,6 @@ class BookRunner:
         raise ModelError(
             f"the model wrote an empty text for page {i} twice", provider=self.svc.llm.provider.name
         )
-
-    def _page_instructions(self, variables: dict[str, Any]) -> list[str]:
-        return page_instructions(self.svc.prompts, variables)
 
     def _stream_page(self, i: int, variables: dict[str, Any], params: dict[str, Any]) -> str | None:
         """Stream one page; returns the raw text, or None when the stream broke after some text."""
@@ -690,33 +491,3 @@ class BookRunner:
             "illustrations": final["illustrations"],
             "cover": final.get("cover"),
         }
-
-
-def picture_url(entry: dict[str, Any], base_url: str | None, s3: S3Images | None = None) -> str | None:
-    """A stored page's/cover's URL: a freshly signed S3 URL when it has an S3 copy, else ours."""
-    if s3 is not None and entry.get("s3_key"):
-        return s3.url(entry["s3_key"])
-    image_id = entry.get("image_id")
-    return absolute_image_url(image_id, base_url) if image_id else None
-
-
-def legacy_final_output(
-    doc: dict[str, Any], base_url: str | None = None, s3: S3Images | None = None
-) -> dict[str, Any]:
-    """The original's `final_output` object (+ `cover`) from a stored book."""
-    base = base_url or doc.get("base_url") or None
-    pages = doc.get("pages") or []
-    params = doc.get("input") or {}
-
-    out = {
-        "user_input": params.get("description"),
-        "total_pages": params.get("pages"),
-        "title": doc.get("title"),
-        "text_description": [pg.get("text") or "" for pg in pages],
-        "image_description": [pg.get("scene") or "" for pg in pages],
-        "illustrations": [picture_url(pg, base, s3) for pg in pages],
-    }
-    cover = doc.get("cover") or {}
-    if cover.get("image_id"):
-        out["cover"] = picture_url(cover, base, s3)
-    return out

@@ -8,6 +8,7 @@ original's `final_output`). Books are kept after they finish and exported with
 
 from __future__ import annotations
 
+import secrets
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,8 +19,17 @@ from pymongo.errors import DuplicateKeyError
 from apps.core.context import Services
 from apps.core.jobs import TERMINAL, new_job_id
 
-from .pipeline import APP, COLLECTION, BookRunner, legacy_final_output, new_legacy_id, picture_url
+from .final_output import legacy_final_output, picture_url
+from .pipeline import APP, COLLECTION, BookRunner
 from .s3 import S3Images, s3_images
+
+
+def new_legacy_id() -> int:
+    """A random 53-bit integer: JSON/JS-safe like the original's `id()` task ids, but unguessable."""
+    while True:
+        value = secrets.randbits(53)
+        if value >= 2**32:  # never small, so it can't collide with a counter someone tries
+            return value
 
 
 def create_indexes(db: Database) -> None:

@@ -10,8 +10,9 @@ from flask import Flask
 
 from apps.core.context import services
 
-from . import service as S
+from .dataset import dataset_records, write_dataset
 from .store import StoryStore
+from .story_prompt import STORY_TEMPLATE
 
 
 def register(app: Flask) -> None:
@@ -37,8 +38,8 @@ def register(app: Flask) -> None:
         """Write the positive-feedback stories (the exact prompt and story shown) as training data."""
         fmt = fmt or ("csv" if out.suffix.lower() == ".csv" else "jsonl")
         since_dt = datetime.fromisoformat(since).replace(tzinfo=UTC) if since else None
-        records = S.dataset_records(StoryStore(services().db), user=user, since=since_dt)
-        n = S.write_dataset(records, out, fmt)
+        records = dataset_records(StoryStore(services().db), user=user, since=since_dt)
+        n = write_dataset(records, out, fmt)
         click.echo(f"{n} stories written to {out} ({fmt})")
 
     @storyteller.command("finetune")
@@ -108,7 +109,7 @@ def register(app: Flask) -> None:
 
         svc = services()
         if temperature is None:
-            temperature = float(svc.prompts.get(S.STORY_TEMPLATE).params.get("temperature", 0.8))
+            temperature = float(svc.prompts.get(STORY_TEMPLATE).params.get("temperature", 0.8))
         if num_ctx is None:
             # a story of STORYTELLER_MAX_WORDS words (~2 tokens each) plus its prompt
             num_ctx = max(svc.settings.LOCAL_N_CTX, 2 * svc.settings.STORYTELLER_MAX_WORDS + 1024)

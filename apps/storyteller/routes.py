@@ -57,6 +57,7 @@ from .schemas import (
     VersionPath,
 )
 from .store import StoryStore
+from .stream import plan_stream, run_stream
 
 log = logging.getLogger(__name__)
 
@@ -377,12 +378,12 @@ def stream(query: StreamQuery) -> Response:
     """
     session, caller, store = _session(query.session)
     svc = services()
-    plan = S.plan_stream(svc, store, session, query.action)
+    plan = plan_stream(svc, store, session, query.action)
 
     def events() -> Iterator[str]:
         yield ": stream open\n\n"
         try:
-            for event in S.run_stream(svc, store, session, plan, caller):
+            for event in run_stream(svc, store, session, plan, caller):
                 yield format_sse(event, event=event["type"])
         except Exception as exc:  # noqa: BLE001 - the stream already started: report in-band
             if not isinstance(exc, (ModelError, ApiError)):
@@ -430,10 +431,10 @@ def websocket(ws: Any) -> None:
             {k: v for k, v in request.args.items() if k in StreamQuery.model_fields}
         )
         session, caller, store = _session(query.session)
-        plan = S.plan_stream(svc, store, session, action)
+        plan = plan_stream(svc, store, session, action)
         if json_mode:
             ws.send(json.dumps({"type": "start", "session": session["_id"], "kind": plan.kind}))
-        for event in S.run_stream(svc, store, session, plan, caller, should_stop):
+        for event in run_stream(svc, store, session, plan, caller, should_stop):
             if not ws.connected:
                 return
             send(event)

@@ -19,7 +19,6 @@ from pymongo.database import Database
 SESSIONS = "storyteller_sessions"
 VERSIONS = "storyteller_versions"
 FEEDBACK = "storyteller_feedback"
-KINDS = ("generated", "regenerated", "edited", "rewrite")
 
 EXPORTED = (SESSIONS, VERSIONS, FEEDBACK)  # `flask export --app storyteller`, by "user"
 
