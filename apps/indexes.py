@@ -19,7 +19,7 @@ from apps.core.db import IndexFn
 
 def index_functions() -> list[IndexFn]:
     """The index functions of the core, the agent layer and every app, in a fixed order."""
-    from agent.pool import ensure_pool_indexes
+    from agent.images.sdwebui.pool import ensure_pool_indexes
     from agent.records import create_generation_indexes
     from apps.core import auth, jobs, spend, storage
     from apps.ideation import service as ideation
