@@ -51,11 +51,12 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from pymongo import ASCENDING, ReturnDocument
+from pymongo import ASCENDING
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from agent.images.sdwebui import health
+from agent.images.sdwebui import health, retrying
+from agent.images.sdwebui.claims import claim_free, claim_planned
 from agent.images.sdwebui.client import PROVIDER, SDClient, SDError
 from agent.images.sdwebui.handover import (
     MEMBERS_REFRESH_S,
@@ -66,9 +67,10 @@ from agent.images.sdwebui.handover import (
     hand_over,
     read_messages,
 )
-from agent.images.sdwebui.planner import aware, checkpoint_key, plan_assignment, up_urls, want
-from agent.images.sdwebui.queue import COUNTER_ID, Entry, Lease, RunInfo, Slot, WaitQueue, process_of
-from agent.leases import lease_until, renew_leases, takeable, utcnow
+from agent.images.sdwebui.planner import aware, plan_assignment, up_urls, want
+from agent.images.sdwebui.queue import COUNTER_ID, Entry, Lease, Slot, WaitQueue, process_of
+from agent.images.sdwebui.retrying import RunInfo
+from agent.leases import renew_leases, utcnow
 from agent.types import ModelError
 
 log = logging.getLogger(__name__)
@@ -263,7 +265,7 @@ class SDInstancePool:
     ) -> Lease:
         """Wait (FIFO across all processes) for a free up instance; raise ModelError(503) on timeout."""
         if self._closed.is_set() or self._stopping.is_set():
-            raise self._stopping_error()
+            raise self._closed_error()
         timeout_s = self.wait_timeout_s if timeout_s is None else timeout_s
         start = time.monotonic()
         exclude = sorted(set(exclude))
@@ -291,10 +293,10 @@ class SDInstancePool:
         self.queue.give_up(entry)
         self._notify(peers=True)  # we may have been first in line: the others can stop waiting for us
         if self._stopping.is_set():
-            raise self._stopping_error()
+            raise self._closed_error()
         raise health.timeout_error(self.db, self.urls, self.queue.length, timeout_s)
 
-    def _stopping_error(self) -> ModelError:
+    def _closed_error(self) -> ModelError:
         return ModelError(
             "the SD pool is closed: the server is shutting down", provider=PROVIDER, status=503, kind="image"
         )
@@ -322,36 +324,14 @@ class SDInstancePool:
         lease = Lease(id=self._next_id("f"), url="", ticket=0)
         with self._lock:
             self._leases[lease.id] = lease  # known locally before it exists in the database (orphan check)
-        free = {"_id": {"$in": candidates}, "state": "up", **takeable(now)}
-        update = {
-            "$set": {"holder": lease.id, "lease_until": lease_until(self.lease_s, now), "leased_at": now}
-        }
-        doc = None
         try:
-            key = checkpoint_key(checkpoint)
-            if key:  # model affinity first
-                doc = self.db.sd_instances.find_one_and_update(
-                    {**free, "ckey": key},
-                    update,
-                    sort=[("released_at", 1)],
-                    projection={"holder": 1, "checkpoint": 1},
-                )
-            if doc is None:  # else the one idle longest
-                doc = self.db.sd_instances.find_one_and_update(
-                    free, update, sort=[("released_at", 1)], projection={"holder": 1, "checkpoint": 1}
-                )
+            doc = claim_free(self.db, candidates, lease.id, checkpoint, self.lease_s, now)
         except PyMongoError:
             doc = None
         if doc is None:
             with self._lock:
                 self._leases.pop(lease.id, None)
             return None
-        if doc.get("holder"):
-            log.warning(
-                "SD instance %s: the lease of %s ran out (holder died?); taking over",
-                doc["_id"],
-                doc["holder"],
-            )
         lease.url = doc["_id"]
         lease.checkpoint = doc.get("checkpoint")
         self.claims += 1
@@ -381,7 +361,7 @@ class SDInstancePool:
                 lease,
                 checkpoint,
                 queue=self.queue.seen[1],
-                up=self._up_instances,
+                up=self.up_instances,
                 lease_s=self.lease_s,
                 waiter_ttl_s=self.waiter_ttl_s,
             )
@@ -438,7 +418,8 @@ class SDInstancePool:
         if freed:
             self._notify(peers=True)
 
-    def _up_instances(self) -> set[str]:
+    def up_instances(self) -> set[str]:
+        """The up instances, as last seen (read again when older than a second)."""
         seen_at, up = self._up
         if time.monotonic() - seen_at > SNAPSHOT_MAX_AGE_S:
             up = up_urls(self.db.sd_instances.find({"_id": {"$in": self.urls}}, {"state": 1}))
@@ -535,28 +516,10 @@ class SDInstancePool:
 
     def _claim(self, entry_id: str, url: str) -> None:
         """Take one of our entry's wanted instances off the queue, then the free instance planned for it."""
-        now = utcnow()
-        doc = self.db.sd_waiters.find_one_and_update(
-            {"_id": entry_id, "want": {"$gt": 0}},
-            {"$inc": {"want": -1, "granted": 1}},
-            projection={"granted": 1},
-            return_document=ReturnDocument.AFTER,
-        )
-        if doc is None:
-            return  # it was just handed an instance (the hint or the next scan delivers it)
-        lease_id = f"{entry_id}#{int(doc['granted'])}"  # numbered by the post-image: unique per entry
-        got = self.db.sd_instances.find_one_and_update(
-            {"_id": url, "state": "up", **takeable(now)},
-            {"$set": {"holder": lease_id, "lease_until": lease_until(self.lease_s, now), "leased_at": now}},
-            projection={"holder": 1, "checkpoint": 1},
-        )
-        if got is None:  # someone else got it first: give the place back; the next scan re-plans
-            self.db.sd_waiters.update_one({"_id": entry_id}, {"$inc": {"want": 1}})
+        claimed = claim_planned(self.db, entry_id, url, self.lease_s, utcnow())
+        if claimed is None:
             return
-        if got.get("holder"):
-            log.warning(
-                "SD instance %s: the lease of %s ran out (holder died?); taking over", url, got["holder"]
-            )
+        lease_id, got = claimed
         self.claims += 1
         self._grant(lease_id, url)
         with self._lock:
@@ -572,76 +535,13 @@ class SDInstancePool:
         checkpoint: str | None = None,
         what: str = "image generation",
     ) -> tuple[T, RunInfo]:
-        """Run `call(client)` on a leased instance, retrying on another instance when it fails.
+        """Run `call(client)` on a leased instance, retrying on another instance when it fails
+        (`retrying.run`). `call` returns (value, checkpoint now loaded or None) and raises SDError."""
+        return retrying.run(self, call, checkpoint=checkpoint, what=what)
 
-        `call` returns (value, checkpoint now loaded or None) and raises SDError on failure.
-        """
-        start = time.monotonic()
-        exclude: list[str] = []
-        errors: list[str] = []
-        wait_ms = 0.0
-        attempts = 0
-        while attempts < self.max_attempts:
-            avoid = exclude
-            if exclude:
-                try:
-                    if not self._up_instances() - set(exclude):
-                        avoid = []  # every up instance failed this call: retry on any rather than wait
-                except PyMongoError:
-                    pass
-            try:
-                lease = self.acquire(checkpoint, avoid)
-            except ModelError as exc:
-                if errors:
-                    exc.message = f"{exc.message} (after {attempts} failed attempts: {'; '.join(errors)})"
-                    exc.args = (exc.message,)
-                raise
-            if self._stopping.is_set():  # handed to us after shutdown began: free it, start nothing new
-                self.release(lease, ok=False)
-                raise self._stopping_error()
-            attempts += 1
-            wait_ms += lease.wait_ms
-            try:
-                value, loaded = call(self.clients[lease.url])
-            except SDError as exc:
-                self.release(lease, ok=False, error=exc)
-                if exc.failure == "timeout":
-                    self._interrupt_later(lease.url)
-                errors.append(f"{lease.url}: {exc.message}")
-                if not exc.retryable:
-                    raise
-                if lease.url not in exclude:
-                    exclude.append(lease.url)
-                continue
-            except BaseException:
-                self.release(lease, ok=False)
-                raise
-            self.release(lease, ok=True, checkpoint=loaded or checkpoint)
-            return value, RunInfo(
-                instance=lease.url,
-                attempts=attempts,
-                wait_ms=wait_ms,
-                latency_ms=(time.monotonic() - start) * 1000,
-                errors=errors,
-            )
-        raise ModelError(
-            f"{what} failed on {attempts} attempts: " + "; ".join(errors),
-            provider=PROVIDER,
-            status=502,
-            retryable=True,
-            kind="image",
-        )
-
-    def _interrupt_later(self, url: str) -> None:
-        """A timed-out generation may still be running on the GPU; ask the WebUI to stop it (best effort)."""
-
-        def go() -> None:
-            try:
-                self.clients[url].interrupt(timeout_s=self.ping_timeout_s)
-            except (SDError, RuntimeError):
-                pass
-
-        threading.Thread(target=go, name="sd-interrupt", daemon=True).start()
+    def stopping_error(self) -> ModelError | None:
+        """The 503 for a caller of this process once shutdown began, else None."""
+        return self._closed_error() if self._stopping.is_set() else None
 
     # ------------------------------------------------------------------ status
     def health(self) -> dict[str, Any]:

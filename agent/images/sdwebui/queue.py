@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -39,15 +39,6 @@ class Lease:
     ticket: int
     checkpoint: str | None = None  # what the instance had loaded when claimed (None after a hand-over)
     wait_ms: float = 0.0
-
-
-@dataclass
-class RunInfo:
-    instance: str
-    attempts: int
-    wait_ms: float
-    latency_ms: float
-    errors: list[str] = field(default_factory=list)
 
 
 def entry_of(lease_id: str) -> str:
