@@ -18,7 +18,7 @@ import os
 import select
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any
 
 from pymongo import ASCENDING, ReturnDocument
@@ -83,7 +83,9 @@ class Waker:
         self.sock.close()
 
 
-def read_messages(messages: list[bytes], process_id: str, urls: Any) -> tuple[list[tuple[str, str]], bool]:
+def read_messages(
+    messages: list[bytes], process_id: str, urls: Container[str]
+) -> tuple[list[tuple[str, str]], bool]:
     """([(lease id, url)] handed to this process, whether any message asks for a look)."""
     grants: list[tuple[str, str]] = []
     look = False
