@@ -257,6 +257,12 @@ class SDClient:
             ) from exc
 
     # ---- API
+    def txt2img(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return self._call("POST", TXT2IMG, json_body=payload) or {}
+
+    def img2img(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return self._call("POST", IMG2IMG, json_body=payload) or {}
+
     def post(self, endpoint: str, payload: dict[str, Any]) -> dict[str, Any]:
         """POST to a generation endpoint returned by `build_payload`."""
         return self._call("POST", endpoint, json_body=payload) or {}
