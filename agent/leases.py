@@ -48,6 +48,24 @@ def expired(now: datetime) -> dict[str, Any]:
     return {LEASE_FIELD: {"$lt": now}}
 
 
+def renew_leases(
+    collection: Collection,
+    doc_ids: list[Any],
+    *,
+    field: str,
+    values: list[Any],
+    ttl_s: float,
+    now: datetime | None = None,
+) -> int:
+    """Push out the leases of `doc_ids` whose `field` is still one of `values` (still ours), in one update;
+    returns how many documents matched."""
+    result = collection.update_many(
+        {"_id": {"$in": doc_ids}, field: {"$in": values}},
+        {"$set": {LEASE_FIELD: lease_until(ttl_s, now)}},
+    )
+    return result.matched_count
+
+
 @dataclass(frozen=True)
 class _Held:
     collection: Collection
@@ -120,18 +138,21 @@ class LeaseRenewer:
             held = list(self._held.values())
         if not held:
             return 0
-        until = lease_until(self.ttl_s, now)
+        now = now or utcnow()
         groups: dict[tuple[str, str], list[_Held]] = {}
         for item in held:
             groups.setdefault((item.collection.full_name, item.field), []).append(item)
         matched = 0
         for (_, field), items in groups.items():
             values = list({repr(i.value): i.value for i in items}.values())
-            result = items[0].collection.update_many(
-                {"_id": {"$in": [i.doc_id for i in items]}, field: {"$in": values}},
-                {"$set": {LEASE_FIELD: until}},
+            matched += renew_leases(
+                items[0].collection,
+                [i.doc_id for i in items],
+                field=field,
+                values=values,
+                ttl_s=self.ttl_s,
+                now=now,
             )
-            matched += result.matched_count
         lost = len(held) - matched
         if lost > 0:
             log.warning("%s: %d lease(s) were lost before renewal (expired and taken over)", self.name, lost)

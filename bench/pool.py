@@ -123,7 +123,8 @@ def _build(spec: dict[str, Any]) -> tuple[Any, Any]:
         return pool.generate_many, lambda: None
     from pymongo import MongoClient
 
-    from agent.pool import SDInstancePool, SDPoolProvider
+    from agent.images.sdwebui.pool import SDInstancePool
+    from agent.images.sdwebui.provider import SDPoolProvider
     from agent.types import ImageRequest
 
     client: MongoClient = MongoClient(spec["mongo_uri"], tz_aware=True)

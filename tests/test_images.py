@@ -11,9 +11,9 @@ import pytest
 from bson import ObjectId
 from PIL import Image
 
-from agent.factory import RecordingImageProvider
 from agent.images import PlaceholderImageProvider, png_bytes
-from agent.openai_images import OpenAIImageProvider, supported_size
+from agent.images.openai_provider import OpenAIImageProvider, supported_size
+from agent.images.recording import RecordingImageProvider
 from agent.types import ImageRequest, ModelError
 from config import load_settings
 

@@ -24,8 +24,10 @@ from bson import ObjectId
 from PIL import Image
 
 from agent.images import png_bytes
-from agent.pool import SDInstancePool, SDPoolProvider, checkpoint_key, plan_assignment
-from agent.sd import SDClient, SDError, build_payload, decode_first_image
+from agent.images.sdwebui.client import SDClient, SDError, build_payload, decode_first_image
+from agent.images.sdwebui.planner import checkpoint_key, plan_assignment
+from agent.images.sdwebui.pool import SDInstancePool
+from agent.images.sdwebui.provider import SDPoolProvider
 from agent.types import ImageRequest, ModelError
 from tests.fakes.fake_sd import FakeSD
 
@@ -410,7 +412,8 @@ KILLED_WORKER = """
 import sys
 sys.path.insert(0, sys.argv[1])
 from pymongo import MongoClient
-from agent.pool import SDInstancePool, SDPoolProvider
+from agent.images.sdwebui.pool import SDInstancePool
+from agent.images.sdwebui.provider import SDPoolProvider
 from agent.types import ImageRequest
 db = MongoClient(sys.argv[2], tz_aware=True)[sys.argv[3]]
 pool = SDInstancePool(db, [sys.argv[4]], lease_s=1.0, timeout_s=60, poll_s=0.01)

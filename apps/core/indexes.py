@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pymongo.database import Database
 
-from agent.pool import ensure_pool_indexes
+from agent.images.sdwebui.pool import ensure_pool_indexes
 from agent.records import create_generation_indexes
 
 from . import auth, jobs, spend, storage

@@ -1,4 +1,4 @@
-"""Image providers behind one interface: sdwebui (the shared pool), openai, placeholder.
+"""The placeholder image provider: Pillow-drawn cards, so every workflow runs with no image service.
 
 The placeholder is the offline default when no SD instance is configured. It is
 honest about what it is: its name is "placeholder" and every image it draws says
@@ -11,11 +11,11 @@ import hashlib
 import io
 import textwrap
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from agent.images.png import png_bytes
 from agent.types import ImageRequest, ImageResult, ModelError, Segmentation
 
 
@@ -24,12 +24,6 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default(size=size)
     except TypeError:  # very old Pillow
         return ImageFont.load_default()
-
-
-def png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 class PlaceholderImageProvider:
@@ -103,14 +97,3 @@ class PlaceholderImageProvider:
 
     def health(self) -> dict[str, Any]:
         return {"ok": True, "provider": self.name, "note": "placeholder images (no SD instance configured)"}
-
-
-def generate_concurrently(
-    provider: Any, requests: list[ImageRequest], max_workers: int = 16
-) -> list[ImageResult]:
-    """Submit every request at once; results in request order; the first failure is raised."""
-    if not requests:
-        return []
-    with ThreadPoolExecutor(max_workers=min(max_workers, len(requests)), thread_name_prefix="img") as pool:
-        futures = [pool.submit(provider.generate, r) for r in requests]
-        return [f.result() for f in futures]

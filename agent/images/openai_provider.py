@@ -22,8 +22,9 @@ import httpx
 import openai
 from PIL import Image, ImageOps
 
-from agent.images import PlaceholderImageProvider, generate_concurrently, png_bytes
-from agent.sd import to_png
+from agent.images.concurrent import generate_concurrently
+from agent.images.placeholder import PlaceholderImageProvider
+from agent.images.png import png_bytes, to_png
 from agent.types import ImageRequest, ImageResult, ModelError, Segmentation
 
 # sizes each model family accepts (OpenAI API reference, images.generate `size`)

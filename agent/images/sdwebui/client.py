@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import re
 from typing import Any
 
 import httpx
-from PIL import Image, UnidentifiedImageError
 
+from agent.images.png import to_png
 from agent.types import ImageRequest, ModelError
 
 PROVIDER = "sdwebui"
@@ -114,20 +113,6 @@ def build_payload(req: ImageRequest) -> tuple[str, dict[str, Any]]:
     if req.extra:
         payload = _deep_merge(payload, _encode_bytes(req.extra))
     return endpoint, payload
-
-
-def to_png(data: bytes) -> bytes:
-    """Verify that `data` is an image; re-encode as PNG unless it already is one."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            if img.format == "PNG":
-                return data
-            buf = io.BytesIO()
-            img.save(buf, format="PNG")
-            return buf.getvalue()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ValueError(f"not an image: {exc}") from exc
 
 
 def decode_image_value(value: Any, *, instance: str = "", what: str = "image") -> bytes:

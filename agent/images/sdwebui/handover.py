@@ -1,0 +1,223 @@
+"""Hand-over (the busy path): a finished caller gives its instance straight to the queue's oldest entry.
+
+`find_one_and_update({want > 0, not excluding this instance}, {want -1, granted +1}, sort by
+ticket)` (within the first round of entries, as many as there are instances, one that wants
+this instance's loaded checkpoint goes first), then the lease moves `holder: me -> that
+entry's lease id`, then the entry's process gets a one-datagram hint (UDP on 127.0.0.1)
+naming the lease; that process wakes a caller at once, no database read. Two operations
+between one generation and the next instead of a polling interval. Hints are only hints:
+a lost one is found by the next scan.
+
+`sd_pool_members` lists the pool processes of each host with their wake-up port.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import time
+from collections.abc import Callable, Container
+from typing import Any
+
+from pymongo import ASCENDING, ReturnDocument
+from pymongo.database import Database
+from pymongo.errors import PyMongoError
+
+from agent.images.sdwebui.planner import affinity_window, checkpoint_key
+from agent.images.sdwebui.queue import Lease
+from agent.leases import lease_until, utcnow
+
+log = logging.getLogger(__name__)
+
+WAKE = b"!"  # look at the queue and the instances
+RENEW = b"r"  # just wake up (a new lease to renew)
+HANDOFF = "H"
+MEMBERS_TTL_S = 10.0
+MEMBERS_REFRESH_S = 0.5
+
+
+class Waker:
+    """Wakes one process's watcher: from its own threads, or by a datagram from another process on this host.
+
+    A UDP socket on 127.0.0.1 (never reachable from other hosts). A datagram is either
+    "look again" or "lease L on instance U is yours"; the latter is checked against local
+    state before use, so a stray or forged datagram costs at most one extra look.
+    """
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+
+    def send(self, port: int, message: bytes = WAKE) -> None:
+        try:
+            self.sock.sendto(message, ("127.0.0.1", port))
+        except OSError:
+            pass  # buffer full (wake-ups already pending) or the peer is gone: polling covers it
+
+    def wake(self, message: bytes = WAKE) -> None:
+        self.send(self.port, message)
+
+    def hint(self, port: int, lease_id: str, url: str) -> None:
+        """Tell the process listening on `port` that it now holds `url` under `lease_id`."""
+        self.send(port, f"{HANDOFF}|{lease_id}|{url}".encode())
+
+    def wait(self, timeout: float) -> list[bytes]:
+        try:
+            ready, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
+        except (OSError, ValueError):  # closed
+            time.sleep(min(max(timeout, 0.0), 0.05))
+            return []
+        messages: list[bytes] = []
+        while ready:
+            try:
+                messages.append(self.sock.recv(2048))
+            except OSError:
+                break
+        return messages
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def read_messages(
+    messages: list[bytes], process_id: str, urls: Container[str]
+) -> tuple[list[tuple[str, str]], bool]:
+    """([(lease id, url)] handed to this process, whether any message asks for a look)."""
+    grants: list[tuple[str, str]] = []
+    look = False
+    for message in messages:
+        if message.startswith(HANDOFF.encode() + b"|"):
+            try:
+                _, lease_id, url = message.decode().split("|", 2)
+            except ValueError:
+                continue
+            if url in urls and lease_id.startswith(process_id + ":"):
+                grants.append((lease_id, url))
+        elif message != RENEW:
+            look = True
+    return grants, look
+
+
+class Members:
+    """`sd_pool_members`: this host's pool processes and their wake-up ports (for hints)."""
+
+    def __init__(self, db: Database, hostname: str) -> None:
+        self.db = db
+        self.hostname = hostname
+        self.peers: dict[str, int] = {}  # process id -> hint port, other pool processes on this host
+
+    def refresh(self, process_id: str, port: int) -> None:
+        """List ourselves as a pool process of this host and learn the others' ports."""
+        now = utcnow()
+        self.db.sd_pool_members.update_one(
+            {"_id": process_id},
+            {
+                "$set": {
+                    "host": self.hostname,
+                    "port": port,
+                    "pid": os.getpid(),
+                    "expires_at": lease_until(MEMBERS_TTL_S, now),
+                }
+            },
+            upsert=True,
+        )
+        self.peers = {
+            d["_id"]: int(d["port"])
+            for d in self.db.sd_pool_members.find(
+                {"host": self.hostname, "expires_at": {"$gt": now}, "_id": {"$ne": process_id}},
+                {"port": 1},
+            )
+            if d.get("port")
+        }
+
+    def port_of(self, process: str) -> int | None:
+        """The hint port of another process on this host (None: not on this host, or not known)."""
+        port = self.peers.get(process)
+        if port is None:  # a process that became active since our last look at the members
+            try:
+                doc = self.db.sd_pool_members.find_one({"_id": process, "host": self.hostname}, {"port": 1})
+            except PyMongoError:
+                doc = None
+            if doc and doc.get("port"):
+                port = int(doc["port"])
+                self.peers = {**self.peers, process: port}
+        return port
+
+    def leave(self, process_id: str) -> None:
+        self.db.sd_pool_members.delete_one({"_id": process_id})
+
+
+def hand_over(
+    db: Database,
+    lease: Lease,
+    checkpoint: str | None,
+    *,
+    queue: list[dict[str, Any]],
+    up: Callable[[], set[str]],
+    lease_s: float,
+    waiter_ttl_s: float,
+) -> str | None:
+    """Give the instance we hold straight to the oldest waiting caller; the lease id it now holds.
+
+    `queue` is the last queue this process read (for the affinity window), `up` the up
+    instances. None: nobody to give it to (or it could not be done); the caller then frees
+    it the ordinary way and the scans take over.
+    """
+    url = lease.url
+    loaded = checkpoint or lease.checkpoint
+    try:
+        now = utcnow()
+        eligible = {"want": {"$gt": 0}, "expires_at": {"$gt": now}, "exclude": {"$ne": url}}
+        take = {"$inc": {"want": -1, "granted": 1}}
+        after = ReturnDocument.AFTER  # the embedded server's pre-images are not atomic; its post-images are
+        doc = None
+        bound = affinity_window(queue, loaded, len(up()))
+        if bound is not None:
+            doc = db.sd_waiters.find_one_and_update(
+                {**eligible, "ckey": checkpoint_key(loaded), "ticket": {"$lte": bound}},
+                take,
+                sort=[("ticket", ASCENDING)],
+                projection={"granted": 1},
+                return_document=after,
+            )
+        if doc is None:
+            doc = db.sd_waiters.find_one_and_update(
+                eligible,
+                take,
+                sort=[("ticket", ASCENDING)],
+                projection={"granted": 1},
+                return_document=after,
+            )
+        if doc is None:
+            return None  # nobody waiting (or only callers this instance failed: the scans serve them)
+        lease_id = f"{doc['_id']}#{int(doc['granted'])}"
+        handed: dict[str, Any] = {
+            "holder": lease_id,
+            "released_at": now,
+            "leased_at": now,
+            "failures": 0,
+            # short until the new holder renews it, in case its process just died
+            "lease_until": lease_until(min(lease_s, waiter_ttl_s), now),
+        }
+        if checkpoint:
+            handed["checkpoint"] = checkpoint
+            handed["ckey"] = checkpoint_key(checkpoint)
+        if (
+            db.sd_instances.find_one_and_update(
+                {"_id": url, "holder": lease.id},
+                {"$set": handed, "$inc": {"served": 1}},
+                projection={"_id": 1},
+            )
+            is None
+        ):
+            # we no longer held it (our lease ran out): give the caller its place back, free nothing
+            db.sd_waiters.update_one({"_id": doc["_id"]}, {"$inc": {"want": 1}})
+            return None
+    except PyMongoError as exc:
+        log.warning("SD pool hand-over of %s failed (%s); releasing it instead", url, exc)
+        return None
+    return lease_id

@@ -1,0 +1,566 @@
+"""The Stable Diffusion instance pool, shared by every worker process and host through MongoDB.
+
+Why: the originals kept their pool inside each process. Under `gunicorn -w 4` every
+worker believed every instance was free, so instances queued several generations deep
+while others idled; a dead instance yielded empty images; a hung one stalled every
+worker forever. Here all processes share one view, in three collections:
+
+- `sd_instances` (one document per instance URL; `health.py` explains its fields),
+- `sd_waiters`, the queue (one document per waiting request; `queue.py`),
+- `sd_pool_members`, one document per process using the pool, with its wake-up port
+  (`handover.py`).
+
+How an instance changes hands (every step an atomic single-document update):
+
+1. Hand-over (the busy path, `handover.py`). A caller that finishes a generation hands its
+   instance straight to the queue's oldest entry and sends that entry's process a
+   one-datagram hint; that process wakes a caller at once, no database read.
+2. Fast claim (the idle path). A caller that finds the queue empty claims a free up
+   instance directly (preferring its checkpoint, else the one idle longest).
+3. Claim by plan (everything else). One watcher thread per process reads the instances
+   and the queue (on a local event, on a hint, and every `poll_s`), computes the same
+   greedy FIFO plan every process computes (`planner.plan_assignment`) and claims the free
+   instances planned for its own entries. The same scan delivers leases whose hint was
+   lost (or came from another host), frees ones given to callers that gave up, renews
+   leases and queue entries, and probes down instances.
+
+So a free instance goes to the longest waiter across all processes and hosts, an
+instance runs at most one generation at a time, and a lease whose holder died expires
+(`lease_s`; a handed-over lease starts short, `waiter_ttl_s`, until its new holder
+renews it) and frees the instance. Hints are only hints: correctness comes from the
+atomic updates, fairness from the shared tickets.
+
+A failed generation is retried on another instance (up to `max_attempts`); nothing waits
+forever: each call has a read timeout and each wait `wait_timeout_s`.
+
+Clocks: lease and expiry times are compared with each process's UTC clock, so hosts
+sharing a pool need synchronised clocks (NTP); skew only shortens or lengthens leases.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+import secrets
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from pymongo import ASCENDING
+from pymongo.database import Database
+from pymongo.errors import DuplicateKeyError, PyMongoError
+
+from agent.images.sdwebui import health, retrying
+from agent.images.sdwebui.claims import claim_free, claim_planned
+from agent.images.sdwebui.client import PROVIDER, SDClient, SDError
+from agent.images.sdwebui.handover import (
+    MEMBERS_REFRESH_S,
+    RENEW,
+    WAKE,
+    Members,
+    Waker,
+    hand_over,
+    read_messages,
+)
+from agent.images.sdwebui.planner import aware, plan_assignment, up_urls, want
+from agent.images.sdwebui.queue import COUNTER_ID, Entry, Lease, Slot, WaitQueue, process_of
+from agent.images.sdwebui.retrying import RunInfo
+from agent.leases import renew_leases, utcnow
+from agent.types import ModelError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SNAPSHOT_MAX_AGE_S = 1.0
+FINISHED_KEEP = 4096  # recently finished lease ids remembered, so a stale read never revives one
+
+
+def ensure_pool_indexes(db: Database) -> None:
+    """Idempotent; called by every pool at construction."""
+    db.sd_waiters.create_index([("ticket", ASCENDING)])
+    db.sd_waiters.create_index([("expires_at", ASCENDING)], expireAfterSeconds=0)
+    db.sd_instances.create_index([("state", ASCENDING)])
+    db.sd_pool_members.create_index([("expires_at", ASCENDING)], expireAfterSeconds=0)
+
+
+class SDInstancePool:
+    """Fair, cross-process, health-checked leasing of SD WebUI instances (see the module docstring).
+
+    Leases on `sd_instances` use `agent.leases` (`takeable`, `lease_until`, `renew_leases`),
+    but not its `LeaseRenewer`: that one keeps one lease per document, while this pool keeps
+    its leases by lease id and may briefly hold two on one instance (an expired lease still
+    being released and the one that succeeded it), and it renews them in the watcher's loop
+    together with its queue entries (`WaitQueue.renew`), at `min(lease_s, waiter_ttl_s) / 3`.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        urls: list[str],
+        *,
+        timeout_s: float = 180.0,
+        wait_timeout_s: float = 300.0,
+        lease_s: float = 60.0,
+        max_attempts: int = 3,
+        poll_s: float = 0.25,
+        probe_base_s: float = 2.0,
+        probe_max_s: float = 60.0,
+        ping_timeout_s: float = 2.0,
+        waiter_ttl_s: float = 5.0,
+        join_window_s: float = 0.02,
+        max_waiters_read: int = 256,
+        handover: bool = True,
+    ) -> None:
+        if db is None:
+            raise ValueError("the SD instance pool needs MongoDB (it is how workers share the instances)")
+        urls = list(dict.fromkeys(u.rstrip("/") for u in urls if u))
+        if not urls:
+            raise ValueError("the SD instance pool needs at least one instance URL (SD_INSTANCES)")
+        self.db = db
+        self.urls = urls
+        self.timeout_s = timeout_s
+        self.wait_timeout_s = wait_timeout_s
+        self.lease_s = lease_s
+        self.max_attempts = max(1, max_attempts)
+        self.poll_s = poll_s
+        self.probe_base_s = probe_base_s
+        self.ping_timeout_s = ping_timeout_s
+        self.waiter_ttl_s = waiter_ttl_s
+        self.handover = handover  # False: no hand-over, no datagrams: claims by polling only (for comparison)
+        self.clients = {u: SDClient(u, timeout_s, ping_timeout_s=ping_timeout_s) for u in urls}
+        self.hostname = socket.gethostname()
+        self.process_id = self._new_process_id()
+        self.max_queue_seen = 0  # deepest queue (waiting callers) this process's watcher observed
+        self.handovers = 0  # instances this process handed straight to a waiting caller
+        self.claims = 0  # instances this process claimed (fast or by plan)
+        self._lock = threading.Lock()
+        self.queue = WaitQueue(
+            db,
+            self._lock,
+            join_window_s=join_window_s,
+            waiter_ttl_s=waiter_ttl_s,
+            max_waiters_read=max_waiters_read,
+        )
+        self.members = Members(db, self.hostname)
+        self.prober = health.Prober(
+            db,
+            self.clients,
+            ping_timeout_s=ping_timeout_s,
+            probe_base_s=probe_base_s,
+            probe_max_s=probe_max_s,
+            on_done=lambda: self._notify(peers=True),
+        )
+        self._leases: dict[str, Lease] = {}
+        self._finished: deque[str] = deque(maxlen=FINISHED_KEEP)
+        self._finished_set: set[str] = set()
+        self._up: tuple[float, set[str]] = (0.0, set(urls))  # (monotonic time, up instances) last seen
+        self._seq = itertools.count(1)
+        self._waker: Waker | None = None
+        self._closed = threading.Event()
+        self._stopping = threading.Event()  # shutdown: no new leases for this process's callers
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+        ensure_pool_indexes(db)
+        try:  # create the ticket counter up front: racing first-ever upserts are where databases stumble
+            db.counters.update_one({"_id": COUNTER_ID}, {"$setOnInsert": {"seq": 0}}, upsert=True)
+        except DuplicateKeyError:
+            pass
+        health.register_instances(db, urls, probe_base_s)
+
+    def _new_process_id(self) -> str:
+        return f"{self.hostname}:{os.getpid()}:{secrets.token_hex(3)}"
+
+    def _next_id(self, kind: str) -> str:
+        return f"{self.process_id}:{kind}{next(self._seq)}"
+
+    def refresh_checkpoints(self, timeout_s: float | None = None) -> dict[str, str | None]:
+        """Ask every instance which checkpoint it has loaded (for model affinity). Best effort."""
+        return health.refresh_checkpoints(self.db, self.urls, timeout_s or self.ping_timeout_s)
+
+    def close(self) -> None:
+        """Stop the watcher, free every instance this process still holds (a restarted worker must not
+        find them leased for `lease_s`), leave the member list, close the HTTP clients."""
+        self._stopping.set()
+        self._closed.set()
+        self._notify()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(2.0)
+        if self._waker is not None:
+            self._waker.close()
+        try:
+            self.release_held()
+            self.members.leave(self.process_id)
+        except PyMongoError as exc:
+            log.warning(
+                "SD pool: could not free this process's leases at close (they expire in %.0f s): %s",
+                self.lease_s,
+                exc,
+            )
+        for client in self.clients.values():
+            client.close()
+
+    def interrupt_held(self) -> int:
+        """Shutdown: grant no new lease to this process's callers (they get a 503 ModelError) and ask every
+        instance we hold to stop its generation now (the WebUI returns what it has, so the caller finishes,
+        writes its record and releases the lease). Returns how many instances were asked."""
+        self._stopping.set()
+        with self._lock:
+            urls = {lease.url for lease in self._leases.values() if lease.url}
+        for slot in self.queue.slots():
+            slot.event.set()  # waiting callers look again and see the pool stopping
+        for url in urls:
+            try:
+                self.clients[url].interrupt(timeout_s=self.ping_timeout_s)
+            except (SDError, RuntimeError) as exc:
+                log.warning("SD pool: could not interrupt %s at shutdown: %s", url, exc)
+        return len(urls)
+
+    def release_held(self) -> int:
+        """Free the instances whose lease belongs to this process (held, or handed to one of our queue
+        entries); a call still running on one is abandoned. Returns how many were freed."""
+        freed = health.free_held(self.db, self.urls, self.process_id + ":")
+        if freed:
+            log.warning("SD pool: freed %d instance(s) still leased by this process at close", freed)
+        return freed
+
+    # ------------------------------------------------------------------ waking
+    def _notify(self, peers: bool = False, look: bool = True) -> None:
+        """Make our watcher look now (look=False: just wake it, e.g. to start renewing a new lease);
+        with peers=True also the other pool processes on this host."""
+        waker = self._waker
+        if waker is None:
+            return
+        waker.wake(WAKE if look else RENEW)
+        if peers and self.handover:
+            for port in list(self.members.peers.values()):
+                waker.send(port)
+
+    def _ensure_thread(self) -> None:
+        with self._lock:
+            if self._pid != os.getpid():  # forked after use: threads and local state did not come along
+                self._pid = os.getpid()
+                self.process_id = self._new_process_id()
+                self.queue.reset()
+                self._leases.clear()
+                self.prober.reset()
+                self.members.peers = {}
+                self._thread = None
+                self._waker = None
+            if self._waker is None:
+                self._waker = Waker()
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="sd-pool-watcher", daemon=True)
+                self._thread.start()
+
+    # ------------------------------------------------------------------ leasing
+    def acquire(
+        self, checkpoint: str | None = None, exclude: Iterable[str] = (), timeout_s: float | None = None
+    ) -> Lease:
+        """Wait (FIFO across all processes) for a free up instance; raise ModelError(503) on timeout."""
+        if self._closed.is_set() or self._stopping.is_set():
+            raise self._closed_error()
+        timeout_s = self.wait_timeout_s if timeout_s is None else timeout_s
+        start = time.monotonic()
+        exclude = sorted(set(exclude))
+        self._ensure_thread()
+        lease = self._fast_claim(checkpoint, exclude)
+        if lease is not None:
+            lease.wait_ms = (time.monotonic() - start) * 1000
+            return lease
+        slot = Slot()
+        try:
+            entry = self._join(checkpoint, exclude, slot)
+        except PyMongoError as exc:
+            raise ModelError(
+                f"the SD pool cannot reach its database: {exc}",
+                provider=PROVIDER,
+                status=503,
+                retryable=True,
+                kind="image",
+            ) from exc
+        slot.event.wait(timeout_s)
+        lease = self.queue.leave(entry, slot)
+        if lease is not None:
+            lease.wait_ms = (time.monotonic() - start) * 1000
+            return lease
+        self.queue.give_up(entry)
+        self._notify(peers=True)  # we may have been first in line: the others can stop waiting for us
+        if self._stopping.is_set():
+            raise self._closed_error()
+        raise health.timeout_error(self.db, self.urls, self.queue.length, timeout_s)
+
+    def _closed_error(self) -> ModelError:
+        return ModelError(
+            "the SD pool is closed: the server is shutting down", provider=PROVIDER, status=503, kind="image"
+        )
+
+    def _join(self, checkpoint: str | None, exclude: list[str], slot: Slot) -> Entry:
+        entry = self.queue.join(lambda: self._next_id("q"), self.process_id, checkpoint, exclude, slot)
+        self._notify()
+        return entry
+
+    def _fast_claim(self, checkpoint: str | None, exclude: list[str]) -> Lease | None:
+        """Nobody waiting: take a free instance at once (one read, one atomic claim) instead of queueing.
+
+        Only when the queue is empty, so it never overtakes a waiting caller (one that
+        arrives between our read and our claim is a simultaneous arrival; the atomic claim
+        decides). None: someone is waiting or nothing is free; join the queue.
+        """
+        candidates = [u for u in self.urls if u not in exclude]
+        if not candidates:
+            return None
+        if self.queue.waiting() or self.queue.recently_busy(self.poll_s):
+            return None  # there is a queue (ours, or one we just saw): no need to ask
+        now = utcnow()
+        if not self.queue.seems_empty(now):
+            return None
+        lease = Lease(id=self._next_id("f"), url="", ticket=0)
+        with self._lock:
+            self._leases[lease.id] = lease  # known locally before it exists in the database (orphan check)
+        try:
+            doc = claim_free(self.db, candidates, lease.id, checkpoint, self.lease_s, now)
+        except PyMongoError:
+            doc = None
+        if doc is None:
+            with self._lock:
+                self._leases.pop(lease.id, None)
+            return None
+        lease.url = doc["_id"]
+        lease.checkpoint = doc.get("checkpoint")
+        self.claims += 1
+        self._notify(look=False)  # the watcher renews the lease from now on
+        return lease
+
+    def release(
+        self, lease: Lease, *, ok: bool = True, error: SDError | None = None, checkpoint: str | None = None
+    ) -> None:
+        """Done with the instance: hand it to the next waiting caller, or free it, and record what the call
+        said about its health. Only acts if we still hold it."""
+        try:
+            self._release(lease, ok=ok, error=error, checkpoint=checkpoint)
+        finally:
+            # only now: until the database says otherwise, our scan must not take it for an orphan
+            with self._lock:
+                self._leases.pop(lease.id, None)
+                if len(self._finished) == self._finished.maxlen:
+                    self._finished_set.discard(self._finished[0])
+                self._finished.append(lease.id)
+                self._finished_set.add(lease.id)
+
+    def _release(self, lease: Lease, *, ok: bool, error: SDError | None, checkpoint: str | None) -> None:
+        if ok and self.handover:
+            lease_id = hand_over(
+                self.db,
+                lease,
+                checkpoint,
+                queue=self.queue.seen[1],
+                up=self.up_instances,
+                lease_s=self.lease_s,
+                waiter_ttl_s=self.waiter_ttl_s,
+            )
+            if lease_id is not None:
+                self.handovers += 1
+                self._tell(lease_id, lease.url)
+                return
+        health.record_release(
+            self.db,
+            lease,
+            ok=ok,
+            error=error,
+            checkpoint=checkpoint,
+            probe_base_s=self.probe_base_s,
+            lease_s=self.lease_s,
+        )
+        self._notify(peers=True)
+
+    def _tell(self, lease_id: str, url: str) -> None:
+        """Tell the entry's process that it now holds `url` under `lease_id` (its scan finds out anyway)."""
+        process = process_of(lease_id)
+        if process == self.process_id:
+            self._grant(lease_id, url)
+            return
+        port = self.members.port_of(process)
+        waker = self._waker
+        if port and waker is not None:
+            waker.hint(port, lease_id, url)
+
+    def _grant(self, lease_id: str, url: str) -> None:
+        """Our entry was given `url` under `lease_id`: wake its oldest waiting caller, or, if nobody waits
+        any more, free the instance."""
+        with self._lock:
+            if lease_id in self._leases or lease_id in self._finished_set:
+                return  # already delivered (hint and scan both saw it), or already done with
+            entry, slot = self.queue.take_slot(lease_id)
+            if slot is not None:
+                assert entry is not None
+                slot.lease = Lease(id=lease_id, url=url, ticket=entry.ticket)
+                self._leases[lease_id] = slot.lease
+        if slot is not None:
+            slot.event.set()
+            self._notify(look=False)  # the watcher renews the lease from now on
+        else:
+            self._free_orphan(lease_id, url)
+
+    def _free_orphan(self, holder: str, url: str) -> None:
+        """An instance given to a caller of ours that is gone: put it back."""
+        try:
+            freed = health.free(self.db, url, holder)
+        except PyMongoError as exc:
+            log.warning("could not free %s (it frees itself when the lease runs out): %s", url, exc)
+            return
+        if freed:
+            self._notify(peers=True)
+
+    def up_instances(self) -> set[str]:
+        """The up instances, as last seen (read again when older than a second)."""
+        seen_at, up = self._up
+        if time.monotonic() - seen_at > SNAPSHOT_MAX_AGE_S:
+            up = up_urls(self.db.sd_instances.find({"_id": {"$in": self.urls}}, {"state": 1}))
+            self._up = (time.monotonic(), up)
+        return up
+
+    # ------------------------------------------------------------------ watcher thread
+    def _loop(self) -> None:
+        renew_every = max(0.05, min(self.lease_s, self.waiter_ttl_s) / 3)
+        next_renew = next_members = next_scan = 0.0
+        waker = self._waker
+        assert waker is not None
+        look = True
+        while not self._closed.is_set():
+            self.queue.retire()
+            with self._lock:
+                waiting = any(e.waiting for e in self.queue.entries.values())
+                holding = bool(self._leases)
+            if not waiting and not holding:
+                look = self._handle(waker.wait(1.0)) or look
+                continue
+            try:
+                now = time.monotonic()
+                if now >= next_members:
+                    if self.handover:
+                        self.members.refresh(self.process_id, waker.port)
+                    next_members = now + MEMBERS_REFRESH_S
+                if now >= next_renew:
+                    self._renew()
+                    next_renew = now + renew_every
+                if waiting and (look or now >= next_scan):
+                    look = False
+                    self._scan()
+                    next_scan = time.monotonic() + self.poll_s * random.uniform(0.75, 1.25)
+            except Exception as exc:  # noqa: BLE001 - the watcher must survive a database hiccup
+                log.warning("SD pool watcher: %s", exc)
+                look = False
+                next_scan = time.monotonic() + self.poll_s
+            deadline = min(next_scan, next_renew) if waiting else next_renew
+            look = self._handle(waker.wait(deadline - time.monotonic())) or look
+
+    def _handle(self, messages: list[bytes]) -> bool:
+        """Act on hand-over datagrams; True if any message asks for a look."""
+        grants, look = read_messages(messages, self.process_id, self.clients)
+        for lease_id, url in grants:
+            self._grant(lease_id, url)
+        return look
+
+    def _renew(self) -> None:
+        """Push out our leases and keep our waiting entries in the queue."""
+        now = utcnow()
+        with self._lock:
+            leases = [lease for lease in self._leases.values() if lease.url]
+        if leases:
+            matched = renew_leases(
+                self.db.sd_instances,
+                [lease.url for lease in leases],
+                field="holder",
+                values=[lease.id for lease in leases],
+                ttl_s=self.lease_s,
+                now=now,
+            )
+            if matched < len(leases):
+                log.debug(
+                    "SD pool: %d of %d leases not renewed (released meanwhile, or expired)",
+                    len(leases) - matched,
+                    len(leases),
+                )
+        self.queue.renew(now)
+
+    def _scan(self) -> None:
+        now = utcnow()
+        instances = list(self.db.sd_instances.find({"_id": {"$in": self.urls}}))
+        self._up = (time.monotonic(), up_urls(instances))
+        prefix = self.process_id + ":"
+        for doc in instances:
+            holder = doc.get("holder") or ""
+            if holder.startswith(prefix):
+                with self._lock:
+                    mine = holder in self._leases or holder in self._finished_set
+                if not mine:  # given to us, but the hint was lost or never sent (or the caller is gone)
+                    self._grant(holder, doc["_id"])
+            if doc.get("state") == "down" and (aware(doc.get("next_probe_at")) or now) <= now:
+                self.prober.start(doc["_id"], now, self.process_id)
+        waiters = self.queue.read(now)
+        depth = sum(want(w) for w in waiters)
+        if depth > self.max_queue_seen:
+            self.max_queue_seen = depth
+            health.note_queue_depth(self.db, depth)
+        local = self.queue.ids()
+        for entry_id, url in plan_assignment(waiters, instances, now):
+            if entry_id in local:
+                self._claim(entry_id, url)
+
+    def _claim(self, entry_id: str, url: str) -> None:
+        """Take one of our entry's wanted instances off the queue, then the free instance planned for it."""
+        claimed = claim_planned(self.db, entry_id, url, self.lease_s, utcnow())
+        if claimed is None:
+            return
+        lease_id, got = claimed
+        self.claims += 1
+        self._grant(lease_id, url)
+        with self._lock:
+            lease = self._leases.get(lease_id)
+            if lease is not None:
+                lease.checkpoint = got.get("checkpoint")
+
+    # ------------------------------------------------------------------ running calls
+    def run(
+        self,
+        call: Callable[[SDClient], tuple[T, str | None]],
+        *,
+        checkpoint: str | None = None,
+        what: str = "image generation",
+    ) -> tuple[T, RunInfo]:
+        """Run `call(client)` on a leased instance, retrying on another instance when it fails
+        (`retrying.run`). `call` returns (value, checkpoint now loaded or None) and raises SDError."""
+        return retrying.run(self, call, checkpoint=checkpoint, what=what)
+
+    def stopping_error(self) -> ModelError | None:
+        """The 503 for a caller of this process once shutdown began, else None."""
+        return self._closed_error() if self._stopping.is_set() else None
+
+    # ------------------------------------------------------------------ status
+    def health(self) -> dict[str, Any]:
+        """From the shared collections only (no call to any instance)."""
+        return health.status(self.db, self.urls, self.queue.length)
+
+    def answering(self, timeout_s: float | None = None) -> dict[str, bool]:
+        """Which instances answer the pool's own probe (`SDClient.ping`) now; all pinged at once.
+
+        For /health: the shared state says what the pool last saw (an instance nobody used yet is
+        "up" whether or not anything listens), this says whether an image request could be served.
+        Changes no state: leases and down/up marks stay the pool's business.
+        """
+        return health.answering(self.clients, self.urls, timeout_s or self.ping_timeout_s)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **health.served(self.db, self.urls),
+            "max_queue_this_process": self.max_queue_seen,
+            "handovers_this_process": self.handovers,
+            "claims_this_process": self.claims,
+        }
