@@ -156,7 +156,7 @@ class HealthCheck:
         if self.svc.settings.IMAGE_PROVIDER == "openai":
             from agent.providers.openai_compat import probe_models
 
-            inner = getattr(provider, "inner", provider)  # agent.factory's recording wrapper
+            inner = getattr(provider, "inner", provider)  # agent/images/recording.py
             client = getattr(inner, "client", None)
             if client is None:
                 return {**out, "ok": False, "error": "the openai image provider has no client to probe"}

@@ -51,7 +51,7 @@ class Generation:
 
 
 def controlnet_unit(module: str, model: str, image: bytes | None, **overrides: Any) -> dict[str, Any]:
-    """A ControlNet unit as the original sends it (research note §3.3); agent/sd.py base64-encodes `image`."""
+    """A ControlNet unit as the original sends it (research note §3.3); agent/images/sdwebui/client.py base64-encodes `image`."""
     unit: dict[str, Any] = {
         "enabled": True,
         "module": module,
