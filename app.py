@@ -139,7 +139,8 @@ def _merge_vary(resp: Any) -> Any:
 
 
 def init_services(app: OpenAPI, settings: Settings) -> Any:
-    from agent.factory import build_image_provider, build_llm
+    from agent.factory import build_image_provider
+    from agent.llm.build import build_llm
     from agent.prompts import PromptLibrary
     from apps.core.context import Services
     from apps.core.db import connect

@@ -1,9 +1,8 @@
-"""Build the configured providers from Settings; the only place that knows them all."""
+"""Build the configured image provider from Settings (the LLM's builders are in agent.llm.build)."""
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -11,76 +10,15 @@ from typing import Any
 
 from pymongo.database import Database
 
+from agent.call_context import CallContext
 from agent.images import PlaceholderImageProvider
-from agent.llm import LLM
-from agent.records import GenerationRecorder
-from agent.types import ImageProvider, ImageRequest, ImageResult, LLMProvider, ModelError, Segmentation
+from agent.records import GenerationRecord, GenerationRecorder
+from agent.types import ImageProvider, ImageRequest, ImageResult, ModelError, Segmentation
 from config import Settings
 
 log = logging.getLogger(__name__)
 
 StoreFn = Callable[..., str]
-
-
-def build_llm_provider(settings: Settings) -> LLMProvider:
-    from agent.providers.openai_compat import OpenAICompatProvider
-
-    if settings.LLM_PROVIDER == "azure":
-        if not (settings.AZURE_OPENAI_ENDPOINT and settings.AZURE_OPENAI_DEPLOYMENT):
-            raise ValueError("LLM_PROVIDER=azure needs AZURE_OPENAI_ENDPOINT and AZURE_OPENAI_DEPLOYMENT")
-        return OpenAICompatProvider.azure(
-            endpoint=settings.AZURE_OPENAI_ENDPOINT,
-            api_key=settings.AZURE_OPENAI_API_KEY,
-            api_version=settings.AZURE_OPENAI_API_VERSION,
-            deployment=settings.AZURE_OPENAI_DEPLOYMENT,
-            timeout=settings.LLM_TIMEOUT_S,
-            vision_deployment=settings.VISION_MODEL,
-        )
-    if settings.LLM_PROVIDER == "openai":
-        return OpenAICompatProvider.openai(
-            base_url=settings.OPENAI_BASE_URL,
-            api_key=settings.OPENAI_API_KEY,
-            model=settings.LLM_MODEL,
-            timeout=settings.LLM_TIMEOUT_S,
-            vision_model=settings.VISION_MODEL,
-        )
-    from agent.providers.local import LocalProvider
-
-    mode = settings.LOCAL_LLM_MODE
-    if mode == "auto":
-        mode = "server" if os.environ.get("LOCAL_LLM_SHARED") == "1" else "inprocess"
-    return LocalProvider(
-        model_path=settings.LOCAL_MODEL_PATH,
-        n_ctx=settings.LOCAL_N_CTX,
-        n_threads=settings.LOCAL_THREADS,
-        default_temperature=settings.LOCAL_TEMPERATURE,
-        default_max_tokens=settings.LOCAL_MAX_TOKENS,
-        mode=mode,
-        state_dir=str(settings.DATA_DIR / "local-llm"),
-        model=settings.LOCAL_MODEL,
-    )
-
-
-def build_moderator(settings: Settings, provider: LLMProvider) -> Any:
-    from agent.moderation import build_moderator as _build
-
-    return _build(settings, provider)
-
-
-def build_llm(settings: Settings, db: Database | None, prompts: Any) -> LLM:
-    provider = build_llm_provider(settings)
-    return LLM(
-        provider,
-        prompts=prompts,
-        recorder=GenerationRecorder(db),
-        max_retries=settings.LLM_MAX_RETRIES,
-        retry_base_s=settings.LLM_RETRY_BASE_S,
-        max_concurrency=settings.LLM_MAX_CONCURRENCY,
-        moderator=build_moderator(settings, provider),
-        db=db,
-        global_concurrency=settings.LLM_GLOBAL_CONCURRENCY,
-        slot_wait_s=settings.LLM_TIMEOUT_S,
-    )
 
 
 class RecordingImageProvider:
@@ -113,6 +51,14 @@ class RecordingImageProvider:
                 {k: v for k, v in u.items() if k not in ("image", "input_image")} for u in request.controlnet
             ],
         }
+        record = GenerationRecord(
+            kind="image",
+            provider=self.name,
+            context=CallContext.of(ctx),
+            template=ctx.get("template"),
+            prompt=prompt,
+            params=params,
+        )
         start = time.perf_counter()
         try:
             result = self.inner.generate(request)
@@ -124,15 +70,9 @@ class RecordingImageProvider:
                     retryable=True,
                 )
         except ModelError as exc:
-            self.recorder.record(
-                kind="image",
-                provider=self.name,
-                prompt=prompt,
-                params=params,
-                error=exc.to_dict(),
-                latency_ms=(time.perf_counter() - start) * 1000,
-                **_ctx(ctx),
-            )
+            record.error = exc.to_dict()
+            record.latency_ms = (time.perf_counter() - start) * 1000
+            self.recorder.save(record)
             raise
         if self.store is not None:
             result.image_id = self.store(
@@ -147,17 +87,12 @@ class RecordingImageProvider:
                 session=ctx.get("session"),
                 step=ctx.get("step"),
             )
-        result.generation_id = self.recorder.record(
-            kind="image",
-            provider=result.provider,
-            prompt=prompt,
-            params=params,
-            output={"image_id": result.image_id, "bytes": len(result.png), "seed": result.seed},
-            latency_ms=result.latency_ms,
-            instance=result.instance,
-            extra={"wait_ms": result.wait_ms, "attempts": result.attempts},
-            **_ctx(ctx),
-        )
+        record.provider = result.provider
+        record.instance = result.instance
+        record.output = {"image_id": result.image_id, "bytes": len(result.png), "seed": result.seed}
+        record.latency_ms = result.latency_ms
+        record.extra = {"wait_ms": result.wait_ms, "attempts": result.attempts}
+        result.generation_id = self.recorder.save(record)
         return result
 
     def generate_many(self, requests: list[ImageRequest]) -> list[ImageResult]:
@@ -174,10 +109,6 @@ class RecordingImageProvider:
 
     def health(self) -> dict[str, Any]:
         return self.inner.health()
-
-
-def _ctx(ctx: dict[str, Any]) -> dict[str, Any]:
-    return {k: ctx.get(k) for k in ("app", "user", "session", "job", "step", "template")}
 
 
 def build_image_provider(
