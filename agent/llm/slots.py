@@ -175,12 +175,6 @@ class GlobalSlots:
         """Push out the leases this process holds; returns how many were renewed."""
         return self._leases.renew()
 
-    def busy(self) -> int:
-        """Slots held right now by anyone (for health/metrics)."""
-        return self.coll.count_documents(
-            {"_id": {"$in": self.ids}, "holder": {"$ne": None}, "lease_until": {"$gte": utcnow()}}
-        )
-
     def close(self) -> None:
         self._leases.close()
 

@@ -36,6 +36,7 @@ from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateOne
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
+from agent.leases import LeaseRenewer, lease_until
 from agent.types import ModelError
 
 from .db import coordination, register_indexes
@@ -510,51 +511,35 @@ def reap_records(db: Database, now: datetime | None = None) -> int:
     return count
 
 
-class _RecordLeases:
-    """The records this process is working on (collection, id), renewed by JobManager's heartbeat."""
-
-    def __init__(self) -> None:
-        self.held: set[tuple[str, Any]] = set()
-        self.lock = threading.Lock()
-
-
-def _record_leases(manager: JobManager) -> _RecordLeases:
+def _record_leases(manager: JobManager) -> LeaseRenewer:
+    """The records this process is working on, renewed by `manager`'s heartbeat (no thread of their own)."""
     leases = manager.__dict__.get("_record_leases")
     if leases is None:
-        leases = manager.__dict__.setdefault("_record_leases", _RecordLeases())
+        leases = manager.__dict__.setdefault(
+            "_record_leases", LeaseRenewer(manager.lease_s, name="records", thread=False)
+        )
     return leases
 
 
 def lease_fields(manager: JobManager) -> dict[str, Any]:
     """Fields to store with a new `working` record: who runs it and until when it is alive."""
-    return {"runner": manager.worker, "lease_until": _now() + timedelta(seconds=manager.lease_s)}
+    return {"runner": manager.worker, "lease_until": lease_until(manager.lease_s)}
 
 
 @contextmanager
 def holding(manager: JobManager, collection: str, doc_id: Any) -> Iterator[None]:
-    """While inside, this process's heartbeat renews the record's lease."""
+    """While inside, this process's heartbeat renews the record's lease (while it is `working`)."""
     leases = _record_leases(manager)
-    with leases.lock:
-        leases.held.add((collection, doc_id))
+    target = coordination(manager.db[collection])  # every heartbeat: no journal wait
+    leases.hold(target, doc_id, field="status", value="working")
     try:
         yield
     finally:
-        with leases.lock:
-            leases.held.discard((collection, doc_id))
+        leases.drop(target, doc_id)
 
 
 def _beat_records_of(manager: JobManager) -> None:
-    leases = _record_leases(manager)
-    with leases.lock:
-        held = list(leases.held)
-    until = _now() + timedelta(seconds=manager.lease_s)
-    by_collection: dict[str, list[Any]] = {}
-    for collection, doc_id in held:
-        by_collection.setdefault(collection, []).append(doc_id)
-    for collection, ids in by_collection.items():
-        coordination(manager.db[collection]).update_many(
-            {"_id": {"$in": ids}, "status": "working"}, {"$set": {"lease_until": until}}
-        )
+    _record_leases(manager).renew()
     reap_records(manager.db)
 
 

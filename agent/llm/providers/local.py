@@ -220,7 +220,6 @@ class LocalProvider:
         if self.mode == "server":
             self._server_client()
             return 0.0
-            return 0.0
         return self._loaded().load_s
 
     def _loaded(self) -> Loaded:

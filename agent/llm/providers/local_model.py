@@ -29,14 +29,12 @@ class Speed:
     def __init__(self, window: int = 20) -> None:
         self._samples: deque[tuple[int, float]] = deque(maxlen=window)
         self._lock = threading.Lock()
-        self.last: float | None = None
 
     def add(self, tokens: int, seconds: float) -> None:
         if tokens <= 0 or seconds <= 0:
             return
         with self._lock:
             self._samples.append((tokens, seconds))
-            self.last = tokens / seconds
 
     def rolling(self) -> float | None:
         with self._lock:

@@ -235,13 +235,6 @@ def selftest(
         return result
 
 
-def known_selftest(model_path: Path, state_dir: Path) -> SelfTest | None:
-    """The result if one is known for this key (no probe): for cheap status reads."""
-    key = probe_key(model_path)
-    with _MEMO_LOCK:
-        return _MEMO.get(key) or _read(state_dir, key)
-
-
 def forget() -> None:
     """Drop the in-process memo (tests)."""
     with _MEMO_LOCK:
