@@ -46,7 +46,7 @@ def on_starting(server) -> None:  # noqa: ANN001 - gunicorn hook signature
         settings.LOCAL_LLM_MODE == "server" or (settings.LOCAL_LLM_MODE == "auto" and server.cfg.workers > 1)
     ):
         # one model per host instead of one copy per worker
-        from agent.providers.local import ensure_local_llm_server
+        from agent.llm.providers.local_server import ensure_local_llm_server
 
         url = ensure_local_llm_server(
             settings.LOCAL_MODEL_PATH,
@@ -90,8 +90,8 @@ def _local_model_runs(server, settings) -> bool:  # noqa: ANN001 - gunicorn's Ar
 
     Its result is kept under DATA_DIR, where workers and /health read it.
     """
-    from agent.providers.local import resolve_model_path
-    from agent.providers.local_selftest import selftest
+    from agent.llm.providers.local_selftest import selftest
+    from agent.llm.providers.model_files import resolve_model_path
     from agent.types import ModelError
 
     try:
@@ -123,7 +123,7 @@ def child_exit(server, worker) -> None:  # noqa: ANN001
 
 def on_exit(server) -> None:  # noqa: ANN001
     if _started_llm:
-        from agent.providers.local import stop_local_llm_server
+        from agent.llm.providers.local_server import stop_local_llm_server
         from config import load_settings
 
         stop_local_llm_server(load_settings().DATA_DIR / "local-llm")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,6 +22,8 @@ from bson.errors import BSONError
 from pymongo import ASCENDING, DESCENDING
 from pymongo.database import Database
 from pymongo.errors import PyMongoError, WriteError
+
+from agent.call_context import CallContext
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,63 @@ def _reduced(doc: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@dataclass
+class GenerationRecord:
+    """One model call's record: built when the call starts, filled as it goes, saved once at its end.
+
+    status: "ok" | "failed" | "cancelled" (None: "ok" without error, else "failed").
+    `extra` holds the kind-specific fields (stream, json, retries, notes, ...), stored at the top level.
+    """
+
+    kind: str
+    provider: str
+    context: CallContext = field(default_factory=CallContext)
+    template: str | None = None
+    template_hash: str | None = None
+    variant: str | None = None
+    messages: Any = None
+    prompt: Any = None
+    params: dict[str, Any] | None = None
+    model: str | None = None
+    instance: str | None = None
+    output: Any = None
+    error: dict[str, Any] | None = None
+    status: str | None = None
+    attempts: int | None = None
+    latency_ms: float | None = None
+    usage: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def document(self, now: datetime) -> dict[str, Any]:
+        """The `generations` document (field order kept: exports and studies read these)."""
+        status = self.status or ("ok" if self.error is None else "failed")
+        latency_ms = self.latency_ms
+        return {
+            "_id": ObjectId(),
+            "kind": self.kind,
+            **self.context.fields(),
+            "template": self.template,
+            "template_hash": self.template_hash,
+            "variant": self.variant,
+            "messages": _scrub(self.messages),
+            "prompt": _scrub(self.prompt),
+            "params": _scrub(self.params or {}),
+            "provider": self.provider,
+            "model": self.model,
+            "instance": self.instance,
+            "output": _scrub(self.output),
+            "error": _scrub(self.error),
+            "status": status,
+            "ok": status == "ok",
+            "attempts": self.attempts,
+            "latency_ms": latency_ms,
+            "usage": self.usage or {},
+            "started_at": now - timedelta(milliseconds=latency_ms) if latency_ms else now,
+            "created_at": now,
+            **_scrub(self.extra or {}),
+        }
+
+
 class GenerationRecorder:
     """Writes generation records; a database outage is logged, never raised into the app."""
 
@@ -75,68 +135,12 @@ class GenerationRecorder:
         self.annotators: list[Callable[[dict[str, Any]], dict[str, Any]]] = []
         self.observers: list[Callable[[dict[str, Any]], None]] = []
 
-    def record(
-        self,
-        *,
-        kind: str,
-        provider: str,
-        app: str | None = None,
-        user: str | None = None,
-        session: str | None = None,
-        job: str | None = None,
-        step: str | None = None,
-        template: str | None = None,
-        template_hash: str | None = None,
-        messages: Any = None,
-        prompt: Any = None,
-        params: dict[str, Any] | None = None,
-        output: Any = None,
-        error: dict[str, Any] | None = None,
-        status: str | None = None,
-        attempts: int | None = None,
-        latency_ms: float | None = None,
-        usage: dict[str, Any] | None = None,
-        instance: str | None = None,
-        model: str | None = None,
-        extra: dict[str, Any] | None = None,
-        variant: str | None = None,
-    ) -> str | None:
-        """Insert one record; returns its id (str), or None when there is no database or it failed.
-
-        status: "ok" | "failed" | "cancelled" (default: "ok" without error, else "failed").
-        """
+    def save(self, record: GenerationRecord) -> str | None:
+        """Insert one record; returns its id (str), or None when there is no database or it failed."""
         if self.db is None:
             return None
-        now = datetime.now(UTC)
-        status = status or ("ok" if error is None else "failed")
-        doc: dict[str, Any] = {
-            "_id": ObjectId(),
-            "kind": kind,
-            "app": app,
-            "user": user,
-            "session": session,
-            "job": job,
-            "step": step,
-            "template": template,
-            "template_hash": template_hash,
-            "variant": variant,
-            "messages": _scrub(messages),
-            "prompt": _scrub(prompt),
-            "params": _scrub(params or {}),
-            "provider": provider,
-            "model": model,
-            "instance": instance,
-            "output": _scrub(output),
-            "error": _scrub(error),
-            "status": status,
-            "ok": status == "ok",
-            "attempts": attempts,
-            "latency_ms": latency_ms,
-            "usage": usage or {},
-            "started_at": now - timedelta(milliseconds=latency_ms) if latency_ms else now,
-            "created_at": now,
-            **_scrub(extra or {}),
-        }
+        kind, provider = record.kind, record.provider
+        doc = record.document(datetime.now(UTC))
         for annotate in self.annotators:
             try:
                 doc.update(annotate(doc))

@@ -24,13 +24,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.providers.local import (  # noqa: E402
-    LocalProvider,
+from agent.llm.providers.local import LocalProvider  # noqa: E402
+from agent.llm.providers.local_server import (  # noqa: E402
     ensure_local_llm_server,
     local_llm_server_state,
-    resolve_model_path,
     stop_local_llm_server,
 )
+from agent.llm.providers.model_files import resolve_model_path  # noqa: E402
 
 SYSTEM = "You are a children's book author. Write vivid, simple sentences."
 SUBJECTS = [

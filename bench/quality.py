@@ -34,8 +34,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.factory import build_llm  # noqa: E402
 from agent.llm import LLM  # noqa: E402
+from agent.llm.build import build_llm  # noqa: E402
 from agent.prompts import PromptLibrary  # noqa: E402
 from agent.textcheck import (  # noqa: E402
     cjk_share,

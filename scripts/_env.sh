@@ -16,7 +16,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   bash scripts/install-llama.sh
   python -m pip install --quiet -e ".${extras:+[$extras]}"
   # prove the embedded model generates on this CPU before saying the install is done
-  python -m agent.providers.local_selftest
+  python -m agent.llm.providers.local_selftest
   echo "$want" > "$stamp"
 else
   bash scripts/install-llama.sh  # a no-op unless llama-cpp-python was replaced since

@@ -17,11 +17,13 @@ from typing import Any
 import pytest
 from pymongo import MongoClient
 
-from agent.llm import LLM, CallContext, ChatStream, GlobalSlots, SlotTimeout, get_llm, parse_json_text
-from agent.prompts import PromptLibrary
-from agent.providers.openai_compat import OpenAICompatProvider, parse_retry_after
-from agent.records import GenerationRecorder
+from agent.llm import LLM, CallContext, ChatStream, GlobalSlots, SlotTimeout, parse_json_text
+from agent.llm.build import build_llm
+from agent.llm.providers.openai_compat import OpenAICompatProvider, parse_retry_after
+from agent.prompts import PromptLibrary, default_library
+from agent.records import GenerationRecord, GenerationRecorder
 from agent.types import ModelError
+from config import load_settings
 from tests.fakes.pngs import png_bytes
 
 USER = [{"role": "user", "content": "Write a haiku about tea."}]
@@ -602,7 +604,7 @@ def test_chat_waits_for_a_global_slot_then_fails_clearly(
     assert doc["status"] == "failed" and doc["attempts"] == 1  # waiting already took long: not retried
 
 
-# --------------------------------------------------------------------------- records, get_llm, CLI
+# --------------------------------------------------------------------------- records, standalone LLM, CLI
 
 
 def test_record_failure_never_breaks_the_call(fake_openai: Any) -> None:
@@ -618,12 +620,14 @@ def test_record_failure_never_breaks_the_call(fake_openai: Any) -> None:
 
 def test_record_mongodb_refuses_is_kept_reduced(db: Any) -> None:
     recorder = GenerationRecorder(db)
-    gid = recorder.record(
-        kind="chat",
-        provider="openai",
-        output="x",
-        extra={"data": {"tags": {"a"}}},
-        messages=[{"role": "user", "content": "data:image/png;base64," + "A" * 500}],
+    gid = recorder.save(
+        GenerationRecord(
+            kind="chat",
+            provider="openai",
+            output="x",
+            extra={"data": {"tags": {"a"}}},
+            messages=[{"role": "user", "content": "data:image/png;base64," + "A" * 500}],
+        )
     )
     doc = db.generations.find_one()
     assert gid == str(doc["_id"]) and doc["output"] == "x"
@@ -631,15 +635,11 @@ def test_record_mongodb_refuses_is_kept_reduced(db: Any) -> None:
     assert "A" * 100 not in doc["messages"] and "image/png data URL, 522 chars" in doc["messages"]
 
 
-def test_get_llm_inside_and_outside_an_app(
-    openai_app: Any, fake_openai: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    with openai_app.app_context():
-        assert get_llm() is openai_app.extensions["services"].llm
+def test_llm_built_outside_an_app(openai_app: Any, fake_openai: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLM_PROVIDER", "openai")
     monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.url)
     monkeypatch.setenv("LLM_MODEL", "standalone-model")
-    standalone = get_llm()
+    standalone = build_llm(load_settings(), None, default_library())
     assert standalone is not openai_app.extensions["services"].llm
     assert standalone.chat(USER).model == "standalone-model"
     assert standalone.global_slots is None and standalone.recorder.db is None

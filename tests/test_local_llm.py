@@ -16,16 +16,14 @@ from typing import Any
 
 import pytest
 
-from agent.providers.local import (
-    NO_VISION_NOTE,
+from agent.llm.providers.local import LOCAL_NO_VISION_NOTE, LocalProvider, bound_schema
+from agent.llm.providers.local_server import (
     SERVER_EXTRA_MODULES,
-    LocalProvider,
-    bound_schema,
     ensure_local_llm_server,
     local_llm_server_state,
-    resolve_model_path,
     stop_local_llm_server,
 )
+from agent.llm.providers.model_files import resolve_model_path
 from agent.types import ChatResult, ModelError
 
 try:
@@ -174,7 +172,7 @@ def test_image_parts_are_dropped_with_a_note(llm: LocalProvider) -> None:
         }
     ]
     result = llm.complete(messages, params={"max_tokens": 16})
-    assert result.text and NO_VISION_NOTE in result.notes
+    assert result.text and LOCAL_NO_VISION_NOTE in result.notes
     assert llm.complete(STORY, params={"max_tokens": 4}).notes == []
 
 

@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from agent.providers import local_selftest
-from agent.providers.local import LocalProvider, resolve_model_path
-from agent.providers.local_selftest import run_selftest, selftest
+from agent.llm.providers import local_selftest
+from agent.llm.providers.local import LocalProvider
+from agent.llm.providers.local_selftest import run_selftest, selftest
+from agent.llm.providers.model_files import resolve_model_path
 from agent.types import ModelError
 
 FAULTS = {

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from agent.llm import LLM, CallContext
-from agent.moderation import LocalKeywordModerator, NoModerator, OpenAIModerator, build_moderator
-from agent.providers.openai_compat import OpenAICompatProvider
+from agent.llm.moderation import LocalKeywordModerator, NoModerator, OpenAIModerator, build_moderator
+from agent.llm.providers.openai_compat import OpenAICompatProvider
 from agent.records import GenerationRecorder
 from agent.types import ModelError
 from config import load_settings

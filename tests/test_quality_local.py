@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from agent.factory import build_llm
+from agent.llm.build import build_llm
 from agent.prompts import PromptLibrary
 from config import load_settings
 

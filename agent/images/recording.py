@@ -6,8 +6,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from agent.call_context import CallContext
 from agent.images.concurrent import generate_concurrently
-from agent.records import GenerationRecorder
+from agent.records import GenerationRecord, GenerationRecorder
 from agent.types import ImageRequest, ImageResult, ModelError, Segmentation
 
 StoreFn = Callable[..., str]
@@ -43,6 +44,14 @@ class RecordingImageProvider:
                 {k: v for k, v in u.items() if k not in ("image", "input_image")} for u in request.controlnet
             ],
         }
+        record = GenerationRecord(
+            kind="image",
+            provider=self.name,
+            context=CallContext.of(ctx),
+            template=ctx.get("template"),
+            prompt=prompt,
+            params=params,
+        )
         start = time.perf_counter()
         try:
             result = self.inner.generate(request)
@@ -54,15 +63,9 @@ class RecordingImageProvider:
                     retryable=True,
                 )
         except ModelError as exc:
-            self.recorder.record(
-                kind="image",
-                provider=self.name,
-                prompt=prompt,
-                params=params,
-                error=exc.to_dict(),
-                latency_ms=(time.perf_counter() - start) * 1000,
-                **_ctx(ctx),
-            )
+            record.error = exc.to_dict()
+            record.latency_ms = (time.perf_counter() - start) * 1000
+            self.recorder.save(record)
             raise
         if self.store is not None:
             result.image_id = self.store(
@@ -77,17 +80,12 @@ class RecordingImageProvider:
                 session=ctx.get("session"),
                 step=ctx.get("step"),
             )
-        result.generation_id = self.recorder.record(
-            kind="image",
-            provider=result.provider,
-            prompt=prompt,
-            params=params,
-            output={"image_id": result.image_id, "bytes": len(result.png), "seed": result.seed},
-            latency_ms=result.latency_ms,
-            instance=result.instance,
-            extra={"wait_ms": result.wait_ms, "attempts": result.attempts},
-            **_ctx(ctx),
-        )
+        record.provider = result.provider
+        record.instance = result.instance
+        record.output = {"image_id": result.image_id, "bytes": len(result.png), "seed": result.seed}
+        record.latency_ms = result.latency_ms
+        record.extra = {"wait_ms": result.wait_ms, "attempts": result.attempts}
+        result.generation_id = self.recorder.save(record)
         return result
 
     def generate_many(self, requests: list[ImageRequest]) -> list[ImageResult]:
@@ -98,7 +96,3 @@ class RecordingImageProvider:
 
     def health(self) -> dict[str, Any]:
         return self.inner.health()
-
-
-def _ctx(ctx: dict[str, Any]) -> dict[str, Any]:
-    return {k: ctx.get(k) for k in ("app", "user", "session", "job", "step", "template")}

@@ -196,15 +196,11 @@ def run_cmd(ctx: click.Context, name: str, sample: str | None, pairs: tuple[str,
         lib.render(_name(name), variables)  # template problems are reported before any model call
     except PromptError as exc:
         raise click.ClickException(str(exc)) from exc
-    try:
-        from agent.llm import CallContext, get_llm
-    except ImportError as exc:
-        click.echo(f"Error: the model layer (agent.llm.get_llm) is not available: {exc}", err=True)
-        ctx.exit(2)
+    from agent.call_context import CallContext
     from agent.types import ModelError
 
     try:
-        result = get_llm().chat(
+        result = current_app.extensions["services"].llm.chat(
             template=_name(name),
             variables=variables,
             context=CallContext(app=_name(name).split("/")[0], user="prompts-cli", step="prompts run"),

@@ -16,29 +16,24 @@ secret file does not exist yet. The URIs handed out carry the credentials: never
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
 import os
 import re
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import quote_plus
 
+from agent.host_process import HostProcess, free_port
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "embedded-mongo.json"
-LOCK_FILE = "embedded-mongo.lock"
 SECRET_FILE = "embedded-mongo.secret"
 USER = "creativity"
 
@@ -51,39 +46,9 @@ class EmbeddedMongo:
     owner: bool  # True when this process started it (and so stops it)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _answers(port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextmanager
-def _locked(data_dir: Path) -> Iterator[None]:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with open(data_dir / LOCK_FILE, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def _host(data_dir: Path) -> HostProcess:
+    """The host's one secantus process: its state and lock files (embedded-mongo.json/.lock) in DATA_DIR."""
+    return HostProcess(data_dir, name=STATE_FILE.removesuffix(".json"), marker=b"secantus")
 
 
 def uri_for(port: int, password: str | None = None) -> str:
@@ -120,14 +85,7 @@ def _write_secret(data_dir: Path, password: str) -> None:
     os.replace(tmp, data_dir / SECRET_FILE)
 
 
-def _read_state(data_dir: Path) -> dict | None:
-    try:
-        return json.loads((data_dir / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _spawn(data_dir: Path, port: int, *, auth: bool) -> subprocess.Popen:
+def _spawn(data_dir: Path, port: int, *, auth: bool) -> subprocess.Popen[bytes]:
     storage = data_dir / "db"
     storage.mkdir(parents=True, exist_ok=True)
     args = [
@@ -145,31 +103,24 @@ def _spawn(data_dir: Path, port: int, *, auth: bool) -> subprocess.Popen:
     ]
     if auth:
         args.append("--auth")
-    with open(data_dir / "embedded-mongo.log", "ab") as logfile:
-        return subprocess.Popen(
-            args,
-            stdout=logfile,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # a Ctrl-C in the dev server's terminal must not kill it first
+    # own session: a Ctrl-C in the dev server's terminal must not kill it first
+    return HostProcess.spawn(args, data_dir / "embedded-mongo.log")
+
+
+def _wait_answering(proc: subprocess.Popen[bytes], port: int, data_dir: Path, timeout: float) -> None:
+    if HostProcess.wait_listening(proc, port, timeout):
+        return
+    if proc.poll() is not None:
+        raise RuntimeError(
+            f"embedded MongoDB (secantusdb) exited with code {proc.returncode}; "
+            f"see {data_dir / 'embedded-mongo.log'}"
         )
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"embedded MongoDB did not answer on port {port} within {timeout}s")
 
 
-def _wait_answering(proc: subprocess.Popen, port: int, data_dir: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not _answers(port):
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"embedded MongoDB (secantusdb) exited with code {proc.returncode}; "
-                f"see {data_dir / 'embedded-mongo.log'}"
-            )
-        if time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            raise RuntimeError(f"embedded MongoDB did not answer on port {port} within {timeout}s")
-        time.sleep(0.05)
-
-
-def _terminate(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+def _terminate(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
     proc.terminate()
     try:
         proc.wait(timeout)
@@ -212,22 +163,21 @@ def _provision(data_dir: Path, port: int, timeout: float) -> str:
 def ensure_embedded_mongo(data_dir: Path, port: int = 0, *, startup_timeout: float = 30.0) -> EmbeddedMongo:
     """Return the host's embedded server (authenticating URI), starting it if nobody has."""
     data_dir = Path(data_dir).resolve()
-    with _locked(data_dir):
-        state = _read_state(data_dir)
+    host = _host(data_dir)
+    with host.locked():
+        state = host.read_state()
         password = _read_secret(data_dir)
-        if password and state and _alive(state["pid"]) and _answers(state["port"]):
+        if password and state and host.alive(state):
             return EmbeddedMongo(uri_for(state["port"], password), state["pid"], state["port"], owner=False)
-        if state and _alive(state["pid"]):
+        if state and host.running(state["pid"]):
             # running but not answering, or started before authentication existed: replace it
-            _kill_pid(state["pid"])
-        chosen = port or _free_port()
+            host.stop_pid(state["pid"])
+        chosen = port or free_port()
         if password is None:
             password = _provision(data_dir, chosen, startup_timeout)
         proc = _spawn(data_dir, chosen, auth=True)
         _wait_answering(proc, chosen, data_dir, startup_timeout)
-        (data_dir / STATE_FILE).write_text(
-            json.dumps({"pid": proc.pid, "port": chosen, "owner_pid": os.getpid()})
-        )
+        host.write_state({"pid": proc.pid, "port": chosen, "owner_pid": os.getpid()})
         log.info(
             "embedded MongoDB started on 127.0.0.1:%s with auth (pid %s, data %s)",
             chosen,
@@ -237,42 +187,19 @@ def ensure_embedded_mongo(data_dir: Path, port: int = 0, *, startup_timeout: flo
         return EmbeddedMongo(uri_for(chosen, password), proc.pid, chosen, owner=True)
 
 
-def _kill_pid(pid: int, timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after `timeout`; reaps it when it is our child."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
-        _reap(pid)
-        time.sleep(0.05)
-    if _alive(pid):
-        os.kill(pid, signal.SIGKILL)
-    _reap(pid)
-
-
 def stop_embedded_mongo(data_dir: Path, timeout: float = 10.0) -> bool:
     """Stop the host's embedded server (SIGTERM, then SIGKILL). Returns True if one was stopped."""
-    data_dir = Path(data_dir).resolve()
-    with _locked(data_dir):
-        state = _read_state(data_dir)
+    host = _host(Path(data_dir).resolve())
+    with host.locked():
+        state = host.read_state()
         if not state:
             return False
-        pid = state["pid"]
         stopped = False
-        if _alive(pid):
-            _kill_pid(pid, timeout)
+        if host.running(state["pid"]):
+            host.stop_pid(state["pid"], timeout)
             stopped = True
-        (data_dir / STATE_FILE).unlink(missing_ok=True)
+        host.clear_state()
         return stopped
-
-
-def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def stop_at_exit(data_dir: Path, server: EmbeddedMongo) -> None:
@@ -331,11 +258,8 @@ class Supervisor:
             self._thread.join(timeout)
 
     def healthy(self) -> bool:
-        state = _read_state(self.data_dir)
-        if not state:
-            return False
-        _reap(state["pid"])  # our own dead child stays a zombie (and "alive") until reaped
-        return _alive(state["pid"]) and _answers(state["port"])
+        host = _host(self.data_dir)
+        return host.alive(host.read_state())
 
     def _run(self) -> None:
         delay = 1.0
@@ -351,7 +275,7 @@ class Supervisor:
             misses += 1
             if misses < 2 or time.monotonic() < next_try:
                 continue  # one missed probe may be a busy server; a restart in backoff waits its turn
-            state = _read_state(self.data_dir) or {}
+            state = _host(self.data_dir).read_state() or {}
             self.log.warning(
                 "embedded MongoDB on 127.0.0.1:%s (pid %s) is down; restarting", self.port, state.get("pid")
             )

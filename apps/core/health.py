@@ -154,7 +154,7 @@ class HealthCheck:
         provider = self.svc.image_provider
         out = dict(provider.health())
         if self.svc.settings.IMAGE_PROVIDER == "openai":
-            from agent.providers.openai_compat import probe_models
+            from agent.llm.providers.openai_compat import probe_models
 
             inner = getattr(provider, "inner", provider)  # agent/images/recording.py
             client = getattr(inner, "client", None)

@@ -36,6 +36,7 @@ from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateOne
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
+from agent.leases import LeaseRenewer, lease_until
 from agent.types import ModelError
 
 from .db import coordination
@@ -135,6 +136,8 @@ class JobManager:
         self._idle = threading.Condition(self._lock)
         self._heartbeat: threading.Thread | None = None
         self.leased_collections: set[str] = set()  # see lease_collection()
+        # in-progress records outside `jobs` (see holding()), renewed by the heartbeat (no thread of their own)
+        self.record_leases = LeaseRenewer(lease_s, name="records", thread=False)
         # (app, owner, job id) -> extra fields (study, condition); set by apps/core/studies.py
         self.annotate: Callable[[str, str | None, str], dict[str, Any]] | None = None
         self._drain: threading.Thread | None = None
@@ -506,51 +509,25 @@ def reap_records(db: Database, collections: set[str], now: datetime | None = Non
     return count
 
 
-class _RecordLeases:
-    """The records this process is working on (collection, id), renewed by JobManager's heartbeat."""
-
-    def __init__(self) -> None:
-        self.held: set[tuple[str, Any]] = set()
-        self.lock = threading.Lock()
-
-
-def _record_leases(manager: JobManager) -> _RecordLeases:
-    leases = manager.__dict__.get("_record_leases")
-    if leases is None:
-        leases = manager.__dict__.setdefault("_record_leases", _RecordLeases())
-    return leases
-
-
 def lease_fields(manager: JobManager) -> dict[str, Any]:
     """Fields to store with a new `working` record: who runs it and until when it is alive."""
-    return {"runner": manager.worker, "lease_until": _now() + timedelta(seconds=manager.lease_s)}
+    return {"runner": manager.worker, "lease_until": lease_until(manager.lease_s)}
 
 
 @contextmanager
 def holding(manager: JobManager, collection: str, doc_id: Any) -> Iterator[None]:
-    """While inside, this process's heartbeat renews the record's lease."""
-    leases = _record_leases(manager)
-    with leases.lock:
-        leases.held.add((collection, doc_id))
+    """While inside, this process's heartbeat renews the record's lease (while it is `working`)."""
+    leases = manager.record_leases
+    target = coordination(manager.db[collection])  # every heartbeat: no journal wait
+    leases.hold(target, doc_id, field="status", value="working")
     try:
         yield
     finally:
-        with leases.lock:
-            leases.held.discard((collection, doc_id))
+        leases.drop(target, doc_id)
 
 
 def _beat_records_of(manager: JobManager) -> None:
-    leases = _record_leases(manager)
-    with leases.lock:
-        held = list(leases.held)
-    until = _now() + timedelta(seconds=manager.lease_s)
-    by_collection: dict[str, list[Any]] = {}
-    for collection, doc_id in held:
-        by_collection.setdefault(collection, []).append(doc_id)
-    for collection, ids in by_collection.items():
-        coordination(manager.db[collection]).update_many(
-            {"_id": {"$in": ids}, "status": "working"}, {"$set": {"lease_until": until}}
-        )
+    manager.record_leases.renew()
     reap_records(manager.db, manager.leased_collections)
 
 

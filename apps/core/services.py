@@ -5,8 +5,8 @@ The one place that wires the agent layer to the apps; `create_app` calls it once
 
 from __future__ import annotations
 
-from agent.factory import build_llm
 from agent.images import build_image_provider
+from agent.llm.build import build_llm
 from agent.prompts import PromptLibrary
 from config import Settings
 

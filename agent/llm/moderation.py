@@ -14,6 +14,7 @@ import re
 import threading
 from typing import Any
 
+from agent.llm.providers.openai_compat import OpenAICompatProvider
 from agent.types import ModelError
 from config import Settings
 
@@ -148,8 +149,6 @@ def _openai_moderation_provider(settings: Settings, provider: Any) -> Any:
     if getattr(provider, "name", "") == "openai" and hasattr(provider, "moderate"):
         return provider
     if getattr(provider, "name", "") == "azure" and settings.OPENAI_API_KEY:
-        from agent.providers.openai_compat import OpenAICompatProvider
-
         return OpenAICompatProvider.openai(
             base_url=settings.OPENAI_BASE_URL,
             api_key=settings.OPENAI_API_KEY,

@@ -36,6 +36,7 @@ _PARAM_KEYS = (
     "frequency_penalty",
 )
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
+TRUNCATED_NOTE = "output truncated: the max_tokens limit was reached"
 HEALTH_TIMEOUT_S = 3.0  # /health's probe of the model server: short, it answers within a few seconds
 
 
@@ -232,14 +233,19 @@ class OpenAICompatProvider:
         vision_model: str | None = None,
         json_mode: str = "json_schema",
         timeout: float | None = None,
+        extra_keys: tuple[str, ...] = (),
+        stream_usage: bool = True,
     ) -> None:
+        """extra_keys: params the server takes beyond OpenAI's (llama.cpp's top_k, min_p, ...), sent in
+        the request body through the SDK's `extra_body`."""
         self.name = name
         self.client = client
         self.model = model
         self.vision_model = vision_model or model
         self.json_mode = json_mode  # "json_schema" (OpenAI/Azure/vLLM/Ollama) or "json_object" (+ schema)
         self.timeout = timeout
-        self.stream_usage = True  # ask for token usage in streams (stream_options.include_usage)
+        self.extra_keys = extra_keys
+        self.stream_usage = stream_usage  # ask for token usage in streams (stream_options.include_usage)
 
     @classmethod
     def openai(
@@ -279,7 +285,7 @@ class OpenAICompatProvider:
             azure_endpoint=endpoint, api_key=api_key, api_version=api_version, timeout=timeout, max_retries=0
         )
         # Azure OpenAI has no /moderations endpoint (its content filters run on every chat call instead):
-        # agent.moderation uses OpenAI's when OPENAI_API_KEY is set, else the local keyword check
+        # agent.llm.moderation uses OpenAI's when OPENAI_API_KEY is set, else the local keyword check
         return cls(
             name="azure", client=client, model=deployment, vision_model=vision_deployment, timeout=timeout
         )
@@ -295,6 +301,9 @@ class OpenAICompatProvider:
         for key in _PARAM_KEYS:
             if params.get(key) is not None:
                 kwargs[key] = params[key]
+        extra = {key: params[key] for key in self.extra_keys if params.get(key) is not None}
+        if extra:
+            kwargs["extra_body"] = extra
         return kwargs
 
     def _response_format(self, schema: dict[str, Any]) -> tuple[dict[str, Any], bool]:
@@ -312,6 +321,15 @@ class OpenAICompatProvider:
     def complete(
         self, messages: list[Message], *, params: dict[str, Any], json_schema: dict[str, Any] | None = None
     ) -> ChatResult:
+        result, finish_reason = self.complete_with_reason(messages, params=params, json_schema=json_schema)
+        if finish_reason == "length":
+            result.notes.append(TRUNCATED_NOTE)
+        return result
+
+    def complete_with_reason(
+        self, messages: list[Message], *, params: dict[str, Any], json_schema: dict[str, Any] | None = None
+    ) -> tuple[ChatResult, str | None]:
+        """One completion and its finish_reason ("length": cut at max_tokens), notes left to the caller."""
         kwargs = self._kwargs(messages, params)
         wrapped = False
         if json_schema is not None:
@@ -340,8 +358,6 @@ class OpenAICompatProvider:
             usage=_usage(resp.usage),
             latency_ms=latency,
         )
-        if choice.finish_reason == "length":
-            result.notes.append("output truncated: the max_tokens limit was reached")
         if wrapped:
             try:
                 value = json.loads(result.text)
@@ -349,7 +365,7 @@ class OpenAICompatProvider:
                 value = None
             if isinstance(value, dict) and set(value) == {"value"}:
                 result.data = value["value"]
-        return result
+        return result, choice.finish_reason
 
     def stream(self, messages: list[Message], *, params: dict[str, Any]) -> DeltaStream:
         return DeltaStream(self, self._kwargs(messages, params))

@@ -27,7 +27,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.childenv import child_env
+from agent.host_process import child_env
+from agent.llm.providers.model_files import PROVIDER, resolve_model_path, resolve_state_dir
+from agent.types import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -233,13 +235,6 @@ def selftest(
         return result
 
 
-def known_selftest(model_path: Path, state_dir: Path) -> SelfTest | None:
-    """The result if one is known for this key (no probe): for cheap status reads."""
-    key = probe_key(model_path)
-    with _MEMO_LOCK:
-        return _MEMO.get(key) or _read(state_dir, key)
-
-
 def forget() -> None:
     """Drop the in-process memo (tests)."""
     with _MEMO_LOCK:
@@ -255,11 +250,19 @@ def as_health(result: SelfTest | None) -> dict[str, Any]:
     return out
 
 
-def main() -> int:
-    """`python -m agent.providers.local_selftest`: probe the default (or LOCAL_MODEL_PATH) model now."""
-    from agent.providers.local import resolve_model_path
-    from agent.types import ModelError
+def require_selftest(path: Path, state_dir: str | os.PathLike[str] | None) -> None:
+    """Raise a clear, non-retryable ModelError unless the child-process probe generated text.
 
+    Loading a model that crashes on this CPU would take this process down with SIGILL; the probe
+    finds that out in a child instead, once per library/model/CPU.
+    """
+    result = selftest(path, resolve_state_dir(state_dir))
+    if not result.ok:
+        raise ModelError(f"{result.reason}; remedy: {result.remedy}", provider=PROVIDER, retryable=False)
+
+
+def main() -> int:
+    """`python -m agent.llm.providers.local_selftest`: probe the default (or LOCAL_MODEL_PATH) model now."""
     try:
         path = resolve_model_path()
     except ModelError as exc:

@@ -1,24 +1,22 @@
-"""Build the configured providers from Settings; the only place that knows them all."""
+"""Build the configured chat provider, moderator and LLM from Settings; the only place that knows them all."""
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
 from pymongo.database import Database
 
-from agent.llm import LLM
+from agent.llm.client import LLM
+from agent.llm.moderation import build_moderator
+from agent.llm.providers.local import LocalProvider
+from agent.llm.providers.openai_compat import OpenAICompatProvider
 from agent.records import GenerationRecorder
 from agent.types import LLMProvider
 from config import Settings
 
-log = logging.getLogger(__name__)
-
 
 def build_llm_provider(settings: Settings) -> LLMProvider:
-    from agent.providers.openai_compat import OpenAICompatProvider
-
     if settings.LLM_PROVIDER == "azure":
         if not (settings.AZURE_OPENAI_ENDPOINT and settings.AZURE_OPENAI_DEPLOYMENT):
             raise ValueError("LLM_PROVIDER=azure needs AZURE_OPENAI_ENDPOINT and AZURE_OPENAI_DEPLOYMENT")
@@ -38,8 +36,6 @@ def build_llm_provider(settings: Settings) -> LLMProvider:
             timeout=settings.LLM_TIMEOUT_S,
             vision_model=settings.VISION_MODEL,
         )
-    from agent.providers.local import LocalProvider
-
     mode = settings.LOCAL_LLM_MODE
     if mode == "auto":
         mode = "server" if os.environ.get("LOCAL_LLM_SHARED") == "1" else "inprocess"
@@ -53,12 +49,6 @@ def build_llm_provider(settings: Settings) -> LLMProvider:
         state_dir=str(settings.DATA_DIR / "local-llm"),
         model=settings.LOCAL_MODEL,
     )
-
-
-def build_moderator(settings: Settings, provider: LLMProvider) -> Any:
-    from agent.moderation import build_moderator as _build
-
-    return _build(settings, provider)
 
 
 def build_llm(settings: Settings, db: Database | None, prompts: Any) -> LLM:
@@ -75,3 +65,6 @@ def build_llm(settings: Settings, db: Database | None, prompts: Any) -> LLM:
         global_concurrency=settings.LLM_GLOBAL_CONCURRENCY,
         slot_wait_s=settings.LLM_TIMEOUT_S,
     )
+
+
+__all__ = ["build_llm", "build_llm_provider", "build_moderator"]
