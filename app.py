@@ -14,7 +14,7 @@ from typing import Any
 from flask_cors import CORS
 from flask_openapi3 import Info, OpenAPI
 
-from agent.prompts.cli import register as register_prompts_cli
+from agent.prompts.cli import register_cli as register_prompts_cli
 from apps import ideation, refinement, storybook, storyteller
 from apps.core.auth import init_auth
 from apps.core.auth import register_cli as register_users_cli

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from flask import Flask
 
 from agent.prompts import PromptError, PromptLibrary, RenderedPrompt, Template, default_library, library_for
-from agent.prompts.cli import prompts_group, register
+from agent.prompts.cli import prompts_group, register_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -387,7 +387,7 @@ def test_cli_check_exit_codes(lib: PromptLibrary, tmp_path: Path) -> None:
 def test_cli_inside_flask_uses_the_apps_prompts_dir(lib: PromptLibrary, tmp_path: Path) -> None:
     app = Flask("t")
     app.config["PROMPTS_DIR"] = str(tmp_path)
-    register(app)
+    register_cli(app)
     runner = app.test_cli_runner()
     out = runner.invoke(args=["prompts", "check"])
     assert out.exit_code == 0 and "2 templates OK" in out.output

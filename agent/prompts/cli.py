@@ -241,7 +241,7 @@ def check_cmd(ctx: click.Context) -> None:
     click.echo(f"{len(names)} templates OK" + (f", {len(studies)} studies OK" if studies else ""))
 
 
-def register(app: Any) -> None:
+def register_cli(app: Any) -> None:
     """Add `flask prompts ...` to an app's CLI."""
     app.cli.add_command(prompts_group)
 

@@ -20,4 +20,4 @@ def init_app(app: OpenAPI, services: Services) -> None:
     for name in EXPORTED:
         services.exports.add(name, APP, "user")
     routes.init_streams()
-    cli.register(app)
+    cli.register_cli(app)

@@ -15,7 +15,7 @@ from .store import StoryStore
 from .story_prompt import STORY_TEMPLATE
 
 
-def register(app: Flask) -> None:
+def register_cli(app: Flask) -> None:
     if "storyteller" in app.cli.commands:
         return
 
