@@ -16,6 +16,7 @@ import re
 import secrets
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -272,32 +273,24 @@ def absolute_image_urls(value: Any, base: str | None = None) -> Any:
     base = answer_base_url() if base is None else base.rstrip("/")
     if not base:
         return value
-
-    def fix(node: Any) -> Any:
-        if isinstance(node, str):
-            return base + node if node.startswith(_IMAGE_PREFIX) else node
-        if isinstance(node, dict):
-            return {k: fix(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [fix(v) for v in node]
-        return node
-
-    return fix(value)
+    return _map_strings(value, lambda text: base + text if text.startswith(_IMAGE_PREFIX) else text)
 
 
 def relative_image_urls(value: Any, base: str | None) -> Any:
     """The inverse for storing: absolute URLs of ours under `base` become server-relative."""
     if not base:
         return value
-    prefix = base.rstrip("/") + _IMAGE_PREFIX
+    root = base.rstrip("/")
+    prefix = root + _IMAGE_PREFIX
+    return _map_strings(value, lambda text: text[len(root) :] if text.startswith(prefix) else text)
 
-    def fix(node: Any) -> Any:
-        if isinstance(node, str):
-            return node[len(base.rstrip("/")) :] if node.startswith(prefix) else node
-        if isinstance(node, dict):
-            return {k: fix(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [fix(v) for v in node]
-        return node
 
-    return fix(value)
+def _map_strings(node: Any, fn: Callable[[str], str]) -> Any:
+    """A copy of a JSON value with `fn` applied to every string in it (not to keys)."""
+    if isinstance(node, str):
+        return fn(node)
+    if isinstance(node, dict):
+        return {k: _map_strings(v, fn) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_map_strings(v, fn) for v in node]
+    return node

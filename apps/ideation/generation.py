@@ -22,7 +22,7 @@ from apps.core.context import Services
 from apps.core.envelope import BusinessException
 from apps.core.storage import absolute_image_url
 
-from . import labels as L
+from . import labels
 
 APP = "ideation"
 
@@ -84,7 +84,7 @@ class GenerationSteps:
 
     def _require_canvas(self, gen: Generation) -> bytes:
         if gen.canvas is None:
-            raise BusinessException(1, L.MSG_IMAGE_MISSING)
+            raise BusinessException(1, labels.MSG_IMAGE_MISSING)
         return gen.canvas
 
     def _ctx(self, gen: Generation, step: str) -> CallContext:

@@ -12,7 +12,7 @@ from typing import Any
 from agent.types import ImageRequest
 from apps.core.envelope import BusinessException
 
-from . import labels as L
+from . import labels
 from .generation import Generation, GenerationSteps, controlnet_unit
 from .multiview import run_multiview_tool
 
@@ -44,7 +44,7 @@ class Operations(GenerationSteps):
 
     def op_brief_extend(self, gen: Generation) -> dict[str, str]:
         if not gen.texts:
-            raise BusinessException(1, L.MSG_TEXTS_MISSING)
+            raise BusinessException(1, labels.MSG_TEXTS_MISSING)
         data = self._chat(gen, "ideation/brief_extend", {"designTask": gen.task, "userInput": gen.user_input})
         return {"0": json.dumps(data, ensure_ascii=False)}
 
@@ -92,7 +92,7 @@ class Operations(GenerationSteps):
         body = self.mainbody(gen)
         if gen.canvas is None:
             if not gen.texts:
-                raise BusinessException(1, L.MSG_IMAGE_OR_TEXT_MISSING)
+                raise BusinessException(1, labels.MSG_IMAGE_OR_TEXT_MISSING)
             extra = ", ".join(gen.texts)
             return self._txt2img(
                 gen,
@@ -127,7 +127,7 @@ class Operations(GenerationSteps):
         if gen.canvas is None:
             return self.op_model_new(gen)
         pos, neg = self._sd_text("model", negative=False), self._sd_text("model", negative=True)
-        if gen.current_stage == L.STAGE_SKETCH:
+        if gen.current_stage == labels.STAGE_SKETCH:
             unit = controlnet_unit(
                 "lineart_standard",
                 "control_v11p_sd15_lineart",
@@ -138,7 +138,7 @@ class Operations(GenerationSteps):
                 pixel_perfect=True,
             )
             return self._txt2img(gen, pos, neg, self.ckpt_sketch, [unit])
-        if gen.current_stage == L.STAGE_RENDERING:
+        if gen.current_stage == labels.STAGE_RENDERING:
             unit = controlnet_unit(
                 "depth",
                 "control_v11f1p_sd15_depth",
@@ -148,7 +148,7 @@ class Operations(GenerationSteps):
                 threshold_b=64,
             )
             return self._txt2img(gen, pos, neg, self.ckpt_control, [unit])
-        raise BusinessException(1, L.MSG_WRONG_STAGE)
+        raise BusinessException(1, labels.MSG_WRONG_STAGE)
 
     def op_model_multiview(self, gen: Generation) -> list[dict[str, str]]:
         command = self.settings.IDEATION_MULTIVIEW_CMD
@@ -159,7 +159,7 @@ class Operations(GenerationSteps):
                 status=503,
             )
         if gen.canvas is None and not gen.texts:
-            raise BusinessException(1, L.MSG_IMAGE_OR_TEXT_MISSING)
+            raise BusinessException(1, labels.MSG_IMAGE_OR_TEXT_MISSING)
         body = self.mainbody(gen)
         source = gen.canvas
         if source is None:
@@ -257,8 +257,8 @@ class Operations(GenerationSteps):
 
     def op_rendering_convert(self, gen: Generation) -> dict[str, str]:
         canvas = self._require_canvas(gen)
-        if gen.current_stage not in (L.STAGE_SKETCH, L.STAGE_MODEL):
-            raise BusinessException(1, L.MSG_WRONG_STAGE)
+        if gen.current_stage not in (labels.STAGE_SKETCH, labels.STAGE_MODEL):
+            raise BusinessException(1, labels.MSG_WRONG_STAGE)
         unit = controlnet_unit(
             "lineart_standard",
             "control_v11p_sd15_lineart",

@@ -14,7 +14,7 @@ from apps.core.errors import ApiError
 from apps.core.openapi import PROTECTED
 from apps.core.storage import answer_base_url
 
-from . import labels as L
+from . import labels
 from .attribution import client_key
 from .responses import IdeationEnvelope, TimeRecordOut, UploadError, UploadImageOut, UploadOut
 from .schemas import (
@@ -153,7 +153,7 @@ def paint_start(body: UsernameBody) -> Response:
     """Find or create the participant's saved workspace and return it."""
     username = current_user_name(body.username)
     if not username:
-        raise BusinessException(1, L.MSG_USER_EMPTY)
+        raise BusinessException(1, labels.MSG_USER_EMPTY)
     return envelope(_service().paint_start(username))
 
 

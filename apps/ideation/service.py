@@ -28,7 +28,7 @@ from apps.core.storage import (
     relative_image_urls,
 )
 
-from . import labels as L
+from . import labels
 from .attribution import claim_uploads, participant_of
 from .generation import APP, Generation
 from .operations import Operations
@@ -59,15 +59,15 @@ class IdeationService:
     # ------------------------------------------------------------------ entry point
     def generate(self, body: Any, username: str, client: str | None = None) -> Any:
         info = body.selectedButtonInfo
-        op = L.resolve_operation(info.aiStage, info.buttonText)
+        op = labels.resolve_operation(info.aiStage, info.buttonText)
         if op is None:
-            raise BusinessException(1, L.MSG_INVALID_TASK)
+            raise BusinessException(1, labels.MSG_INVALID_TASK)
         task = (body.designTask or "").strip()
         if not task:
-            raise BusinessException(1, L.MSG_TASK_MISSING)
+            raise BusinessException(1, labels.MSG_TASK_MISSING)
         num = body.currentNum
         if num == 0:
-            raise BusinessException(1, L.MSG_NUM_MISSING)
+            raise BusinessException(1, labels.MSG_NUM_MISSING)
         limit = self.settings.IDEATION_MAX_NUM
         if num > limit:
             raise BusinessException(1, f"currentNum must be between 1 and {limit}", status=422)
@@ -82,7 +82,7 @@ class IdeationService:
             op=op,
             num=num,
             texts=list(body.selectedTexts or []),
-            current_stage=L.resolve_stage(body.currentStage),
+            current_stage=labels.resolve_stage(body.currentStage),
             canvas=canvas,
             canvas_image_id=canvas_id,
         )
@@ -168,7 +168,7 @@ class IdeationService:
             return None, None
         ref = records[0]
         if not isinstance(ref, str) or not ref.strip():
-            raise BusinessException(1, L.MSG_IMAGE_MISSING)
+            raise BusinessException(1, labels.MSG_IMAGE_MISSING)
         found = read_image_ref(self.svc, ref)  # the caller's own image (or admin), else a plain 404
         if found is not None:
             return found[1], found[0].id
@@ -222,7 +222,7 @@ class IdeationService:
                 "$setOnInsert": {
                     "username": username,
                     "designTask": "",
-                    "currentStage": L.STAGE_NOT_READY,
+                    "currentStage": labels.STAGE_NOT_READY,
                     "designBriefSchemes": [],
                     "sketchSchemes": [],
                     "modelImageSchemes": [],
@@ -241,10 +241,10 @@ class IdeationService:
         return _public_user(doc) if doc is not None else None
 
     STAGE_FIELDS = {
-        L.STAGE_BRIEF: "designBriefSchemes",
-        L.STAGE_SKETCH: "sketchSchemes",
-        L.STAGE_MODEL: "modelImageSchemes",
-        L.STAGE_RENDERING: "renderingSchemes",
+        labels.STAGE_BRIEF: "designBriefSchemes",
+        labels.STAGE_SKETCH: "sketchSchemes",
+        labels.STAGE_MODEL: "modelImageSchemes",
+        labels.STAGE_RENDERING: "renderingSchemes",
     }
 
     def paint_save(self, username: str, data: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ from apps.core.errors import ApiError
 from apps.core.openapi import PROTECTED, document_model, raw, sse
 from apps.core.sse import format_sse, sse_response
 
-from . import service as S
+from . import service
 from .responses import (
     CancelMessage,
     CancelOut,
@@ -77,9 +77,9 @@ bp = APIBlueprint(
 # --------------------------------------------------------------------------- helpers
 
 
-def _caller() -> S.Caller:
+def _caller() -> service.Caller:
     user = authenticate()
-    return S.Caller(
+    return service.Caller(
         user=user.name if user else None, client=request.remote_addr, admin=bool(user and user.is_admin)
     )
 
@@ -90,11 +90,11 @@ def _store() -> StoryStore:
 
 def _session(
     explicit: str | None, *, fallback: bool = True, create_named: bool = False
-) -> tuple[dict[str, Any], S.Caller, StoryStore]:
+) -> tuple[dict[str, Any], service.Caller, StoryStore]:
     caller = _caller()
     store = _store()
     explicit = explicit or request.args.get("session") or None
-    session = S.resolve_session(
+    session = service.resolve_session(
         store,
         caller,
         explicit=explicit,
@@ -144,7 +144,7 @@ def page() -> Response:
 def setstory(body: StorySettings) -> Response:
     """Submit the settings: builds this session's story prompt; answers `["<prompt>"]` (the original shape)."""
     session, caller, store = _session(body.session, fallback=False, create_named=True)
-    story = S.set_story(services(), store, session, body, caller)
+    story = service.set_story(services(), store, session, body, caller)
     return _json([story["prompt"]], session["_id"])
 
 
@@ -152,7 +152,7 @@ def setstory(body: StorySettings) -> Response:
 def redopartstory(body: StoryParts) -> Response:
     """Mark a part for rewriting; the next `/ws` streams before + new part + after. Answers `["<prompt>"]`."""
     session, _, store = _session(body.session)
-    pending = S.prepare_rewrite(
+    pending = service.prepare_rewrite(
         services(),
         store,
         session,
@@ -170,7 +170,7 @@ def savestory(body: SaveStoryBody) -> Response:
     """ "Good story": marks the story shown (and the prompt that produced it) for fine-tuning."""
     session, _, store = _session(body.session, create_named=True)
     form = body.model_dump(exclude={"session", "story", "version"})
-    saved, version = S.save_feedback(
+    saved, version = service.save_feedback(
         services(), store, session, version_id=body.version, story=body.story, form=form, source="savestory"
     )
     return _json(
@@ -185,7 +185,7 @@ def savestory(body: SaveStoryBody) -> Response:
 def api_settings(body: StorySettings) -> Response:
     """Submit the settings form; returns the session and its prompt as an object."""
     session, caller, store = _session(body.session, fallback=False, create_named=True)
-    story = S.set_story(services(), store, session, body, caller)
+    story = service.set_story(services(), store, session, body, caller)
     return _json(
         {
             "session": session["_id"],
@@ -202,7 +202,7 @@ def api_settings(body: StorySettings) -> Response:
 def api_rewrite(body: RewriteBody) -> Response:
     """Select a part of a version (three texts that rebuild it exactly, or start/end); stream next."""
     session, _, store = _session(body.session, fallback=False)
-    pending = S.prepare_rewrite(
+    pending = service.prepare_rewrite(
         services(),
         store,
         session,
@@ -229,15 +229,15 @@ def api_rewrite(body: RewriteBody) -> Response:
 def api_edit(body: EditBody) -> Response:
     """Save a manual edit of the story as a new version."""
     session, _, store = _session(body.session, fallback=False)
-    version = S.save_edit(services(), store, session, body.text, body.parent)
-    return _json(S.public_version(version), session["_id"], 201)
+    version = service.save_edit(services(), store, session, body.text, body.parent)
+    return _json(service.public_version(version), session["_id"], 201)
 
 
 @bp.post("/api/feedback", responses={200: SavedOut}, security=PROTECTED)
 def api_feedback(body: FeedbackBody) -> Response:
     """ "Good story" for one version (default: the current one)."""
     session, _, store = _session(body.session, fallback=False)
-    saved, version = S.save_feedback(
+    saved, version = service.save_feedback(
         services(), store, session, version_id=body.version, good=body.good, comment=body.comment
     )
     return _json(
@@ -256,7 +256,7 @@ def api_feedback(body: FeedbackBody) -> Response:
 def api_cancel(body: SessionField) -> Response:
     """Stop this session's running generation (any worker); for SSE clients, which cannot send messages."""
     session, _, store = _session(body.session, fallback=False)
-    S.request_cancel(store, session)
+    service.request_cancel(store, session)
     return _json({"cancelled": True, "session": session["_id"]}, session["_id"])
 
 
@@ -264,14 +264,14 @@ def api_cancel(body: SessionField) -> Response:
 def api_session(query: SessionQuery) -> Response:
     """This session's settings, prompt, pending rewrite and current version."""
     session, _, _ = _session(query.session)
-    return _json(S.public_session(session), session["_id"])
+    return _json(service.public_session(session), session["_id"])
 
 
 @bp.get("/api/versions", responses={200: VersionsOut}, security=PROTECTED)
 def api_versions(query: SessionQuery) -> Response:
     """Version history of the session, oldest first (texts included)."""
     session, _, store = _session(query.session)
-    versions = [S.public_version(v) for v in store.history(session["_id"])]
+    versions = [service.public_version(v) for v in store.history(session["_id"])]
     return _json(
         {"session": session["_id"], "current_version": session.get("current_version"), "versions": versions},
         session["_id"],
@@ -288,7 +288,7 @@ def api_version(path: VersionPath) -> Response:
         caller.user is not None and version.get("user") != caller.user and not caller.admin
     ):
         raise ApiError(404, "unknown version")
-    return jsonify(S.public_version(version))
+    return jsonify(service.public_version(version))
 
 
 # --------------------------------------------------------------------------- stream tokens (auth on, browsers)
@@ -321,7 +321,7 @@ def api_stream_token(body: SessionField) -> Response:
     Sign in with the API key header first; the token opens `stream?session=S` and `ws?session=S` of this
     one session and is refused everywhere else."""
     caller, store = _caller(), _store()
-    session = S.resolve_session(
+    session = service.resolve_session(
         store, caller, explicit=body.session, cookie=None, fallback=False, create=False
     )
     if session is None:
