@@ -13,6 +13,7 @@ import hashlib
 import logging
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 from bson import ObjectId
@@ -160,19 +161,29 @@ class StimulusService:
             finished_at=store.now(),
             duration_ms=round((time.perf_counter() - t0) * 1000, 1),
         )
-        try:
-            store.insert_stimuli(self.db, docs)
-            store.insert_request(self.db, record)
-        except PyMongoError:
-            store.delete_stimuli(self.db, request_id)
-            self._discard(request_id)
-            raise
-        if who.session:
-            store.touch_session(self.db, who.session)
+        self._persist(docs, record, who.session)
         data["requestId"] = request_id
         # every type, type 2 (one naming stimulus) included, so a frontend links any reply to its records
         data["stimulusIds"] = [d["_id"] for d in docs]
         return data
+
+    def _persist(self, docs: list[dict[str, Any]], record: dict[str, Any], session: str | None) -> None:
+        """Write the stimuli, the request line and the session's last-seen time side by side (three round
+        trips on the critical path of every /generate otherwise). A failed write undoes the run's records
+        and images, so nothing is left but the model calls' `generations` records."""
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="refine-persist") as pool:
+            stimuli = pool.submit(store.insert_stimuli, self.db, docs)
+            request = pool.submit(store.insert_request, self.db, record)
+            try:
+                stimuli.result()
+                request.result()
+            except PyMongoError:
+                wait([stimuli, request])
+                store.delete_run(self.db, record["_id"])
+                self._discard(record["_id"])
+                raise
+            if session:
+                store.touch_session(self.db, session)
 
     def _store_sketches(self, body: GenerateRequest, who: Who, request_id: str) -> Sketches:
         """Decode, check and store the sketches the request carries (kind "sketch", linked to the request)."""

@@ -171,9 +171,10 @@ def insert_request(db: Database, doc: dict[str, Any]) -> None:
     db[REQUESTS].insert_one(doc)
 
 
-def delete_stimuli(db: Database, request_id: str) -> None:
-    """Undo a run whose records could not all be written."""
+def delete_run(db: Database, request_id: str) -> None:
+    """Undo a run whose records could not all be written: its stimuli and its `done` request line."""
     db[STIMULI].delete_many({"request_id": request_id})
+    db[REQUESTS].delete_one({"_id": request_id, "status": "done"})
 
 
 def find_request(db: Database, request_id: str) -> dict[str, Any] | None:
