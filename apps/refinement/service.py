@@ -13,6 +13,7 @@ import hashlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
@@ -255,23 +256,29 @@ class StimulusService:
 
     def stimulus(self, stimulus_id: str, caller: Caller) -> dict[str, Any]:
         doc = store.find_stimulus(self.db, stimulus_id)
-        if doc is None:
-            raise BusinessException(1, labels.STIMULUS_NOT_FOUND, status=404)
-        data = views.public_stimulus(doc, caller.base_url)
-        caller.check_owner(data.get("username"), labels.STIMULUS_NOT_FOUND)
-        return data
+        return _visible(doc, views.public_stimulus, labels.STIMULUS_NOT_FOUND, caller)
 
     def request(self, request_id: str, caller: Caller) -> dict[str, Any]:
         doc = store.find_request(self.db, request_id)
-        if doc is None:
-            raise BusinessException(1, labels.REQUEST_NOT_FOUND, status=404)
-        data = views.public_request(doc, caller.base_url)
-        caller.check_owner(data.get("username"), labels.REQUEST_NOT_FOUND)
-        return data
+        return _visible(doc, views.public_request, labels.REQUEST_NOT_FOUND, caller)
 
     def _summaries(self, sessions: list[dict[str, Any]]) -> list[dict[str, Any]]:
         request_counts, stimulus_counts = store.session_counts(self.db, [s["_id"] for s in sessions])
         return [views.session_summary(s, request_counts, stimulus_counts) for s in sessions]
+
+
+def _visible(
+    doc: dict[str, Any] | None,
+    shape: Callable[[dict[str, Any], str | None], dict[str, Any]],
+    not_found: str,
+    caller: Caller,
+) -> dict[str, Any]:
+    """The shaped document; the same 404 when it is missing and when the caller may not see it."""
+    if doc is None:
+        raise BusinessException(1, not_found, status=404)
+    data = shape(doc, caller.base_url)
+    caller.check_owner(data.get("username"), not_found)
+    return data
 
 
 def _sketch_values(body: GenerateRequest) -> list[str | None]:
