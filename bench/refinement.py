@@ -41,7 +41,8 @@ TASK = "设计一款运动辅助产品"
 
 def original_order(app: Any, num: int) -> float:
     """The original's sequence on the same services: 3 chats, the images, then the 4th chat."""
-    from apps.refinement.pipeline import exact_counts, sd_options
+    from apps.refinement.images import sd_options
+    from apps.refinement.pipeline import exact_counts
 
     svc = app.extensions["services"]
     ctx = CallContext(app="refinement-bench", step="baseline")
@@ -55,7 +56,7 @@ def original_order(app: Any, num: int) -> float:
     products = chat("products", {"stage": "rapid", "task": TASK, "scheme": "", "num": num}, "products")
     scenes = chat("scenes", {"stage": "rapid", "products": products}, "scenes")
     prompts = chat("scene_sd_prompts", {"scenes": scenes}, "prompts")
-    opts = sd_options(svc.settings.PROMPTS_DIR, "scene")
+    opts = sd_options(svc.prompts, "scene")
     svc.image_provider.generate_many(
         [
             ImageRequest(

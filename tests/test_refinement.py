@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from apps.refinement import labels as L
+from apps.refinement import labels
 
 # the research note's tiny data URL (the frontend sends the canvas export in this form)
 PNG = (
@@ -144,12 +144,12 @@ def check_creative(creative: dict[str, Any], ctype: int, display: str, kinds: li
     assert creative["type"] == ctype and creative["displayType"] == display
     assert [i["type"] for i in creative["items"]] == kinds
     for it in creative["items"]:
-        if it["type"] == L.GROUP_TWO:
+        if it["type"] == labels.GROUP_TWO:
             assert list(it) == ITEM_KEYS and it["text"] is None and it["image"] is None
             assert [x["type"] for x in it["combinations"]] == [
-                L.ABSTRACT_IMAGE,
-                L.CONCRETE_IMAGE,
-                L.CONCRETE_TEXT,
+                labels.ABSTRACT_IMAGE,
+                labels.CONCRETE_IMAGE,
+                labels.CONCRETE_TEXT,
             ]
             for sub in it["combinations"]:
                 check_item(sub, sub["type"])
@@ -224,7 +224,7 @@ def test_r3_rapid_divergence(c: Any, fake_openai: Any) -> None:
     assert list(data) == ["count", "result", "requestId", "stimulusIds"]
     assert data["count"] == len(data["result"]) == 6 == len(data["stimulusIds"])
     for creative in data["result"]:
-        check_creative(creative, 0, "sequence", [L.ABSTRACT_IMAGE, L.ABSTRACT_TEXT])
+        check_creative(creative, 0, "sequence", [labels.ABSTRACT_IMAGE, labels.ABSTRACT_TEXT])
     bodies = chat_bodies(fake_openai)
     assert len(bodies) == 4  # products, scenes, SD prompts, concept texts
     for body in bodies:  # every array pinned to exactly num items
@@ -266,7 +266,9 @@ def test_r4_deep_divergence_with_sketch(c: Any, fake_openai: Any) -> None:
     assert list(data) == ["schemeId", "count", "result", "requestId", "stimulusIds"]
     assert data["schemeId"] == 0 and data["count"] == 3 == len(data["result"])
     for creative in data["result"]:
-        check_creative(creative, 2, "sequence", [L.ABSTRACT_IMAGE, L.ABSTRACT_TEXT, L.CONCRETE_TEXT])
+        check_creative(
+            creative, 2, "sequence", [labels.ABSTRACT_IMAGE, labels.ABSTRACT_TEXT, labels.CONCRETE_TEXT]
+        )
     bodies = chat_bodies(fake_openai)
     assert len(bodies) == 6  # vision name + products, scenes, SD prompts, concepts, functions
     vision = [b for b in bodies if image_parts(b)]
@@ -346,7 +348,7 @@ def test_r6_convergence_stimuli(c: Any, fake_openai: Any, body: dict[str, Any], 
     assert list(data) == ["result", "requestId", "stimulusIds"]
     assert len(data["result"]) == total
     for creative in data["result"]:
-        check_creative(creative, 4, "direct", [L.GROUP_TWO])
+        check_creative(creative, 4, "direct", [labels.GROUP_TWO])
     bodies = chat_bodies(fake_openai)
     assert len(bodies) == 4
     grouped = [
@@ -358,26 +360,26 @@ def test_r6_convergence_stimuli(c: Any, fake_openai: Any, body: dict[str, Any], 
 
 # ------------------------------------------------------------------ negative replays
 NEGATIVE = [
-    ({"appid": 1, "type": 0, "prompts": {"task": "x", "num": 6}}, L.MSG_APP_MISSING),
-    ({"appid": 0, "type": 9, "prompts": {}}, L.MSG_INVALID_TYPE),
-    ({"appid": 0, "type": 0, "prompts": {"task": "", "num": 6}}, L.MSG_TASK_MISSING),
-    ({"appid": 0, "type": 0, "prompts": {"task": "x"}}, L.MSG_NUM_MISSING),
-    ({"appid": 0, "type": 0, "prompts": {"task": "x", "num": 0}}, L.MSG_NUM_MISSING),
+    ({"appid": 1, "type": 0, "prompts": {"task": "x", "num": 6}}, labels.MSG_APP_MISSING),
+    ({"appid": 0, "type": 9, "prompts": {}}, labels.MSG_INVALID_TYPE),
+    ({"appid": 0, "type": 0, "prompts": {"task": "", "num": 6}}, labels.MSG_TASK_MISSING),
+    ({"appid": 0, "type": 0, "prompts": {"task": "x"}}, labels.MSG_NUM_MISSING),
+    ({"appid": 0, "type": 0, "prompts": {"task": "x", "num": 0}}, labels.MSG_NUM_MISSING),
     (
         {
             "appid": 0,
             "type": 1,
             "prompts": {"designTexts": [], "designImage": PNG, "schemeId": 0, "designTask": "x"},
         },
-        L.MSG_TEXTS_MISSING,
+        labels.MSG_TEXTS_MISSING,
     ),
     (
         {"appid": 0, "type": 1, "prompts": {"designTexts": ["a"], "designImage": PNG, "designTask": "x"}},
-        L.MSG_SCHEME_ID_MISSING,
+        labels.MSG_SCHEME_ID_MISSING,
     ),
     (
         {"appid": 0, "type": 1, "prompts": {"designTexts": ["a"], "designImage": PNG, "schemeId": 0}},
-        L.MSG_TASK_MISSING,
+        labels.MSG_TASK_MISSING,
     ),
     (
         {
@@ -385,17 +387,17 @@ NEGATIVE = [
             "type": 2,
             "prompts": {"designTask": "", "selectNum": 3, "schemes": [{"designTexts": ["a"]}]},
         },
-        L.MSG_DESCRIPTION_MISSING,
+        labels.MSG_DESCRIPTION_MISSING,
     ),
     (
         {"appid": 0, "type": 2, "prompts": {"designTask": "x", "selectNum": 3, "schemes": []}},
-        L.MSG_SCHEMES_MISSING,
+        labels.MSG_SCHEMES_MISSING,
     ),
     # the frontend's refill effect on a reloaded state (research note §7.16)
-    ({"appid": 0, "type": 3, "prompts": {"selectedSchemes": [], "num": 0}}, L.MSG_SCHEMES_MISSING),
+    ({"appid": 0, "type": 3, "prompts": {"selectedSchemes": [], "num": 0}}, labels.MSG_SCHEMES_MISSING),
     (
         {"appid": 0, "type": 3, "prompts": {"selectedSchemes": [{"designTexts": ["a"]}], "num": 0}},
-        L.MSG_NUM_MISSING,
+        labels.MSG_NUM_MISSING,
     ),
 ]
 
@@ -408,11 +410,13 @@ def test_negative_generate(c: Any, fake_openai: Any, db: Any, body: dict[str, An
 
 
 def test_negative_paint(c: Any) -> None:
-    assert fail(c, "/paint/start", {"username": ""}, 400) == L.MSG_USER_EMPTY
-    assert fail(c, "/paint/start", {}, 400) == L.MSG_USER_EMPTY  # the original created a user named null
-    assert fail(c, "/paint/save", {"username": "nobody-xyz", "data": SAVE_DATA}, 404) == L.MSG_USER_MISSING
-    assert fail(c, "/paint/save", {"username": "p01", "data": None}, 400) == L.MSG_USER_OR_DATA_EMPTY
-    assert fail(c, "/paint/save", {"data": SAVE_DATA}, 400) == L.MSG_USER_OR_DATA_EMPTY
+    assert fail(c, "/paint/start", {"username": ""}, 400) == labels.MSG_USER_EMPTY
+    assert fail(c, "/paint/start", {}, 400) == labels.MSG_USER_EMPTY  # the original created a user named null
+    assert (
+        fail(c, "/paint/save", {"username": "nobody-xyz", "data": SAVE_DATA}, 404) == labels.MSG_USER_MISSING
+    )
+    assert fail(c, "/paint/save", {"username": "p01", "data": None}, 400) == labels.MSG_USER_OR_DATA_EMPTY
+    assert fail(c, "/paint/save", {"data": SAVE_DATA}, 400) == labels.MSG_USER_OR_DATA_EMPTY
     ok(c, "/paint/start", {"username": "p01"})
     bad = {"designSchemes": {"快速发散": "not a list"}}
     assert "data.designSchemes" in fail(c, "/paint/save", {"username": "p01", "data": bad}, 422)
@@ -507,9 +511,9 @@ def test_root_mount(make_app: Any, fake_openai: Any) -> None:
     out = ok(c, "/generate", {"appid": 0, "type": 0, "prompts": {"task": TASK, "num": 2}}, prefix="")
     assert out["count"] == 2
     status, env = post(c, "/generate", {"appid": 7, "type": 0, "prompts": {}}, prefix="")
-    assert status == 400 and env["message"] == L.MSG_APP_MISSING
+    assert status == 400 and env["message"] == labels.MSG_APP_MISSING
     resp = c.post("/paint/save", json={"username": "ghost", "data": SAVE_DATA})
-    assert resp.status_code == 404 and resp.get_json()["message"] == L.MSG_USER_MISSING
+    assert resp.status_code == 404 and resp.get_json()["message"] == labels.MSG_USER_MISSING
 
 
 def test_language_per_request_and_setting(make_app: Any, fake_openai: Any) -> None:

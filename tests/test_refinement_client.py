@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from apps.refinement.service import Client
+from apps.refinement.attribution import Client
 
 UA = "Mozilla/5.0 (study laptop)"
 R3_ONE = {"appid": 0, "type": 0, "prompts": {"task": "设计一款运动辅助产品", "num": 1}}

@@ -383,3 +383,26 @@ def test_refine_validation(c: Any, db: Any) -> None:
     # placeholder provider: img2img works offline too
     got = ok(c, "/refine/img2img", {"imageId": image_id})
     assert got["versions"][0]["params"]["strength"] == 0.6
+
+
+def test_sd_options_are_reread_when_the_file_changes_and_a_bad_file_is_a_settings_error(
+    tmp_path: Any,
+) -> None:
+    import os
+
+    from agent.prompts import PromptLibrary
+    from apps.core.errors import ApiError
+    from apps.refinement.images import sd_options
+
+    lib = PromptLibrary(tmp_path)
+    assert sd_options(lib, "inpaint")["denoising_strength"] == 0.75  # no file: the defaults
+    path = tmp_path / "refinement" / "sd_options.yaml"
+    path.parent.mkdir()
+    path.write_text("scene: {width: 512, height: 512}\n", encoding="utf-8")
+    assert (sd_options(lib, "scene")["width"], sd_options(lib, "scene")["steps"]) == (512, 30)
+    path.write_text("scene: {width: 768}\n", encoding="utf-8")
+    os.utime(path, ns=(1, 1))  # a different signature even within the clock's resolution
+    assert sd_options(lib, "scene")["width"] == 768
+    path.write_text("scene: {colour: red}\n", encoding="utf-8")
+    with pytest.raises(ApiError, match="bad entry 'scene'"):
+        sd_options(lib, "scene")

@@ -20,10 +20,10 @@ import json
 import os
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jinja2
 import jsonschema
@@ -58,6 +58,7 @@ _PARAM_TYPES: dict[str, tuple[type, ...]] = {
     "top_k": (int,),
     "min_p": (int, float),
 }
+T = TypeVar("T")
 _SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
 
@@ -302,6 +303,8 @@ class PromptLibrary:
         self._lock = threading.Lock()
         # (fingerprint, problems) of the last whole-library check, for check_cached()
         self._checked: tuple[tuple[tuple[str, tuple[int, int, int, int]], ...], list[str]] | None = None
+        # (relative path, parser) -> (file signature, parsed value) of data files beside the templates
+        self._data: dict[tuple[str, Callable[..., Any]], tuple[tuple[int, int, int, int], Any]] = {}
 
     # -- lookup -------------------------------------------------------------------------------------
     def _path_for(self, name: str) -> Path:
@@ -372,6 +375,27 @@ class PromptLibrary:
             raise PromptError(str(entry.error))
         assert entry.template is not None
         return entry.template
+
+    def data_file(self, relative: str, parse: Callable[[Path, bytes], T]) -> T | None:
+        """A settings data file beside the templates (e.g. `refinement/sd_options.yaml`), parsed by `parse`.
+
+        Cached by the same file signature as the templates, so designers' edits apply on the next call while
+        an unchanged file costs one stat. None when the file does not exist; a parse error is not cached.
+        """
+        path = self.root / relative
+        try:
+            sig = _signature(os.stat(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        key = (relative, parse)
+        with self._lock:
+            cached = self._data.get(key)
+        if cached is not None and cached[0] == sig:
+            return cached[1]
+        value = parse(path, path.read_bytes())
+        with self._lock:
+            self._data[key] = (sig, value)
+        return value
 
     # -- rendering ----------------------------------------------------------------------------------
     def render(

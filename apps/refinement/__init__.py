@@ -9,12 +9,12 @@ from apps.core.mount import mount_app
 
 from . import routes
 from .labels import APP
-from .store import COLLECTIONS, create_indexes
+from .store import EXPORT_COLLECTIONS, create_indexes
 
 
 def init_app(app: OpenAPI, services: Services) -> None:
     """Blueprint (errors in the seeds' envelope), indexes, export collections."""
     mount_app(app, APP, routes.bp, envelope=True)
     create_indexes(services.db)
-    for name in COLLECTIONS:
+    for name in EXPORT_COLLECTIONS:
         services.exports.add(name, APP, "username")

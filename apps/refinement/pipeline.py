@@ -16,88 +16,21 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
 from agent.llm import CallContext
-from agent.types import ImageRequest, ImageResult, ModelError
+from agent.types import ImageRequest
 from apps.core.context import Services
-from apps.core.errors import ApiError
 
-from . import labels as L
+from . import labels
+from .images import generate_images, image_request, sd_options
 
 log = logging.getLogger(__name__)
-
-# ------------------------------------------------------------------ SD options (settings/refinement/sd_options.yaml)
-SD_KINDS = ("scene", "product", "img2img", "inpaint")
-SD_KEYS = {
-    "width",
-    "height",
-    "steps",
-    "cfg_scale",
-    "sampler_name",
-    "checkpoint",
-    "denoising_strength",
-    "extra",
-}
-SD_DEFAULTS: dict[str, Any] = {
-    "width": 1024,
-    "height": 576,
-    "steps": 30,
-    "cfg_scale": 5.0,
-    "sampler_name": "DPM++ 2M SDE Karras",
-    "checkpoint": None,
-    "extra": {},
-}
-_sd_cache: dict[Path, tuple[tuple[int, int], dict[str, dict[str, Any]]]] = {}
-_sd_lock = threading.Lock()
-
-
-def sd_options(settings_dir: Path, kind: str) -> dict[str, Any]:
-    """The SD settings of one image kind, re-read when the YAML file changes (designers edit it)."""
-    path = Path(settings_dir) / "refinement" / "sd_options.yaml"
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return {**SD_DEFAULTS, "denoising_strength": 0.75 if kind == "inpaint" else 0.6}
-    sig = (st.st_mtime_ns, st.st_size)
-    with _sd_lock:
-        cached = _sd_cache.get(path)
-    if cached is None or cached[0] != sig:
-        table = _parse_sd_options(path)
-        with _sd_lock:
-            _sd_cache[path] = (sig, table)
-    else:
-        table = cached[1]
-    return {**SD_DEFAULTS, "denoising_strength": 0.75 if kind == "inpaint" else 0.6, **table.get(kind, {})}
-
-
-def _parse_sd_options(path: Path) -> dict[str, dict[str, Any]]:
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ApiError(500, f"{path}: not valid YAML ({exc})", code="settings_error") from exc
-    if not isinstance(raw, dict):
-        raise ApiError(500, f"{path}: expected 'kind: {{key: value}}' mappings", code="settings_error")
-    table: dict[str, dict[str, Any]] = {}
-    for kind, values in raw.items():
-        if kind not in SD_KINDS or not isinstance(values, dict) or set(values) - SD_KEYS:
-            raise ApiError(
-                500,
-                f"{path}: bad entry {kind!r} (kinds: {', '.join(SD_KINDS)}; keys: "
-                f"{', '.join(sorted(SD_KEYS))})",
-                code="settings_error",
-            )
-        table[kind] = values
-    return table
 
 
 # ------------------------------------------------------------------ schemas with exact counts
@@ -153,7 +86,6 @@ class Run:
         username: str | None,
         session: str | None,
         language: str,
-        settings_dir: Path,
         max_workers: int = 4,
     ) -> None:
         self.svc = svc
@@ -161,7 +93,6 @@ class Run:
         self.username = username
         self.session = session
         self.language = language
-        self.settings_dir = settings_dir
         self.started = time.perf_counter()
         self.steps: list[dict[str, Any]] = []
         self.image_ids: list[str] = []
@@ -233,7 +164,7 @@ class Run:
             schema=schema,
             images=images or None,
             context=CallContext(
-                app=L.APP, user=self.username, session=self.session, job=self.request_id, step=step
+                app=labels.APP, user=self.username, session=self.session, job=self.request_id, step=step
             ),
         )
         data = clean(result.data)
@@ -265,7 +196,7 @@ class Run:
     # -- images
     def images(self, step: str, role: str, prompts: list[str]) -> list[GeneratedImage]:
         """Wrap every prompt, then submit all of them at once; results in order, none empty."""
-        opts = sd_options(self.settings_dir, role)
+        opts = sd_options(self.svc.prompts, role)
         neg_text, neg_tpl = self.wrap(f"sd_{role}_negative", {})
         requests: list[ImageRequest] = []
         wrapped: list[tuple[str, dict[str, str]]] = []
@@ -273,19 +204,15 @@ class Run:
             positive, pos_tpl = self.wrap(f"sd_{role}_positive", {"prompt": prompt})
             wrapped.append((positive, pos_tpl))
             requests.append(
-                ImageRequest(
+                image_request(
+                    opts,
                     prompt=positive,
                     negative_prompt=neg_text,
                     width=int(opts["width"]),
                     height=int(opts["height"]),
-                    steps=int(opts["steps"]),
-                    cfg_scale=float(opts["cfg_scale"]),
-                    sampler_name=opts.get("sampler_name"),
-                    checkpoint=opts.get("checkpoint"),
-                    extra=dict(opts.get("extra") or {}),
                     label=f"{role} {i + 1}",
                     context={
-                        "app": L.APP,
+                        "app": labels.APP,
                         "user": self.username,
                         "session": self.session,
                         "job": self.request_id,
@@ -295,24 +222,9 @@ class Run:
                 )
             )
         started = self._offset()
-        try:
-            results: list[ImageResult] = self.svc.image_provider.generate_many(requests)
-        except ApiError as exc:  # the store refused what the image service returned
-            raise ModelError(
-                f"the image service returned an unusable image: {exc.message}",
-                provider="images",
-                status=502,
-                kind="image",
-            ) from exc
+        results = generate_images(self.svc, requests)
         out: list[GeneratedImage] = []
         for req, res, (positive, pos_tpl) in zip(requests, results, wrapped, strict=True):
-            if not res.png or not res.image_id:
-                raise ModelError(
-                    "the image service returned an empty image",
-                    provider=res.provider,
-                    status=502,
-                    kind="image",
-                )
             with self._lock:
                 self.image_ids.append(res.image_id)
             out.append(
@@ -382,29 +294,37 @@ def _scene_chain(run: Run, stage: str, products: list[str], n: int) -> tuple[lis
     return scenes, run.images("scene_images", "scene", prompts)
 
 
+def _products(run: Run, stage: str, task: str, scheme: str, n: int) -> list[str]:
+    return run.chat(
+        "products",
+        "products",
+        {"stage": stage, "task": task, "scheme": scheme, "num": n},
+        counts={"products": n},
+    )["products"]
+
+
+def _texts_beside(run: Run, stage: str, products: list[str], names: tuple[str, ...]) -> list[Future[Any]]:
+    """Text steps that do not feed the images, started now so they run while the image chain does."""
+    return [
+        run.submit(
+            run.chat, name, name, {"stage": stage, "products": products}, counts={"texts": len(products)}
+        )
+        for name in names
+    ]
+
+
 def rapid(run: Run, task: str, num: int) -> list[Stimulus]:
     """type 0: products -> (scenes -> SD prompts -> images) || concept texts."""
-    products = run.chat(
-        "products",
-        "products",
-        {"stage": "rapid", "task": task, "scheme": "", "num": num},
-        counts={"products": num},
-    )["products"]
-    concepts = run.submit(
-        run.chat,
-        "concept_texts",
-        "concept_texts",
-        {"stage": "rapid", "products": products},
-        counts={"texts": num},
-    )
+    products = _products(run, "rapid", task, "", num)
+    (concepts,) = _texts_beside(run, "rapid", products, ("concept_texts",))
     scenes, images = _scene_chain(run, "rapid", products, num)
     texts = concepts.result()["texts"]
     return [
         Stimulus(
             index=i,
-            creative_type=L.CREATIVE_RAPID_ABSTRACT,
-            display_type=L.DISPLAY_SEQUENCE,
-            items=[item(L.ABSTRACT_IMAGE, image=images[i]), item(L.ABSTRACT_TEXT, text=texts[i])],
+            creative_type=labels.CREATIVE_RAPID_ABSTRACT,
+            display_type=labels.DISPLAY_SEQUENCE,
+            items=[item(labels.ABSTRACT_IMAGE, image=images[i]), item(labels.ABSTRACT_TEXT, text=texts[i])],
             images=[images[i]],
             texts={"product": products[i], "scene": scenes[i], "concept": texts[i]},
         )
@@ -424,37 +344,19 @@ def deep(run: Run, task: str, texts: list[str], sketch_url: str | None) -> tuple
         ]
     scheme = f"{name}:{','.join(texts)}" if name else ",".join(texts)
     n = DEEP_COUNT
-    products = run.chat(
-        "products",
-        "products",
-        {"stage": "deep", "task": task, "scheme": scheme, "num": n},
-        counts={"products": n},
-    )["products"]
-    concepts = run.submit(
-        run.chat,
-        "concept_texts",
-        "concept_texts",
-        {"stage": "deep", "products": products},
-        counts={"texts": n},
-    )
-    functions = run.submit(
-        run.chat,
-        "function_texts",
-        "function_texts",
-        {"stage": "deep", "products": products},
-        counts={"texts": n},
-    )
+    products = _products(run, "deep", task, scheme, n)
+    concepts, functions = _texts_beside(run, "deep", products, ("concept_texts", "function_texts"))
     scenes, images = _scene_chain(run, "deep", products, n)
     concept_texts, function_texts = concepts.result()["texts"], functions.result()["texts"]
     stimuli = [
         Stimulus(
             index=i,
-            creative_type=L.CREATIVE_DEEP,
-            display_type=L.DISPLAY_SEQUENCE,
+            creative_type=labels.CREATIVE_DEEP,
+            display_type=labels.DISPLAY_SEQUENCE,
             items=[
-                item(L.ABSTRACT_IMAGE, image=images[i]),
-                item(L.ABSTRACT_TEXT, text=concept_texts[i]),
-                item(L.CONCRETE_TEXT, text=function_texts[i]),
+                item(labels.ABSTRACT_IMAGE, image=images[i]),
+                item(labels.ABSTRACT_TEXT, text=concept_texts[i]),
+                item(labels.CONCRETE_TEXT, text=function_texts[i]),
             ],
             images=[images[i]],
             texts={
@@ -555,16 +457,16 @@ def convergence(run: Run, schemes: list[list[str]], num: int) -> list[Stimulus]:
     out = []
     for i in range(total):
         group = [
-            item(L.ABSTRACT_IMAGE, image=scene_images[i]),
-            item(L.CONCRETE_IMAGE, image=product_images[i]),
-            item(L.CONCRETE_TEXT, text=functions[i]),
+            item(labels.ABSTRACT_IMAGE, image=scene_images[i]),
+            item(labels.CONCRETE_IMAGE, image=product_images[i]),
+            item(labels.CONCRETE_TEXT, text=functions[i]),
         ]
         out.append(
             Stimulus(
                 index=i,
-                creative_type=L.CREATIVE_CONVERGENCE_GROUP_TWO,
-                display_type=L.DISPLAY_DIRECT,
-                items=[item(L.GROUP_TWO, combinations=group)],
+                creative_type=labels.CREATIVE_CONVERGENCE_GROUP_TWO,
+                display_type=labels.DISPLAY_DIRECT,
+                items=[item(labels.GROUP_TWO, combinations=group)],
                 images=[scene_images[i], product_images[i]],
                 texts={"schemeTexts": schemes[i // num], "scene": scenes[i], "function": functions[i]},
                 extra={"scheme_index": i // num},

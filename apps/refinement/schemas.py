@@ -1,20 +1,25 @@
 """Request and response models of the refinement app (InsPilot's contract plus our history/refine routes).
 
-`/generate` is validated in two steps because its `prompts` shape depends on `type`:
-the body model checks `appid`/`type`/`prompts` are there and typed, then the service
-checks `appid` and `type` (the original's business messages) and validates `prompts`
-with the model of that type. Counts are bounded (the original accepted any `int()`).
+`/generate` is a discriminated union on `type`: each type has its own `prompts` model and its
+own business checks (the original's messages, status 400). The union runs in the original's
+order: first the body's shape (`appid`/`type`/`prompts` typed: 422 like any body), then
+`appid` and `type` (business messages), then the type's `prompts` (422 naming the fields,
+`prompts.num: ...`), then its business checks. Counts are bounded (the original accepted any `int()`).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, model_validator
+from pydantic_core.core_schema import ValidatorFunctionWrapHandler
 
+from apps.core.envelope import BusinessException
 from apps.core.mongo_keys import StorableDict
 from apps.core.openapi import body_example
 from apps.core.storage import ID_PATTERN
+
+from . import labels
 
 MAX_NUM = 12  # type 0 `num`, type 3 `num`, type 2 `selectNum`
 MAX_SCHEMES = 32  # type 2 schemes (rapid + deep sketches)
@@ -35,36 +40,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+def nested_error(exc: ValidationError, prefix: str, *, skip: int = 0) -> BusinessException:
+    """A nested payload's validation failure as a 422 envelope naming the fields (`prompts.num: ...`).
+
+    `skip`: leading location parts that are not inside the payload (a union's tag and the field name).
+    """
+    parts = []
+    for err in exc.errors(include_url=False, include_context=False)[:5]:
+        where = ".".join([prefix, *(str(p) for p in tuple(err.get("loc", ()))[skip:])])
+        parts.append(f"{where}: {err.get('msg', '')}")
+    return BusinessException(1, "invalid request: " + "; ".join(parts), status=422)
+
+
+def texts(values: list[str] | None) -> list[str]:
+    """The non-empty texts, trimmed (the frontend sends empty labels of deleted text boxes)."""
+    return [t.strip() for t in values or [] if t and t.strip()]
+
+
 # ------------------------------------------------------------------ /generate
-class GenerateBody(_Strict):
-    """`POST /generate`: every stimulus request of InsPilot."""
-
-    model_config = ConfigDict(
-        title="RefinementGenerateBody",  # unique in /openapi.json (ideation has a GenerateBody too)
-        **body_example({"appid": 0, "type": 0, "prompts": {"task": "设计一款运动辅助产品", "num": 6}}),
-    )
-
-    appid: int = Field(description="application id; only 0 (the paint app) exists")
-    type: int = Field(
-        description="0 rapid divergence, 1 deep divergence, 2 convergence naming + "
-        "recommendation, 3 convergence stimuli"
-    )
-    prompts: dict[str, Any] = Field(
-        description="the type's payload. type 0: {task, num 1-12}; type 1: {designTask, designTexts: [str], "
-        "schemeId, designImage?: PNG data URL}; type 2: {designTask?, selectNum 1-12, schemes: [{designTexts, "
-        "designImage?}]}; type 3: {selectedSchemes: [{designTexts}], num 1-12, schemes x num <= 16}. Any type "
-        "(ours, optional): language zh|en, username, sessionId."
-    )
-    username: str | None = Field(
-        default=None,
-        pattern=USERNAME_PATTERN,
-        description="optional (not sent by the original frontend): whose stimuli these are",
-    )
-    sessionId: str | None = Field(
-        default=None, pattern=SESSION_PATTERN, description="optional: the session from /paint/start"
-    )
-
-
 class _Prompts(_Strict):
     language: Language | None = Field(
         default=None, description="prompt language; default REFINEMENT_LANGUAGE"
@@ -125,12 +118,135 @@ class ConvergencePrompts(_Prompts):
     num: int | None = Field(default=None, ge=0, le=MAX_NUM)
 
 
-PROMPT_MODELS: dict[int, type[_Prompts]] = {
-    0: RapidPrompts,
-    1: DeepPrompts,
-    2: ConvergenceNamesPrompts,
-    3: ConvergencePrompts,
-}
+class _GenerateFields(_Strict):
+    appid: int = Field(description="application id; only 0 (the paint app) exists")
+    username: str | None = Field(
+        default=None,
+        pattern=USERNAME_PATTERN,
+        description="optional (not sent by the original frontend): whose stimuli these are",
+    )
+    sessionId: str | None = Field(
+        default=None, pattern=SESSION_PATTERN, description="optional: the session from /paint/start"
+    )
+
+
+class _GenerateHead(_GenerateFields):
+    """The shape every type shares, checked before the type is known (the original's first checks)."""
+
+    type: int
+    prompts: dict[str, Any]
+
+
+class RapidRequest(_GenerateFields):
+    """type 0: rapid divergence."""
+
+    type: Literal[0]
+    prompts: RapidPrompts
+
+    @model_validator(mode="after")
+    def _original_checks(self) -> Self:
+        if not (self.prompts.task or "").strip():
+            raise BusinessException(1, labels.MSG_TASK_MISSING)
+        if not self.prompts.num:
+            raise BusinessException(1, labels.MSG_NUM_MISSING)
+        return self
+
+
+class DeepRequest(_GenerateFields):
+    """type 1: deep divergence of one sketch."""
+
+    type: Literal[1]
+    prompts: DeepPrompts
+
+    @model_validator(mode="after")
+    def _original_checks(self) -> Self:
+        image = (self.prompts.designImage or "").strip()
+        if self.prompts.designTask is None and image:  # HEAD form without its task (seed 003 sends neither)
+            raise BusinessException(1, labels.MSG_TASK_MISSING)
+        if not texts(self.prompts.designTexts):
+            raise BusinessException(1, labels.MSG_TEXTS_MISSING)
+        if self.prompts.schemeId is None:
+            raise BusinessException(1, labels.MSG_SCHEME_ID_MISSING)
+        return self
+
+
+class ConvergenceNamesRequest(_GenerateFields):
+    """type 2: convergence naming + recommendation."""
+
+    type: Literal[2]
+    prompts: ConvergenceNamesPrompts
+
+    @model_validator(mode="after")
+    def _original_checks(self) -> Self:
+        if self.prompts.designTask is not None and not self.prompts.designTask.strip():
+            raise BusinessException(1, labels.MSG_DESCRIPTION_MISSING)
+        if not self.prompts.schemes:
+            raise BusinessException(1, labels.MSG_SCHEMES_MISSING)
+        return self
+
+
+class ConvergenceRequest(_GenerateFields):
+    """type 3: convergence stimuli."""
+
+    type: Literal[3]
+    prompts: ConvergencePrompts
+
+    @model_validator(mode="after")
+    def _original_checks(self) -> Self:
+        schemes, num = self.prompts.selectedSchemes, self.prompts.num
+        if not schemes:
+            raise BusinessException(1, labels.MSG_SCHEMES_MISSING)
+        if not num:
+            raise BusinessException(1, labels.MSG_NUM_MISSING)
+        if len(schemes) * num > MAX_CONVERGENCE_TOTAL:
+            raise BusinessException(
+                1,
+                f"invalid request: prompts.selectedSchemes x prompts.num must be at most {MAX_CONVERGENCE_TOTAL}"
+                f" (got {len(schemes)} x {num})",
+                status=422,
+            )
+        return self
+
+
+GenerateRequest = RapidRequest | DeepRequest | ConvergenceNamesRequest | ConvergenceRequest
+
+
+def _union_body_example(example: dict[str, Any]) -> dict[str, Any]:
+    """`body_example`, with the union published without OpenAPI's `discriminator`: that keyword's mapping
+    keys are strings, our `type` is an integer (each branch still pins it with `const`), and schemathesis
+    cannot generate a body that satisfies both."""
+    config = body_example(example)
+    extra = config["json_schema_extra"]
+
+    def publish(schema: dict[str, Any]) -> None:
+        schema.update(extra)
+        schema.pop("discriminator", None)
+
+    return {**config, "json_schema_extra": publish}
+
+
+class GenerateBody(RootModel[Annotated[GenerateRequest, Field(discriminator="type")]]):
+    """`POST /generate`: every stimulus request of InsPilot, one model per `type`."""
+
+    model_config = ConfigDict(
+        title="RefinementGenerateBody",  # unique in /openapi.json (ideation has a GenerateBody too)
+        **_union_body_example({"appid": 0, "type": 0, "prompts": {"task": "设计一款运动辅助产品", "num": 6}}),
+    )
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _in_original_order(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        if isinstance(data, cls):
+            return data
+        head = _GenerateHead.model_validate(data)  # a ValidationError: the usual 422 of a bad body
+        if head.appid != labels.APP_PAINT:
+            raise BusinessException(1, labels.MSG_APP_MISSING)
+        if head.type not in labels.TYPE_STAGES:
+            raise BusinessException(1, labels.MSG_INVALID_TYPE)
+        try:
+            return handler({**data, "appid": head.appid, "type": head.type})
+        except ValidationError as exc:  # only `prompts` can fail here: the head passed
+            raise nested_error(exc, "prompts", skip=2) from exc  # (tag, "prompts", ...)
 
 
 class Item(BaseModel):
@@ -301,17 +417,6 @@ class StimuliPage(BaseModel):
 
 class StimuliEnvelope(Envelope):
     data: StimuliPage | None = None
-
-
-class SessionOut(BaseModel):
-    sessionId: str
-    username: str
-    createdAt: str
-    lastSeenAt: str | None = None
-    requests: int = 0
-    failedRequests: int = 0
-    stimuli: int = 0
-    saves: int = 0
 
 
 class SessionsEnvelope(Envelope):

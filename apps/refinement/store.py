@@ -1,4 +1,4 @@
-"""MongoDB state of the refinement app: participants, sessions, requests, stimuli, versions.
+"""MongoDB state of the refinement app: every read and write of its collections.
 
 - `refinement_users`: the original's `users` document per participant (unique username;
   created by an upsert, so two concurrent /paint/start calls cannot make two documents).
@@ -9,80 +9,70 @@
   with image ids, the text chain that led to it and its provenance.
 - `refinement_versions`: img2img / inpaint results, each linked to its parent image.
 - `refinement_saves`: a small log line per /paint/save (no sketches).
+
+The services decide what to store; this module is the only one that names a collection, so
+a query's shape and its index sit side by side.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING
 from pymongo.database import Database
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.results import UpdateResult
 
-from apps.core.storage import absolute_image_url
+from . import labels
 
-from . import labels as L
+log = logging.getLogger(__name__)
 
-COLLECTIONS = (
-    "refinement_users",
-    "refinement_sessions",
-    "refinement_requests",
-    "refinement_stimuli",
-    "refinement_versions",
-    "refinement_saves",
-)
+USERS = "refinement_users"
+SESSIONS = "refinement_sessions"
+REQUESTS = "refinement_requests"
+STIMULI = "refinement_stimuli"
+VERSIONS = "refinement_versions"
+SAVES = "refinement_saves"
+EXPORT_COLLECTIONS = [USERS, SESSIONS, REQUESTS, STIMULI, VERSIONS, SAVES]  # all keyed by `username`
+IMAGE_FILES = "images.files"  # GridFS metadata of apps/core/storage (read here to find a run's images)
 
 FRESH_USER: dict[str, Any] = {
-    "currentStage": L.STAGE_NOT_READY,
+    "currentStage": labels.STAGE_NOT_READY,
     "designTask": "",
     "rapidDivergenceSchemes": [],
     "deepDivergenceSchemes": [],
     "convergenceSchemes": [],
 }
-USER_FIELDS = (
-    "username",
-    "currentStage",
-    "designTask",
-    "rapidDivergenceSchemes",
-    "deepDivergenceSchemes",
-    "convergenceSchemes",
-)
 
 
 def create_indexes(db: Database) -> None:
-    db.refinement_users.create_index("username", unique=True)
-    db.refinement_sessions.create_index([("username", ASCENDING), ("created_at", DESCENDING)])
-    db.refinement_sessions.create_index([("client", ASCENDING), ("created_at", DESCENDING)])
-    db.refinement_requests.create_index([("username", ASCENDING), ("created_at", DESCENDING)])
-    db.refinement_requests.create_index([("session", ASCENDING), ("created_at", DESCENDING)])
-    db.refinement_stimuli.create_index([("username", ASCENDING), ("_id", DESCENDING)])
-    db.refinement_stimuli.create_index([("session", ASCENDING), ("_id", DESCENDING)])
-    db.refinement_stimuli.create_index("request_id")
-    db.refinement_stimuli.create_index("images.id")
-    db.refinement_versions.create_index([("root", ASCENDING), ("created_at", ASCENDING)])
-    db.refinement_versions.create_index("parent")
-    db.refinement_saves.create_index([("username", ASCENDING), ("created_at", DESCENDING)])
+    db[USERS].create_index("username", unique=True)
+    db[SESSIONS].create_index([("username", ASCENDING), ("created_at", DESCENDING)])
+    db[SESSIONS].create_index([("client", ASCENDING), ("created_at", DESCENDING)])
+    db[REQUESTS].create_index([("username", ASCENDING), ("created_at", DESCENDING)])
+    db[REQUESTS].create_index([("session", ASCENDING), ("created_at", DESCENDING)])
+    db[STIMULI].create_index([("username", ASCENDING), ("_id", DESCENDING)])
+    db[STIMULI].create_index([("session", ASCENDING), ("_id", DESCENDING)])
+    db[STIMULI].create_index("request_id")
+    db[STIMULI].create_index("images.id")
+    db[VERSIONS].create_index([("root", ASCENDING), ("created_at", ASCENDING)])
+    db[VERSIONS].create_index("parent")
+    db[SAVES].create_index([("username", ASCENDING), ("created_at", DESCENDING)])
 
 
 def now() -> datetime:
     return datetime.now(UTC)
 
 
-def iso(value: Any) -> str | None:
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
-        return value.isoformat().replace("+00:00", "Z")
-    return value
-
-
-# ------------------------------------------------------------------ users
+# ------------------------------------------------------------------ users and sessions
 def ensure_user(db: Database, username: str) -> dict[str, Any]:
     """Find or create the participant's document in one atomic upsert (the original raced)."""
     for attempt in range(3):
         try:
-            db.refinement_users.update_one(
+            db[USERS].update_one(
                 {"username": username},
                 {"$setOnInsert": {"username": username, **FRESH_USER, "created_at": now()}},
                 upsert=True,
@@ -91,131 +81,139 @@ def ensure_user(db: Database, username: str) -> dict[str, Any]:
         except DuplicateKeyError:  # two upserts raced on the unique index: the other one inserted it
             if attempt == 2:
                 raise
-    doc = db.refinement_users.find_one({"username": username})
+    doc = db[USERS].find_one({"username": username})
     assert doc is not None
     return doc
 
 
-def public_user(doc: dict[str, Any], session_id: str) -> dict[str, Any]:
-    """The original's /paint/start data (arrays never null) plus our session id."""
-    out: dict[str, Any] = {"_id": str(doc["_id"])}
-    for key in USER_FIELDS:
-        value = doc.get(key, FRESH_USER.get(key))
-        if key.endswith("Schemes") and not isinstance(value, list):
-            value = []
-        out[key] = value
-    out["sessionId"] = session_id
-    return out
+def update_user(db: Database, username: str, fields: dict[str, Any]) -> UpdateResult:
+    return db[USERS].update_one({"username": username}, {"$set": fields})
 
 
-# one message per kind for "missing" and "not yours" alike: the 404 bodies must not tell them apart
-SESSION_NOT_FOUND = "session not found"
-STIMULUS_NOT_FOUND = "stimulus not found"
-REQUEST_NOT_FOUND = "request not found"
+def insert_session(db: Database, doc: dict[str, Any]) -> None:
+    db[SESSIONS].insert_one(doc)
 
 
-# ------------------------------------------------------------------ shaping stored docs for the history API
-def history_item(stored: dict[str, Any], base_url: str | None) -> dict[str, Any]:
-    image_id = stored.get("image_id")
-    combos = stored.get("combinations")
-    return {
-        "type": stored["type"],
-        "text": stored.get("text"),
-        "imageId": image_id,
-        "imageUrl": absolute_image_url(image_id, base_url) if image_id else None,
-        "combinations": [history_item(c, base_url) for c in combos] if combos is not None else None,
-    }
+def latest_session_id(db: Database, username: str) -> str | None:
+    doc = db[SESSIONS].find_one({"username": username}, {"_id": 1}, sort=[("created_at", DESCENDING)])
+    return doc["_id"] if doc else None
 
 
-def public_stimulus(doc: dict[str, Any], base_url: str | None) -> dict[str, Any]:
-    images = []
-    for img in doc.get("images") or []:
-        images.append(
-            {
-                **{k: v for k, v in img.items() if k != "id"},
-                "imageId": img["id"],
-                "imageUrl": absolute_image_url(img["id"], base_url),
-            }
-        )
-    return {
-        "id": str(doc["_id"]),
-        "requestId": doc["request_id"],
-        "username": doc.get("username"),
-        "sessionId": doc.get("session"),
-        "attribution": doc.get("attribution", "anonymous"),
-        "type": doc["gen_type"],
-        "stage": doc["stage"],
-        "index": doc.get("index", 0),
-        "creativeType": doc.get("creative_type"),
-        "displayType": doc.get("display_type"),
-        "items": [history_item(i, base_url) for i in doc.get("items") or []],
-        "result": doc.get("result"),
-        "texts": doc.get("texts") or {},
-        "images": images,
-        "provenance": doc.get("provenance") or {},
-        "language": doc.get("language", ""),
-        "createdAt": iso(doc.get("created_at")),
-    }
+def session_owner(db: Database, session_id: str) -> str | None:
+    doc = db[SESSIONS].find_one({"_id": session_id}, {"username": 1})
+    return doc["username"] if doc else None
 
 
-def public_request(doc: dict[str, Any], base_url: str | None) -> dict[str, Any]:
-    return {
-        "id": str(doc["_id"]),
-        "username": doc.get("username"),
-        "sessionId": doc.get("session"),
-        "attribution": doc.get("attribution"),
-        "type": doc.get("gen_type"),
-        "stage": doc.get("stage"),
-        "language": doc.get("language"),
-        "status": doc.get("status"),
-        "error": doc.get("error"),
-        "input": doc.get("input"),
-        "sketches": [
-            {"imageId": i, "imageUrl": absolute_image_url(i, base_url)} for i in doc.get("sketch_ids") or []
-        ],
-        "steps": doc.get("steps") or [],
-        "stimulusIds": doc.get("stimulus_ids") or [],
-        "imageIds": doc.get("image_ids") or [],
-        "durationMs": doc.get("duration_ms"),
-        "createdAt": iso(doc.get("created_at")),
-        "finishedAt": iso(doc.get("finished_at")),
-    }
+def latest_client_session(db: Database, client: str, since: datetime) -> dict[str, Any] | None:
+    """The newest session started from this client (address + user agent hash) since `since`."""
+    return db[SESSIONS].find_one(
+        {"client": client, "created_at": {"$gte": since}}, {"username": 1}, sort=[("created_at", DESCENDING)]
+    )
 
 
-def session_summaries(db: Database, sessions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Sessions with their request (done/failed), stimulus and save counts (two aggregations for all)."""
-    ids = [s["_id"] for s in sessions]
+def count_save(db: Database, session_id: str) -> None:
+    db[SESSIONS].update_one({"_id": session_id}, {"$inc": {"saves": 1}, "$set": {"last_seen_at": now()}})
+
+
+def touch_session(db: Database, session_id: str) -> None:
+    db[SESSIONS].update_one({"_id": session_id}, {"$set": {"last_seen_at": now()}})
+
+
+def insert_save(db: Database, doc: dict[str, Any]) -> None:
+    db[SAVES].insert_one(doc)
+
+
+def find_session(db: Database, session_id: str) -> dict[str, Any] | None:
+    return db[SESSIONS].find_one({"_id": session_id})
+
+
+def user_sessions(db: Database, username: str, limit: int) -> list[dict[str, Any]]:
+    return list(db[SESSIONS].find({"username": username}).sort("created_at", DESCENDING).limit(limit))
+
+
+def session_counts(db: Database, session_ids: list[str]) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """(session -> {request status: n}, session -> stimuli) for many sessions in two aggregations."""
     requests: dict[str, dict[str, int]] = {}
-    for row in db.refinement_requests.aggregate(
+    for row in db[REQUESTS].aggregate(
         [
-            {"$match": {"session": {"$in": ids}}},
+            {"$match": {"session": {"$in": session_ids}}},
             {"$group": {"_id": {"session": "$session", "status": "$status"}, "n": {"$sum": 1}}},
         ]
     ):
-        entry = requests.setdefault(row["_id"]["session"], {})
-        entry[row["_id"]["status"]] = row["n"]
+        requests.setdefault(row["_id"]["session"], {})[row["_id"]["status"]] = row["n"]
     stimuli = {
         row["_id"]: row["n"]
-        for row in db.refinement_stimuli.aggregate(
-            [
-                {"$match": {"session": {"$in": ids}}},
-                {"$group": {"_id": "$session", "n": {"$sum": 1}}},
-            ]
+        for row in db[STIMULI].aggregate(
+            [{"$match": {"session": {"$in": session_ids}}}, {"$group": {"_id": "$session", "n": {"$sum": 1}}}]
         )
     }
-    out = []
-    for s in sessions:
-        counts = requests.get(s["_id"], {})
-        out.append(
-            {
-                "sessionId": s["_id"],
-                "username": s["username"],
-                "createdAt": iso(s.get("created_at")),
-                "lastSeenAt": iso(s.get("last_seen_at")),
-                "requests": sum(counts.values()),
-                "failedRequests": counts.get("failed", 0),
-                "stimuli": stimuli.get(s["_id"], 0),
-                "saves": s.get("saves", 0),
-            }
-        )
-    return out
+    return requests, stimuli
+
+
+# ------------------------------------------------------------------ requests and stimuli
+def insert_request_quietly(db: Database, doc: dict[str, Any]) -> None:
+    """Record a failed request; a database failure here is logged (the caller is already failing)."""
+    try:
+        db[REQUESTS].insert_one(doc)
+    except PyMongoError as exc:
+        log.error("could not record failed request %s: %s", doc.get("_id"), exc)
+
+
+def insert_stimuli(db: Database, docs: list[dict[str, Any]]) -> None:
+    if docs:
+        db[STIMULI].insert_many(docs, ordered=True)
+
+
+def insert_request(db: Database, doc: dict[str, Any]) -> None:
+    db[REQUESTS].insert_one(doc)
+
+
+def delete_run(db: Database, request_id: str) -> None:
+    """Undo a run whose records could not all be written: its stimuli and its `done` request line."""
+    db[STIMULI].delete_many({"request_id": request_id})
+    db[REQUESTS].delete_one({"_id": request_id, "status": "done"})
+
+
+def find_request(db: Database, request_id: str) -> dict[str, Any] | None:
+    return db[REQUESTS].find_one({"_id": request_id})
+
+
+def session_requests(db: Database, session_id: str, limit: int = 500) -> list[dict[str, Any]]:
+    return list(db[REQUESTS].find({"session": session_id}).sort("created_at", DESCENDING).limit(limit))
+
+
+def find_stimulus(db: Database, stimulus_id: str) -> dict[str, Any] | None:
+    return db[STIMULI].find_one({"_id": stimulus_id})
+
+
+def stimuli_page(db: Database, flt: dict[str, Any], limit: int) -> list[dict[str, Any]]:
+    """Newest first, one more than `limit` (so the caller knows whether there is a next page)."""
+    return list(db[STIMULI].find(flt).sort("_id", DESCENDING).limit(limit + 1))
+
+
+def stimulus_with_image(db: Database, image_id: str) -> dict[str, Any] | None:
+    return db[STIMULI].find_one({"images.id": image_id}, {"images": 1, "username": 1, "session": 1})
+
+
+# ------------------------------------------------------------------ versions
+def find_version(db: Database, image_id: str) -> dict[str, Any] | None:
+    return db[VERSIONS].find_one({"_id": image_id})
+
+
+def insert_versions(db: Database, docs: list[dict[str, Any]]) -> None:
+    db[VERSIONS].insert_many(docs, ordered=True)
+
+
+def delete_batch(db: Database, batch: str) -> None:
+    db[VERSIONS].delete_many({"batch": batch})
+
+
+def tree_versions(db: Database, root_id: str, limit: int) -> list[dict[str, Any]]:
+    return list(db[VERSIONS].find({"root": root_id}).sort("created_at", ASCENDING).limit(limit))
+
+
+# ------------------------------------------------------------------ images of a run (GridFS metadata)
+def job_image_ids(db: Database, job: str) -> Iterator[Any]:
+    """The ids of every image refinement stored for one run or refine batch (`metadata.job`)."""
+    for doc in db[IMAGE_FILES].find({"metadata.job": job, "metadata.app": labels.APP}, {"_id": 1}):
+        yield doc["_id"]
