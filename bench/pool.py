@@ -1,7 +1,13 @@
 """SD pool benchmark: the shared MongoDB-leased pool vs a faithful model of the originals' per-process pool.
 
-    python bench/pool.py            # full run (about 9 minutes)
-    python bench/pool.py --quick    # smaller run (about 2 minutes)
+    python bench/pool.py                                  # everything (about 13 minutes)
+    python bench/pool.py --quick                          # smaller run of everything (about 4 minutes)
+    python bench/pool.py --scenario ideation [--quick]    # StepIdeator's new sketches (about 9 / 2 minutes)
+    python bench/pool.py --scenario refinement [--quick]  # InsPilot's rapid divergence (about 4 / 2 minutes)
+
+The refinement scenario (InsPilot's type 0: 3 chats, M images, 1 chat, at M = 2, 4, 6; ours
+per SD_QUEUE_DEPTH vs the original's pool model) is described in bench/pool_refinement.py; what
+follows is the ideation scenario.
 
 What runs:
 - K fake SD WebUI instances (tests/fakes/fake_sd.py: real HTTP servers that run one

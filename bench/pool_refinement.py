@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -104,6 +105,7 @@ class Server:
             "LOG_LEVEL": "ERROR",
             "GUNICORN_THREADS": str(THREADS),
         }
+        self.data_dir = Path(env["DATA_DIR"])
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             P.gunicorn_argv(port, P.WORKERS),
@@ -150,6 +152,7 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
         try:
             from pymongo import MongoClient
 
