@@ -1,7 +1,13 @@
 """SD pool benchmark: the shared MongoDB-leased pool vs a faithful model of the originals' per-process pool.
 
-    python bench/pool.py            # full run (about 9 minutes)
-    python bench/pool.py --quick    # smaller run (about 2 minutes)
+    python bench/pool.py                                  # everything (about 13 minutes)
+    python bench/pool.py --quick                          # smaller run of everything (about 4 minutes)
+    python bench/pool.py --scenario ideation [--quick]    # StepIdeator's new sketches (about 9 / 2 minutes)
+    python bench/pool.py --scenario refinement [--quick]  # InsPilot's rapid divergence (about 4 / 2 minutes)
+
+The refinement scenario (InsPilot's type 0: 3 chats, M images, 1 chat, at M = 2, 4, 6; ours
+per SD_QUEUE_DEPTH vs the original's pool model) is described in bench/pool_refinement.py; what
+follows is the ideation scenario.
 
 What runs:
 - K fake SD WebUI instances (tests/fakes/fake_sd.py: real HTTP servers that run one
@@ -78,10 +84,13 @@ class OriginalPool:
     between processes.
     """
 
-    def __init__(self, urls: list[str]) -> None:
+    def __init__(
+        self, urls: list[str], width: int = IMAGE_SIDE, height: int = IMAGE_SIDE, steps: int = 20
+    ) -> None:
         import requests
 
         self._requests = requests
+        self.width, self.height, self.steps = width, height, steps
         self.sem = threading.Semaphore(len(urls))
         self.instances: queue.Queue[str] = queue.Queue()
         for url in urls:
@@ -94,9 +103,9 @@ class OriginalPool:
             payload = {
                 "prompt": task["prompt"],
                 "negative_prompt": "",
-                "width": IMAGE_SIDE,
-                "height": IMAGE_SIDE,
-                "steps": 20,
+                "width": self.width,
+                "height": self.height,
+                "steps": self.steps,
             }
             resp = self._requests.post(url + "/sdapi/v1/txt2img", json=payload)  # no timeout, as the original
             resp.raise_for_status()
@@ -119,6 +128,8 @@ class OriginalPool:
 def _build(spec: dict[str, Any]) -> tuple[Any, Any]:
     """(generate_many(prompts) -> list[bytes], close()) for this worker process."""
     if spec["impl"] == "original":
+        if spec.get("chat_url"):
+            return _original_refinement(spec)
         pool = OriginalPool(spec["urls"])
         return pool.generate_many, lambda: None
     from pymongo import MongoClient
@@ -148,6 +159,37 @@ def _build(spec: dict[str, Any]) -> tuple[Any, Any]:
         client.close()
 
     return run, close
+
+
+def _original_refinement(spec: dict[str, Any]) -> tuple[Any, Any]:
+    """InsPilot-api's type 0 request in one worker: 3 chats in sequence, the M images through its pool, 1 chat.
+
+    The chats are real HTTP calls to the fake OpenAI (`/v1/chat/completions`, content irrelevant);
+    the images go through `OriginalPool` at the refinement app's scene size. Any failed chat raises,
+    so the request counts as an error."""
+    import requests
+
+    pool = OriginalPool(spec["urls"], spec["width"], spec["height"], spec["steps"])
+    local = threading.local()
+
+    def chat(step: str) -> None:
+        session = getattr(local, "session", None)
+        if session is None:
+            session = local.session = requests.Session()
+        body = {
+            "model": spec["model"],
+            "messages": [{"role": "user", "content": f"rapid divergence: {step}"}],
+        }
+        session.post(spec["chat_url"], json=body, timeout=120).raise_for_status()
+
+    def run(prompts: list[str]) -> list[bytes]:
+        for step in ("products", "scenes", "scene_sd_prompts"):
+            chat(step)
+        images = pool.generate_many(prompts)
+        chat("concept_texts")
+        return images
+
+    return run, lambda: None
 
 
 def _serve(run: Any, job_id: int, prompts: list[str], res_q: Any) -> None:
@@ -580,139 +622,89 @@ def _lat(row: dict[str, Any]) -> str:
     return f"{row['p50']:.2f}/{row['max_latency']:.2f}"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer scenarios, shorter windows (about 2 minutes)")
-    ap.add_argument("--delay", type=float, default=None, help="seconds per image on each fake instance (1.0)")
-    ap.add_argument("--seconds", type=float, default=None, help="measurement window per scenario")
-    ap.add_argument(
-        "--via",
-        choices=["gunicorn", "processes"],
-        default="gunicorn",
-        help="our pool through the real server (gunicorn -w 4, HTTP, /ideation/generate; default) or "
-        "through 4 bare worker processes calling the image provider",
-    )
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.ERROR)
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    delay = args.delay or 1.0
-    seconds = args.seconds or (3.0 if args.quick else 5.0)
-    k = 4
+def _ideation(args: argparse.Namespace, harness: Harness, k: int, delay: float) -> None:
+    """The ideation scenarios (throughput, one dead, one hung) and their targets."""
     ms = [2, 6] if args.quick else [2, 3, 4, 6]
     cs = [4] if args.quick else [1, 4, 8]
     hung_timeout = max(4 * delay, 2.0)
-
-    from apps.core.embedded_mongo import ensure_embedded_mongo, stop_embedded_mongo
-
-    tmp = Path(tempfile.mkdtemp(prefix="bench-pool-"))
-    mongo = ensure_embedded_mongo(tmp)
-    command = (
-        "python bench/pool.py"
-        + (" --quick" if args.quick else "")
-        + (f" --delay {args.delay}" if args.delay else "")
-        + (f" --seconds {args.seconds}" if args.seconds else "")
-        + (f" --via {args.via}" if args.via != "gunicorn" else "")
-    )
-    print(f"# SD pool benchmark — {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} — `{command}`")
-    ours_how = (
-        f"the server under `gunicorn -w {WORKERS}`, clients POSTing /ideation/generate (new sketches, "
-        f"currentNum=M) on a new connection each"
-        if args.via == "gunicorn"
-        else f"{WORKERS} worker processes calling the image provider (no HTTP), each request to a random worker"
-    )
-    print(
-        f"# K={k} fake instances, D={delay:g} s/image, window {seconds:g} s per scenario after a 1 s warm-up; "
-        f"pool: {ours_how}; original: its model in {WORKERS} worker processes, each request to a random one"
-    )
-    print(
-        f"# {platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} CPUs, "
-        f"load average {os.getloadavg()[0]:.2f} at start, embedded MongoDB (secantusdb) at {mongo.uri}"
-    )
-    harness = Harness(mongo.uri, delay, seconds)
 
     def pool_run(k: int, m: int, c: int, fault: str | None = None, timeout_s: float = 30.0) -> dict[str, Any]:
         if args.via == "gunicorn":
             return harness.run_http(k, m, c, fault=fault, timeout_s=timeout_s)
         return harness.run("pool", k, m, c, fault=fault, timeout_s=timeout_s)
 
-    started = time.monotonic()
     rows: list[tuple[dict[str, Any], dict[str, Any]]] = []
     dead_rows: list[tuple[dict[str, Any], dict[str, Any]]] = []
     hung_rows: list[dict[str, Any]] = []
-    try:
-        print("\n## Throughput (ideal = K/D = %.1f images/s)\n" % (k / delay))
-        print(
-            "| K | M | C | pool img/s | pool ratio | pool share % | pool max depth | pool idle gap p50/p90 ms | "
-            "pool latency p50/max s | original img/s | original ratio | original share % | original max depth | "
-            "original latency p50/max s |"
-        )
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for m in ms:
-            for c in cs:
-                ours = pool_run(k, m, c)
-                orig = harness.run("original", k, m, c)
-                rows.append((ours, orig))
-                print(
-                    f"| {k} | {m} | {c} | {ours['images_per_s']:.2f} | {ours['ratio']:.3f} | {_share(ours)} | "
-                    f"{_depth(ours)} | {ours['gap_ms']:.0f}/{ours['gap_p90_ms']:.0f} | {_lat(ours)} | "
-                    f"{orig['images_per_s']:.2f} | {orig['ratio']:.3f} | "
-                    f"{_share(orig)} | {_depth(orig)} | {_lat(orig)} |",
-                    flush=True,
-                )
-                for row in (ours, orig):
-                    if row["errors"] or row["empty"]:
-                        print(
-                            f"|   ! {row['impl']}: {row['errors']} errors, {row['empty']} empty images "
-                            f"({row['first_error']}) |",
-                            flush=True,
-                        )
-        c_dead = 4 if args.quick else 8
-        print(
-            f"\n## One instance dead (connection refused), C={c_dead}; ideal = (K-1)/D = {(k - 1) / delay:.1f}\n"
-        )
-        print(
-            "| K | M | C | pool img/s | pool ratio | pool empty | pool errors | pool max depth | "
-            "original ratio | original empty | original max depth |"
-        )
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
-        for m in ms:
-            ours = pool_run(k, m, c_dead, fault="dead")
-            orig = harness.run("original", k, m, c_dead, fault="dead")
-            dead_rows.append((ours, orig))
+    print("\n## Throughput (ideal = K/D = %.1f images/s)\n" % (k / delay))
+    print(
+        "| K | M | C | pool img/s | pool ratio | pool share % | pool max depth | pool idle gap p50/p90 ms | "
+        "pool latency p50/max s | original img/s | original ratio | original share % | original max depth | "
+        "original latency p50/max s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for m in ms:
+        for c in cs:
+            ours = pool_run(k, m, c)
+            orig = harness.run("original", k, m, c)
+            rows.append((ours, orig))
             print(
-                f"| {k} | {m} | {c_dead} | {ours['images_per_s']:.2f} | {ours['ratio']:.3f} | {ours['empty']} | "
-                f"{ours['errors']} | {_depth(ours)} | {orig['ratio']:.3f} | {orig['empty']} of {orig['images']} | "
-                f"{_depth(orig)} |",
+                f"| {k} | {m} | {c} | {ours['images_per_s']:.2f} | {ours['ratio']:.3f} | {_share(ours)} | "
+                f"{_depth(ours)} | {ours['gap_ms']:.0f}/{ours['gap_p90_ms']:.0f} | {_lat(ours)} | "
+                f"{orig['images_per_s']:.2f} | {orig['ratio']:.3f} | "
+                f"{_share(orig)} | {_depth(orig)} | {_lat(orig)} |",
                 flush=True,
             )
+            for row in (ours, orig):
+                if row["errors"] or row["empty"]:
+                    print(
+                        f"|   ! {row['impl']}: {row['errors']} errors, {row['empty']} empty images "
+                        f"({row['first_error']}) |",
+                        flush=True,
+                    )
+    c_dead = 4 if args.quick else 8
+    print(
+        f"\n## One instance dead (connection refused), C={c_dead}; ideal = (K-1)/D = {(k - 1) / delay:.1f}\n"
+    )
+    print(
+        "| K | M | C | pool img/s | pool ratio | pool empty | pool errors | pool max depth | "
+        "original ratio | original empty | original max depth |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for m in ms:
+        ours = pool_run(k, m, c_dead, fault="dead")
+        orig = harness.run("original", k, m, c_dead, fault="dead")
+        dead_rows.append((ours, orig))
         print(
-            f"\n## One instance hung (accepts, never answers), C=4; pool SD_TIMEOUT_S={hung_timeout:g} s; "
-            f"ideal = (K-1)/D = {(k - 1) / delay:.1f}\n"
+            f"| {k} | {m} | {c_dead} | {ours['images_per_s']:.2f} | {ours['ratio']:.3f} | {ours['empty']} | "
+            f"{ours['errors']} | {_depth(ours)} | {orig['ratio']:.3f} | {orig['empty']} of {orig['images']} | "
+            f"{_depth(orig)} |",
+            flush=True,
         )
-        print(
-            "| impl | K | M | C | img/s | ratio | requests answered | errors | p50 latency s | max latency s | "
-            "stuck (unanswered > timeout + 3D + 2 s after the window) |"
-        )
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
-        hung_ms = [2] if args.quick else [2, 4]
-        for m in hung_ms:
-            for impl in ("pool", "original"):
-                row = (
-                    pool_run(k, m, 4, fault="hung", timeout_s=hung_timeout)
-                    if impl == "pool"
-                    else harness.run(impl, k, m, 4, fault="hung", timeout_s=hung_timeout)
-                )
-                hung_rows.append(row)
-                done = row["requests"] - row["stuck"]
-                print(
-                    f"| {impl} | {k} | {m} | 4 | {row['images_per_s']:.2f} | {row['ratio']:.3f} | {done} | "
-                    f"{row['errors']} | {row['p50']:.2f} | {row['max_latency']:.2f} | {row['stuck']} |",
-                    flush=True,
-                )
-    finally:
-        harness.close()
-        stop_embedded_mongo(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        f"\n## One instance hung (accepts, never answers), C=4; pool SD_TIMEOUT_S={hung_timeout:g} s; "
+        f"ideal = (K-1)/D = {(k - 1) / delay:.1f}\n"
+    )
+    print(
+        "| impl | K | M | C | img/s | ratio | requests answered | errors | p50 latency s | max latency s | "
+        "stuck (unanswered > timeout + 3D + 2 s after the window) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    hung_ms = [2] if args.quick else [2, 4]
+    for m in hung_ms:
+        for impl in ("pool", "original"):
+            row = (
+                pool_run(k, m, 4, fault="hung", timeout_s=hung_timeout)
+                if impl == "pool"
+                else harness.run(impl, k, m, 4, fault="hung", timeout_s=hung_timeout)
+            )
+            hung_rows.append(row)
+            done = row["requests"] - row["stuck"]
+            print(
+                f"| {impl} | {k} | {m} | 4 | {row['images_per_s']:.2f} | {row['ratio']:.3f} | {done} | "
+                f"{row['errors']} | {row['p50']:.2f} | {row['max_latency']:.2f} | {row['stuck']} |",
+                flush=True,
+            )
 
     print("\n## Targets")
     at_load = [ours for ours, _ in rows if ours["c"] >= 4]
@@ -741,6 +733,92 @@ def main() -> None:
             f"- one hung: pool max request latency {ml:.2f} s with SD_TIMEOUT_S={hung_timeout:g} s (+ queue wait and "
             f"the retry), {stuck} stuck/failed requests -> {'met' if stuck == 0 else 'MISSED'}"
         )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer scenarios, shorter windows (about 2 minutes)")
+    ap.add_argument("--delay", type=float, default=None, help="seconds per image on each fake instance (1.0)")
+    ap.add_argument("--seconds", type=float, default=None, help="measurement window per scenario")
+    ap.add_argument(
+        "--via",
+        choices=["gunicorn", "processes"],
+        default="gunicorn",
+        help="our pool through the real server (gunicorn -w 4, HTTP, /ideation/generate; default) or "
+        "through 4 bare worker processes calling the image provider",
+    )
+    ap.add_argument(
+        "--scenario",
+        choices=["ideation", "refinement", "all"],
+        default="all",
+        help="ideation: StepIdeator's new sketches (throughput, one dead, one hung); refinement: InsPilot's "
+        "rapid divergence (type 0: 3 chats, M images, 1 chat) at M = 2, 4, 6; all: both (default)",
+    )
+    ap.add_argument(
+        "--chat-delay", type=float, default=None, help="refinement: seconds per chat on the fake OpenAI (0.2)"
+    )
+    ap.add_argument(
+        "--requests", type=int, default=None, help="refinement: requests per client (4; --quick 2)"
+    )
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    delay = args.delay or 1.0
+    seconds = args.seconds or (3.0 if args.quick else 5.0)
+    k = 4
+
+    from apps.core.embedded_mongo import ensure_embedded_mongo, stop_embedded_mongo
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-pool-"))
+    mongo = ensure_embedded_mongo(tmp)
+    command = (
+        "python bench/pool.py"
+        + (f" --scenario {args.scenario}" if args.scenario != "all" else "")
+        + (" --quick" if args.quick else "")
+        + (f" --delay {args.delay}" if args.delay else "")
+        + (f" --seconds {args.seconds}" if args.seconds else "")
+        + (f" --via {args.via}" if args.via != "gunicorn" else "")
+        + (f" --chat-delay {args.chat_delay}" if args.chat_delay is not None else "")
+        + (f" --requests {args.requests}" if args.requests else "")
+    )
+    print(f"# SD pool benchmark — {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} — `{command}`")
+    if args.scenario != "refinement":
+        ours_how = (
+            f"the server under `gunicorn -w {WORKERS}`, clients POSTing /ideation/generate (new sketches, "
+            f"currentNum=M) on a new connection each"
+            if args.via == "gunicorn"
+            else f"{WORKERS} worker processes calling the image provider (no HTTP), each request to a random worker"
+        )
+        print(
+            f"# K={k} fake instances, D={delay:g} s/image, window {seconds:g} s per scenario after a 1 s warm-up; "
+            f"pool: {ours_how}; original: its model in {WORKERS} worker processes, each request to a random one"
+        )
+    print(
+        f"# {platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.2f} at start, embedded MongoDB (secantusdb) at {mongo.uri}"
+    )
+    harness = Harness(mongo.uri, delay, seconds)
+    started = time.monotonic()
+    try:
+        if args.scenario in ("ideation", "all"):
+            _ideation(args, harness, k, delay)
+        if args.scenario in ("refinement", "all"):
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            import pool_refinement
+
+            pool_refinement.run(
+                sys.modules[__name__],
+                harness,
+                k=k,
+                delay=delay,
+                chat_delay=0.2 if args.chat_delay is None else args.chat_delay,
+                requests_per_client=args.requests or (2 if args.quick else 4),
+                ms=[2, 6] if args.quick else [2, 4, 6],
+            )
+    finally:
+        harness.close()
+        stop_embedded_mongo(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"\n(total {time.monotonic() - started:.0f} s; load average {os.getloadavg()[0]:.2f} at the end)")
 
 
