@@ -767,7 +767,7 @@ def main() -> None:
     seconds = args.seconds or (3.0 if args.quick else 5.0)
     k = 4
 
-    from apps.core.embedded_mongo import ensure_embedded_mongo, stop_embedded_mongo
+    from apps.core.embedded_mongo import ensure_embedded_mongo, redact_uri, stop_embedded_mongo
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-pool-"))
     mongo = ensure_embedded_mongo(tmp)
@@ -795,7 +795,7 @@ def main() -> None:
         )
     print(
         f"# {platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} CPUs, "
-        f"load average {os.getloadavg()[0]:.2f} at start, embedded MongoDB (secantusdb) at {mongo.uri}"
+        f"load average {os.getloadavg()[0]:.2f} at start, embedded MongoDB (secantusdb) at {redact_uri(mongo.uri)}"
     )
     harness = Harness(mongo.uri, delay, seconds)
     started = time.monotonic()
