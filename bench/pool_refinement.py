@@ -80,15 +80,15 @@ class Server:
     """The real server under gunicorn on the shared fakes, with SD_QUEUE_DEPTH=depth in its environment."""
 
     def __init__(
-        self, P: ModuleType, mongo_uri: str, sd_urls: list[str], openai_url: str, depth: int
+        self, bench: ModuleType, mongo_uri: str, sd_urls: list[str], openai_url: str, depth: int
     ) -> None:
         self.depth = depth
         self.db = f"bench_pool_refinement_{os.getpid()}_{depth}"
         self.mongo_uri = mongo_uri
-        port = P._free_port()
+        port = bench._free_port()
         env = {
             **os.environ,
-            "PYTHONPATH": str(P.ROOT),
+            "PYTHONPATH": str(bench.ROOT),
             "MONGO_URI": mongo_uri,
             "MONGO_DB": self.db,
             "DATA_DIR": str(Path(tempfile.gettempdir()) / f"bench-pool-refinement-{os.getpid()}-{depth}"),
@@ -108,20 +108,20 @@ class Server:
         self.data_dir = Path(env["DATA_DIR"])
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
-            P.gunicorn_argv(port, P.WORKERS),
-            cwd=str(P.ROOT),
+            bench.gunicorn_argv(port, bench.WORKERS),
+            cwd=str(bench.ROOT),
             env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
         self.base = f"http://127.0.0.1:{port}"
-        self._P = P
+        self.bench = bench
 
     def ready(self) -> None:
         """Up, and every worker warmed (pool, database connections): 2 x workers type 0 requests at once."""
-        self._P._wait_http(self.base, self.proc)
-        with ThreadPoolExecutor(2 * self._P.WORKERS) as ex:
-            errors = [e for e in ex.map(lambda _: self.post(1)[0], range(2 * self._P.WORKERS)) if e]
+        self.bench._wait_http(self.base, self.proc)
+        with ThreadPoolExecutor(2 * self.bench.WORKERS) as ex:
+            errors = [e for e in ex.map(lambda _: self.post(1)[0], range(2 * self.bench.WORKERS)) if e]
         if errors:
             raise RuntimeError(f"warm-up of SD_QUEUE_DEPTH={self.depth} failed: {errors[0]}\n{self.tail()}")
 
@@ -186,12 +186,12 @@ class Original:
     """The original's model in the harness's worker processes (bench/pool.py `_original_refinement`)."""
 
     def __init__(
-        self, P: ModuleType, harness: Any, sd_urls: list[str], openai_url: str, seed: int = 7
+        self, bench: ModuleType, harness: Any, sd_urls: list[str], openai_url: str, seed: int = 7
     ) -> None:
         from apps.refinement.pipeline import sd_options
 
-        opts = sd_options(P.ROOT / "settings", "scene")
-        self.P, self.harness, self.seed = P, harness, seed
+        opts = sd_options(bench.ROOT / "settings", "scene")
+        self.bench, self.harness, self.seed = bench, harness, seed
         self.spec = {
             "impl": "original",
             "urls": sd_urls,
@@ -208,12 +208,14 @@ class Original:
             q.put(self.spec)
         h._collect("ready", 60)
         try:
-            for worker in range(self.P.WORKERS):  # one request per worker first, as ours is warmed
+            for worker in range(self.bench.WORKERS):  # one request per worker first, as ours is warmed
                 h._request(worker, ["warm-up"])
             warm()
 
             def send(cid: int, n: int) -> tuple[str | None, float, float]:
-                worker = random.Random(self.seed * 1000 + m * 100 + cid * 10 + n).randrange(self.P.WORKERS)
+                worker = random.Random(self.seed * 1000 + m * 100 + cid * 10 + n).randrange(
+                    self.bench.WORKERS
+                )
                 start = time.time()
                 images, empty, error = h._request(
                     worker, [f"client {cid} request {n} scene {i}" for i in range(m)]
@@ -266,7 +268,7 @@ def _reset(fakes: list[Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------- the scenario
 def run(
-    P: ModuleType,
+    bench: ModuleType,
     harness: Any,
     *,
     k: int,
@@ -292,18 +294,18 @@ def run(
         f"{clients} clients x {requests_per_client} requests; ideal = K/D = {k / delay:.1f} images/s\n"
     )
     print(
-        f"# ours: the server under `gunicorn -w {P.WORKERS} -k gthread --threads {THREADS}`, POST "
+        f"# ours: the server under `gunicorn -w {bench.WORKERS} -k gthread --threads {THREADS}`, POST "
         f"/refinement/generate on a new connection each, one server per SD_QUEUE_DEPTH value; original: "
-        f"InsPilot-api's sequence and pool model in {P.WORKERS} worker processes, each request to a random one; "
+        f"InsPilot-api's sequence and pool model in {bench.WORKERS} worker processes, each request to a random one; "
         f"images/s over the span from the first image's start to the last one's end",
         flush=True,
     )
     try:
         for depth in DEPTHS:
-            servers[depth] = Server(P, harness.mongo_uri, urls, openai.url, depth)
+            servers[depth] = Server(bench, harness.mongo_uri, urls, openai.url, depth)
         for server in servers.values():
             server.ready()
-        original = Original(P, harness, urls, openai.url)
+        original = Original(bench, harness, urls, openai.url)
         for m in ms:
             row: dict[str, Any] = {"m": m}
             for depth, server in servers.items():
