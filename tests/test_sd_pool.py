@@ -255,7 +255,7 @@ def test_one_generation_per_instance(
     fake_sd_fleet: Any, make_provider: Callable[..., SDPoolProvider]
 ) -> None:
     fleet = fake_sd_fleet(2, delay=0.15)
-    provider = make_provider(fleet)
+    provider = make_provider(fleet, depth=1)  # one-deep: depth 2 is test_depth_two_*
     with ThreadPoolExecutor(6) as ex:
         results = list(ex.map(lambda i: provider.generate(req(f"p{i}")), range(6)))
     assert all(r.png[:8] == PNG_SIGNATURE for r in results)
@@ -269,7 +269,7 @@ def test_one_generation_per_instance(
 def test_two_workers_share_one_view(fake_sd_fleet: Any, make_provider: Callable[..., SDPoolProvider]) -> None:
     """Two providers on one database = two gunicorn workers: still never two generations on one instance."""
     fleet = fake_sd_fleet(3, delay=0.12)
-    workers = [make_provider(fleet), make_provider(fleet)]
+    workers = [make_provider(fleet, depth=1), make_provider(fleet, depth=1)]
     assert workers[0].pool.process_id != workers[1].pool.process_id
     with ThreadPoolExecutor(9) as ex:
         results = list(ex.map(lambda i: workers[i % 2].generate(req(f"w{i}")), range(9)))
@@ -295,7 +295,10 @@ def test_fifo_across_workers(fake_sd: FakeSD, db: Any, make_provider: Callable[.
     """Waiters registered one after another (alternating between two workers) are served in that order."""
     # join_window_s=0: every caller its own entry (by default callers of one process arriving within
     # 20 ms share one, as the images of one request do)
-    workers = [make_provider([fake_sd], join_window_s=0), make_provider([fake_sd], join_window_s=0)]
+    workers = [
+        make_provider([fake_sd], join_window_s=0, depth=1),
+        make_provider([fake_sd], join_window_s=0, depth=1),
+    ]
     blocker = workers[0].pool.acquire()  # the only instance is busy while the queue forms
     done: list[str] = []
     threads = []
@@ -326,7 +329,8 @@ def test_images_of_one_request_share_a_queue_entry(
     """generate_many's images wait as one entry (want = M): fewer queue documents, same FIFO order."""
     # callers of one process arriving within join_window_s share an entry (widened: a busy test machine
     # may start the three threads further apart than the default 20 ms)
-    first, second = make_provider([fake_sd], join_window_s=0.5), make_provider([fake_sd])
+    first = make_provider([fake_sd], join_window_s=0.5, depth=1)
+    second = make_provider([fake_sd], depth=1)
     blocker = first.pool.acquire()
     batch = threading.Thread(target=first.generate_many, args=([req(f"batch{i}") for i in range(3)],))
     batch.start()
@@ -380,7 +384,7 @@ def test_lease_is_renewed_while_a_long_generation_runs(
     fake_sd: FakeSD, make_provider: Callable[..., SDPoolProvider]
 ) -> None:
     fake_sd.delay = 1.2
-    a, b = make_provider([fake_sd], lease_s=0.4), make_provider([fake_sd], lease_s=0.4)
+    a, b = make_provider([fake_sd], lease_s=0.4, depth=1), make_provider([fake_sd], lease_s=0.4, depth=1)
     first = threading.Thread(target=a.generate, args=(req("long"),))
     first.start()
     wait_until(lambda: fake_sd.requests, what="the first generation to start")
@@ -394,12 +398,12 @@ def test_expired_lease_frees_the_instance(
     fake_sd: FakeSD, db: Any, make_provider: Callable[..., SDPoolProvider]
 ) -> None:
     """A holder that stops renewing (its process is gone) loses the instance when the lease runs out."""
-    dying = make_provider([fake_sd], lease_s=0.6)
+    dying = make_provider([fake_sd], lease_s=0.6, depth=1)
     lease = dying.pool.acquire()
     dying.pool.release_held = lambda: 0  # type: ignore[method-assign] - a crashed process frees nothing
     dying.close()  # the watcher stops: the lease is never renewed nor released
     assert db.sd_instances.find_one({"_id": fake_sd.url})["holder"] == lease.id
-    other = make_provider([fake_sd], lease_s=0.6)
+    other = make_provider([fake_sd], lease_s=0.6, depth=1)
     start = time.monotonic()
     result = other.generate(req("after the crash"))
     assert result.instance == fake_sd.url
@@ -416,7 +420,7 @@ from agent.images.sdwebui.pool import SDInstancePool
 from agent.images.sdwebui.provider import SDPoolProvider
 from agent.types import ImageRequest
 db = MongoClient(sys.argv[2], tz_aware=True)[sys.argv[3]]
-pool = SDInstancePool(db, [sys.argv[4]], lease_s=1.0, timeout_s=60, poll_s=0.01)
+pool = SDInstancePool(db, [sys.argv[4]], lease_s=1.0, timeout_s=60, poll_s=0.01, depth=1)
 SDPoolProvider(pool).generate(ImageRequest(prompt="from the doomed worker", width=64, height=64))
 """
 
@@ -441,7 +445,7 @@ def test_lease_expires_after_a_worker_is_killed(
             proc.kill()
     fake_sd.hang = False  # the orphaned request drains; the instance's lease is still the dead worker's
     start = time.monotonic()
-    result = make_provider([fake_sd], lease_s=1.0).generate(req("survivor"))
+    result = make_provider([fake_sd], lease_s=1.0, depth=1).generate(req("survivor"))
     assert result.instance == fake_sd.url and result.png[:8] == PNG_SIGNATURE
     assert time.monotonic() - start < 3.0  # lease 1 s: the instance came free soon after the kill
     assert db.sd_instances.find_one({"_id": fake_sd.url})["holder"] is None
@@ -477,7 +481,7 @@ def test_hung_instance_times_out_and_work_moves_on(
 ) -> None:
     hung, ok = fake_sd_fleet(2, delay=0.05)
     hung.hang = True
-    provider = make_provider([hung, ok], timeout_s=0.6)
+    provider = make_provider([hung, ok], timeout_s=0.6, depth=1)  # depth 2: test_depth_two_hung_*
     start = time.monotonic()
     results = provider.generate_many([req(f"h{i}") for i in range(4)])
     elapsed = time.monotonic() - start
