@@ -165,6 +165,9 @@ class Settings(BaseSettings):
     SD_WAIT_TIMEOUT_S: float = 300.0  # longest a caller waits for a free instance
     SD_LEASE_S: float = 60.0  # lease length; renewed while a generation runs
     SD_MAX_ATTEMPTS: int = 3
+    # lease seats per SD instance: 2 = one running + one queued inside the WebUI, so no hand-over sits
+    # between two images; 1 = strictly one at a time (docs/pool.md)
+    SD_QUEUE_DEPTH: int = Field(2, ge=1, le=2)
     SD_SAM_ENABLED: bool = False
     OPENAI_IMAGE_MODEL: str = "gpt-image-1"
     MAX_IMAGE_BYTES: int = 10 * 1024 * 1024

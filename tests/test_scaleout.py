@@ -34,7 +34,12 @@ def test_two_hosts_share_jobs_streams_and_one_sd_fleet(
 ) -> None:
     _need("apps/storybook/service.py")
     fleet = fake_sd_fleet(2, delay=0.15)
-    env = story_app_env(fake_openai, IMAGE_PROVIDER="sdwebui", SD_INSTANCES=",".join(f.url for f in fleet))
+    env = story_app_env(
+        fake_openai,
+        IMAGE_PROVIDER="sdwebui",
+        SD_INSTANCES=",".join(f.url for f in fleet),
+        SD_QUEUE_DEPTH=1,  # strictly one-deep, asserted below (depth 2: tests/test_sd_pool.py)
+    )
     host_a = gunicorn_server(workers=2, **env)
     host_b = gunicorn_server(workers=2, **env)
     db = mongo_client[db_name]

@@ -25,7 +25,7 @@ from PIL import Image
 
 from agent.images import png_bytes
 from agent.images.sdwebui.client import SDClient, SDError, build_payload, decode_first_image
-from agent.images.sdwebui.planner import checkpoint_key, plan_assignment
+from agent.images.sdwebui.planner import Pick, checkpoint_key, plan_assignment, plan_seats
 from agent.images.sdwebui.pool import SDInstancePool
 from agent.images.sdwebui.provider import SDPoolProvider
 from agent.types import ImageRequest, ModelError
@@ -255,7 +255,7 @@ def test_one_generation_per_instance(
     fake_sd_fleet: Any, make_provider: Callable[..., SDPoolProvider]
 ) -> None:
     fleet = fake_sd_fleet(2, delay=0.15)
-    provider = make_provider(fleet)
+    provider = make_provider(fleet, depth=1)  # one-deep: depth 2 is test_depth_two_*
     with ThreadPoolExecutor(6) as ex:
         results = list(ex.map(lambda i: provider.generate(req(f"p{i}")), range(6)))
     assert all(r.png[:8] == PNG_SIGNATURE for r in results)
@@ -269,7 +269,7 @@ def test_one_generation_per_instance(
 def test_two_workers_share_one_view(fake_sd_fleet: Any, make_provider: Callable[..., SDPoolProvider]) -> None:
     """Two providers on one database = two gunicorn workers: still never two generations on one instance."""
     fleet = fake_sd_fleet(3, delay=0.12)
-    workers = [make_provider(fleet), make_provider(fleet)]
+    workers = [make_provider(fleet, depth=1), make_provider(fleet, depth=1)]
     assert workers[0].pool.process_id != workers[1].pool.process_id
     with ThreadPoolExecutor(9) as ex:
         results = list(ex.map(lambda i: workers[i % 2].generate(req(f"w{i}")), range(9)))
@@ -295,7 +295,10 @@ def test_fifo_across_workers(fake_sd: FakeSD, db: Any, make_provider: Callable[.
     """Waiters registered one after another (alternating between two workers) are served in that order."""
     # join_window_s=0: every caller its own entry (by default callers of one process arriving within
     # 20 ms share one, as the images of one request do)
-    workers = [make_provider([fake_sd], join_window_s=0), make_provider([fake_sd], join_window_s=0)]
+    workers = [
+        make_provider([fake_sd], join_window_s=0, depth=1),
+        make_provider([fake_sd], join_window_s=0, depth=1),
+    ]
     blocker = workers[0].pool.acquire()  # the only instance is busy while the queue forms
     done: list[str] = []
     threads = []
@@ -326,7 +329,8 @@ def test_images_of_one_request_share_a_queue_entry(
     """generate_many's images wait as one entry (want = M): fewer queue documents, same FIFO order."""
     # callers of one process arriving within join_window_s share an entry (widened: a busy test machine
     # may start the three threads further apart than the default 20 ms)
-    first, second = make_provider([fake_sd], join_window_s=0.5), make_provider([fake_sd])
+    first = make_provider([fake_sd], join_window_s=0.5, depth=1)
+    second = make_provider([fake_sd], depth=1)
     blocker = first.pool.acquire()
     batch = threading.Thread(target=first.generate_many, args=([req(f"batch{i}") for i in range(3)],))
     batch.start()
@@ -380,7 +384,7 @@ def test_lease_is_renewed_while_a_long_generation_runs(
     fake_sd: FakeSD, make_provider: Callable[..., SDPoolProvider]
 ) -> None:
     fake_sd.delay = 1.2
-    a, b = make_provider([fake_sd], lease_s=0.4), make_provider([fake_sd], lease_s=0.4)
+    a, b = make_provider([fake_sd], lease_s=0.4, depth=1), make_provider([fake_sd], lease_s=0.4, depth=1)
     first = threading.Thread(target=a.generate, args=(req("long"),))
     first.start()
     wait_until(lambda: fake_sd.requests, what="the first generation to start")
@@ -394,12 +398,12 @@ def test_expired_lease_frees_the_instance(
     fake_sd: FakeSD, db: Any, make_provider: Callable[..., SDPoolProvider]
 ) -> None:
     """A holder that stops renewing (its process is gone) loses the instance when the lease runs out."""
-    dying = make_provider([fake_sd], lease_s=0.6)
+    dying = make_provider([fake_sd], lease_s=0.6, depth=1)
     lease = dying.pool.acquire()
     dying.pool.release_held = lambda: 0  # type: ignore[method-assign] - a crashed process frees nothing
     dying.close()  # the watcher stops: the lease is never renewed nor released
     assert db.sd_instances.find_one({"_id": fake_sd.url})["holder"] == lease.id
-    other = make_provider([fake_sd], lease_s=0.6)
+    other = make_provider([fake_sd], lease_s=0.6, depth=1)
     start = time.monotonic()
     result = other.generate(req("after the crash"))
     assert result.instance == fake_sd.url
@@ -416,7 +420,7 @@ from agent.images.sdwebui.pool import SDInstancePool
 from agent.images.sdwebui.provider import SDPoolProvider
 from agent.types import ImageRequest
 db = MongoClient(sys.argv[2], tz_aware=True)[sys.argv[3]]
-pool = SDInstancePool(db, [sys.argv[4]], lease_s=1.0, timeout_s=60, poll_s=0.01)
+pool = SDInstancePool(db, [sys.argv[4]], lease_s=1.0, timeout_s=60, poll_s=0.01, depth=1)
 SDPoolProvider(pool).generate(ImageRequest(prompt="from the doomed worker", width=64, height=64))
 """
 
@@ -441,7 +445,7 @@ def test_lease_expires_after_a_worker_is_killed(
             proc.kill()
     fake_sd.hang = False  # the orphaned request drains; the instance's lease is still the dead worker's
     start = time.monotonic()
-    result = make_provider([fake_sd], lease_s=1.0).generate(req("survivor"))
+    result = make_provider([fake_sd], lease_s=1.0, depth=1).generate(req("survivor"))
     assert result.instance == fake_sd.url and result.png[:8] == PNG_SIGNATURE
     assert time.monotonic() - start < 3.0  # lease 1 s: the instance came free soon after the kill
     assert db.sd_instances.find_one({"_id": fake_sd.url})["holder"] is None
@@ -477,7 +481,7 @@ def test_hung_instance_times_out_and_work_moves_on(
 ) -> None:
     hung, ok = fake_sd_fleet(2, delay=0.05)
     hung.hang = True
-    provider = make_provider([hung, ok], timeout_s=0.6)
+    provider = make_provider([hung, ok], timeout_s=0.6, depth=1)  # depth 2: test_depth_two_hung_*
     start = time.monotonic()
     results = provider.generate_many([req(f"h{i}") for i in range(4)])
     elapsed = time.monotonic() - start
@@ -555,6 +559,178 @@ def test_wait_timeout_when_every_instance_is_down(
     assert "within 0.8 s" in e.message and "0 of 2 instances up" in e.message
     assert "2 failed attempts" in e.message and "refused" in e.message.lower()
     assert provider.health()["ok"] is False and provider.health()["down"] == 2
+
+
+# ---------------------------------------------------------------------------------------------- depth 2
+def test_depth_two_queues_exactly_one_behind_the_running_image(
+    fake_sd_fleet: Any, make_provider: Callable[..., SDPoolProvider]
+) -> None:
+    """Two processes, more callers than seats: every instance runs one and holds the next, never more."""
+    fleet = fake_sd_fleet(2, delay=0.15)
+    workers = [make_provider(fleet), make_provider(fleet)]
+    assert workers[0].pool.depth == 2
+    with ThreadPoolExecutor(10) as ex:
+        results = list(ex.map(lambda i: workers[i % 2].generate(req(f"d{i}")), range(14)))
+    assert len(results) == 14 and all(r.png[:8] == PNG_SIGNATURE and r.attempts == 1 for r in results)
+    for fake in fleet:
+        assert fake.max_running == 1  # one generation at a time
+        assert fake.max_concurrent_seen == 2  # and exactly one waiting behind it, reached under load
+    assert sum(f.count for f in fleet) == 14
+    assert workers[0].stats()["total_served"] == 14
+
+
+def test_depth_two_prefers_an_idle_instance_to_a_second_seat(
+    fake_sd_fleet: Any, db: Any, make_provider: Callable[..., SDPoolProvider]
+) -> None:
+    fleet = fake_sd_fleet(2)
+    pool = make_provider(fleet).pool
+    first = pool.acquire()
+    second = pool.acquire()  # the other instance is idle: it goes there, not behind the first
+    assert {first.url, second.url} == {f.url for f in fleet}
+    assert not first.queued and not second.queued and first.seat == second.seat == 0
+    third = pool.acquire()  # no idle instance left: a second seat
+    assert third.seat == 1 and third.queued
+    assert pool.client_for(third).timeout_s == 2 * pool.timeout_s  # it waits for the running image too
+    assert pool.client_for(first).timeout_s == pool.timeout_s
+    fourth = pool.acquire()
+    assert fourth.seat == 1 and fourth.queued and fourth.url != third.url
+    rows = {r["url"]: r for r in pool.health()["instances"]}
+    assert all(r["seats_busy"] == 2 and r["busy"] for r in rows.values())
+    # the queue path: with every seat taken the next callers wait; the first seat to free goes first
+    waiting = threading.Thread(target=lambda: pool.release(pool.acquire(), ok=True))
+    waiting.start()
+    wait_until(lambda: db.sd_waiters.count_documents({"want": {"$gt": 0}}) == 1, what="a queued caller")
+    pool.release(first, ok=True)
+    waiting.join(5)
+    assert not waiting.is_alive()
+    for lease in (second, third, fourth):
+        pool.release(lease, ok=True)
+    docs = list(db.sd_instances.find())
+    assert all(d["holder"] is None and d.get("holder_1") is None for d in docs)
+
+
+def test_plan_seats_fills_idle_instances_before_second_seats() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime.now(UTC)
+    soon = now + timedelta(seconds=5)
+    instances = [
+        {"_id": "busy-new", "state": "up", "holder": "x", "lease_until": soon, "leased_at": now},
+        {
+            "_id": "busy-old",
+            "state": "up",
+            "holder": "y",
+            "lease_until": soon,
+            "leased_at": now - timedelta(seconds=1),
+            "checkpoint": "B",
+        },
+        {"_id": "idle", "state": "up", "holder": None},
+        {
+            "_id": "full",
+            "state": "up",
+            "holder": "a",
+            "lease_until": soon,
+            "holder_1": "b",
+            "lease_until_1": soon,
+        },
+        {"_id": "down", "state": "down", "holder": None},
+    ]
+    waiters = [{"_id": "w1", "want": 2, "checkpoint": "B"}, {"_id": "w2"}, {"_id": "w3"}, {"_id": "w4"}]
+    plan = plan_seats(waiters, instances, now, depth=2)
+    # the idle instance first (even though "busy-old" has the checkpoint), then the second seat of the
+    # instance whose image started first (affinity within the tier), then the newer one, then the
+    # idle instance's own second seat; the full and the down instance get nothing
+    assert plan == [
+        Pick("w1", "idle", 0, True),
+        Pick("w1", "busy-old", 1, False),
+        Pick("w2", "busy-new", 1, False),
+        Pick("w3", "idle", 1, False),
+    ]
+    assert plan_assignment(waiters, instances, now) == [("w1", "idle")]  # depth 1: one-deep
+
+
+def test_depth_two_fifo_across_two_processes(
+    fake_sd: FakeSD, db: Any, make_provider: Callable[..., SDPoolProvider]
+) -> None:
+    """Callers queued alternately in two processes reach the instance in ticket order, one behind another."""
+    fake_sd.delay = 0.25
+    workers = [make_provider([fake_sd], join_window_s=0), make_provider([fake_sd], join_window_s=0)]
+    blockers = [workers[0].pool.acquire(), workers[1].pool.acquire()]  # both seats taken
+    assert [b.seat for b in blockers] == [0, 1]
+    threads = []
+    for i in range(6):
+        t = threading.Thread(target=lambda i=i: workers[i % 2].generate(req(f"q{i}")))
+        t.start()
+        threads.append(t)
+        wait_until(lambda i=i: db.sd_waiters.count_documents({}) == i + 1, what=f"waiter {i} registered")
+    workers[0].pool.release(blockers[0], ok=True)
+    wait_until(lambda: fake_sd.requests, what="the first caller's request")
+    workers[1].pool.release(blockers[1], ok=True)
+    for t in threads:
+        t.join(15)
+    assert [r["json"]["prompt"] for r in fake_sd.requests] == [f"q{i}" for i in range(6)]
+    assert fake_sd.max_running == 1 and fake_sd.max_concurrent_seen == 2
+
+
+def test_depth_two_dead_instance_fails_both_seats_over(
+    fake_sd_fleet: Any, make_provider: Callable[..., SDPoolProvider]
+) -> None:
+    victim, other = fake_sd_fleet(2, delay=0.4)
+    provider = make_provider([victim, other])
+    out: list[Any] = []
+    batch = threading.Thread(
+        target=lambda: out.extend(provider.generate_many([req(f"v{i}") for i in range(4)]))
+    )
+    batch.start()
+    wait_until(lambda: victim.inside == 2, what="both seats of the victim in use")
+    victim.dead = True  # both of its callers (running and queued) lose their connection
+    batch.join(15)
+    assert not batch.is_alive() and len(out) == 4
+    for r in out:
+        assert_png(r.png, (64, 64))  # never an empty image
+    assert sorted(r.attempts for r in out) == [1, 1, 2, 2]
+    assert all(r.instance == other.url for r in out if r.attempts == 2)
+    assert other.max_concurrent_seen <= 2 and other.max_running == 1
+
+
+def test_depth_two_hung_instance_times_out_and_work_moves_on(
+    fake_sd_fleet: Any, make_provider: Callable[..., SDPoolProvider]
+) -> None:
+    hung, ok = fake_sd_fleet(2, delay=0.05)
+    hung.hang = True
+    provider = make_provider([hung, ok], timeout_s=0.6)
+    start = time.monotonic()
+    results = provider.generate_many([req(f"h{i}") for i in range(4)])
+    elapsed = time.monotonic() - start
+    # the queued caller on the hung instance waits for two generations' timeout, then moves on
+    assert elapsed < 2 * 0.6 + 4 * 0.05 + 1.5
+    assert all(r.instance == ok.url and r.png[:8] == PNG_SIGNATURE for r in results)
+    assert max(r.attempts for r in results) == 2
+    assert 1 <= len([r for r in hung.requests if r["path"].endswith("txt2img")]) <= 2
+    assert {row["url"]: row for row in provider.health()["instances"]}[hung.url]["state"] == "down"
+    assert ok.max_concurrent_seen <= 2
+
+
+def test_depth_two_interrupts_only_its_own_generation(
+    fake_sd: FakeSD, make_provider: Callable[..., SDPoolProvider]
+) -> None:
+    """At shutdown a process interrupts an instance only when what runs there is its own."""
+    fake_sd.delay = 1.0
+    theirs, ours = make_provider([fake_sd]), make_provider([fake_sd])
+    first = threading.Thread(target=theirs.generate, args=(req("theirs"),))
+    first.start()
+    assert fake_sd.wait_until_running()
+    out: list[Any] = []
+    behind = threading.Thread(target=lambda: out.append(ours.generate(req("ours"))))
+    behind.start()
+    assert fake_sd.wait_until(lambda: fake_sd.inside == 2)  # ours waits inside the WebUI behind theirs
+    assert ours.pool.interrupt_held() == 0  # the running image is the other process's
+    first.join(5)
+    assert fake_sd.interrupts == 0 and fake_sd.requests[0]["json"]["prompt"] == "theirs"
+    assert fake_sd.wait_until(lambda: fake_sd.inside == 1 and fake_sd.running == 1)  # now ours runs
+    assert ours.pool.interrupt_held() == 1
+    behind.join(5)
+    assert fake_sd.interrupts == 1 and len(out) == 1  # stopped early, answered, released
 
 
 # ---------------------------------------------------------------------------------------------- affinity

@@ -1,7 +1,9 @@
-"""Taking a free instance in `sd_instances`: the fast claim (idle path) and the claim by plan.
+"""Taking a free seat of an instance in `sd_instances`: the fast claim (idle path) and the claim by plan.
 
-Both are one atomic `find_one_and_update` on a document that is up and `takeable` (nobody
-holds it, or its holder's lease ran out); taking over a dead holder's lease is logged.
+Each claim is one atomic `find_one_and_update` on a document that is up and whose seat is
+free (nobody holds it, or its holder's lease ran out; see `seats.py`); a claim of a fully
+idle instance also requires its other seats free, in the same filter. Taking over a dead
+holder's lease is logged.
 """
 
 from __future__ import annotations
@@ -13,31 +15,36 @@ from typing import Any
 from pymongo import ReturnDocument
 from pymongo.database import Database
 
-from agent.images.sdwebui.planner import checkpoint_key
-from agent.leases import lease_until, takeable
+from agent.images.sdwebui import seats
+from agent.images.sdwebui.planner import Pick, checkpoint_key, plan_seats
 
 log = logging.getLogger(__name__)
 
-_CLAIMED = {"holder": 1, "checkpoint": 1}  # the previous holder (for the log) and the loaded checkpoint
+# the previous holders (for the log and `Lease.queued`) and the loaded checkpoint
+_CLAIMED = {**seats.FIELDS, "checkpoint": 1}
 
 
-def _leased(holder: str, lease_s: float, now: datetime) -> dict[str, Any]:
-    return {"$set": {"holder": holder, "lease_until": lease_until(lease_s, now), "leased_at": now}}
-
-
-def _took_over(url: str, doc: dict[str, Any]) -> None:
-    if doc.get("holder"):
-        log.warning("SD instance %s: the lease of %s ran out (holder died?); taking over", url, doc["holder"])
+def _took_over(url: str, doc: dict[str, Any], seat: int) -> None:
+    holder = doc.get(seats.HOLDER[seat])
+    if holder:
+        log.warning("SD instance %s: the lease of %s ran out (holder died?); taking over", url, holder)
 
 
 def claim_free(
-    db: Database, candidates: list[str], holder: str, checkpoint: str | None, lease_s: float, now: datetime
-) -> dict[str, Any] | None:
-    """Lease one free up instance of `candidates` to `holder`: one with `checkpoint` loaded if there is
-    one, else the one idle longest. The instance's document before the claim (`_id`, `holder`,
-    `checkpoint`), or None when none is free. Raises PyMongoError."""
-    free = {"_id": {"$in": candidates}, "state": "up", **takeable(now)}
-    update = _leased(holder, lease_s, now)
+    db: Database,
+    candidates: list[str],
+    holder: str,
+    checkpoint: str | None,
+    lease_s: float,
+    now: datetime,
+    depth: int = 1,
+) -> tuple[dict[str, Any], int] | None:
+    """Lease a seat of one up instance of `candidates` to `holder`: a fully idle instance first (one with
+    `checkpoint` loaded if there is one, else the one idle longest), else (depth 2) the second seat of a
+    busy one as the plan would pick it. (the instance's document before the claim, seat), or None when
+    no seat is free. Raises PyMongoError."""
+    free = {"_id": {"$in": candidates}, "state": "up", **seats.idle_filter(depth, now)}
+    update = {"$set": seats.lease_set(0, holder, lease_s, now)}
     doc = None
     key = checkpoint_key(checkpoint)
     if key:  # model affinity first
@@ -49,33 +56,55 @@ def claim_free(
             free, update, sort=[("released_at", 1)], projection=_CLAIMED
         )
     if doc is not None:
-        _took_over(doc["_id"], doc)
-    return doc
+        _took_over(doc["_id"], doc, 0)
+        return doc, 0
+    if depth < 2:
+        return None
+    # no idle instance: the second seat of a busy one (one read, one targeted claim; a lost race queues)
+    docs = list(db.sd_instances.find({"_id": {"$in": candidates}}))
+    me = {"_id": holder, "want": 1, "checkpoint": checkpoint}
+    for pick in plan_seats([me], docs, now, depth):
+        got = claim_seat(db, pick, holder, lease_s, now, depth)
+        if got is not None:
+            return got, pick.seat
+    return None
+
+
+def claim_seat(
+    db: Database, pick: Pick, holder: str, lease_s: float, now: datetime, depth: int
+) -> dict[str, Any] | None:
+    """Lease the planned seat to `holder` if it is still free (and, for an idle pick, every other seat too);
+    the instance's document before the claim, or None."""
+    cond: dict[str, Any] = {"_id": pick.url, "state": "up"}
+    cond.update(seats.idle_filter(depth, now) if pick.idle else seats.free_filter(pick.seat, now))
+    got = db.sd_instances.find_one_and_update(
+        cond, {"$set": seats.lease_set(pick.seat, holder, lease_s, now)}, projection=_CLAIMED
+    )
+    if got is not None:
+        _took_over(pick.url, got, pick.seat)
+    return got
 
 
 def claim_planned(
-    db: Database, entry_id: str, url: str, lease_s: float, now: datetime
+    db: Database, pick: Pick, lease_s: float, now: datetime, depth: int = 1
 ) -> tuple[str, dict[str, Any]] | None:
-    """Take one of the entry's wanted instances off the queue, then lease it `url` (the plan's pick).
+    """Take one of the entry's wanted instances off the queue, then lease it the plan's seat.
 
     (lease id, the instance's document before the claim), or None: the entry was just handed
-    an instance (the hint or the next scan delivers it), or someone else got `url` first (the
-    entry gets its place back; the next scan re-plans).
+    an instance (the hint or the next scan delivers it), or someone else got the seat first
+    (the entry gets its place back; the next scan re-plans).
     """
     doc = db.sd_waiters.find_one_and_update(
-        {"_id": entry_id, "want": {"$gt": 0}},
+        {"_id": pick.entry, "want": {"$gt": 0}},
         {"$inc": {"want": -1, "granted": 1}},
         projection={"granted": 1},
         return_document=ReturnDocument.AFTER,
     )
     if doc is None:
         return None
-    lease_id = f"{entry_id}#{int(doc['granted'])}"  # numbered by the post-image: unique per entry
-    got = db.sd_instances.find_one_and_update(
-        {"_id": url, "state": "up", **takeable(now)}, _leased(lease_id, lease_s, now), projection=_CLAIMED
-    )
+    lease_id = f"{pick.entry}#{int(doc['granted'])}"  # numbered by the post-image: unique per entry
+    got = claim_seat(db, pick, lease_id, lease_s, now, depth)
     if got is None:
-        db.sd_waiters.update_one({"_id": entry_id}, {"$inc": {"want": 1}})
+        db.sd_waiters.update_one({"_id": pick.entry}, {"$inc": {"want": 1}})
         return None
-    _took_over(url, got)
     return lease_id, got

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import json
 import re
 from typing import Any
@@ -193,6 +194,13 @@ class SDClient:
         return httpx.Timeout(
             connect=min(self.connect_timeout_s, read_s), read=read_s, write=read_s, pool=read_s
         )
+
+    def with_timeout(self, timeout_s: float) -> SDClient:
+        """The same client (same connections) with another read timeout for generations: a caller queued
+        behind a running image in the WebUI waits for both. Close only the original."""
+        view = copy.copy(self)
+        view.timeout_s = timeout_s
+        return view
 
     def close(self) -> None:
         self._http.close()

@@ -2,11 +2,13 @@
 
 `find_one_and_update({want > 0, not excluding this instance}, {want -1, granted +1}, sort by
 ticket)` (within the first round of entries, as many as there are instances, one that wants
-this instance's loaded checkpoint goes first), then the lease moves `holder: me -> that
-entry's lease id`, then the entry's process gets a one-datagram hint (UDP on 127.0.0.1)
-naming the lease; that process wakes a caller at once, no database read. Two operations
-between one generation and the next instead of a polling interval. Hints are only hints:
-a lost one is found by the next scan.
+this instance's loaded checkpoint goes first), then the lease of our seat moves `holder: me
+-> that entry's lease id` (only while the instance is up), then the entry's process gets a
+one-datagram hint (UDP on 127.0.0.1) naming the lease and seat; that process wakes a caller
+at once, no database read. Two operations between one generation and the next instead of a
+polling interval; with depth 2 (`seats.py`) not even those, as the other seat's caller has
+its request queued in the WebUI already and this hand-over happens while it runs. Hints are
+only hints: a lost one is found by the next scan.
 
 `sd_pool_members` lists the pool processes of each host with their wake-up port.
 """
@@ -19,12 +21,14 @@ import select
 import socket
 import time
 from collections.abc import Callable, Container
+from dataclasses import dataclass
 from typing import Any
 
 from pymongo import ASCENDING, ReturnDocument
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
+from agent.images.sdwebui import seats
 from agent.images.sdwebui.planner import affinity_window, checkpoint_key
 from agent.images.sdwebui.queue import Lease
 from agent.leases import lease_until, utcnow
@@ -36,6 +40,16 @@ RENEW = b"r"  # just wake up (a new lease to renew)
 HANDOFF = "H"
 MEMBERS_TTL_S = 10.0
 MEMBERS_REFRESH_S = 0.5
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A seat of an instance given to one of a process's queue entries under `lease_id`."""
+
+    lease_id: str
+    url: str
+    seat: int = 0
+    queued: bool = False  # another seat was busy at grant time
 
 
 class Waker:
@@ -61,9 +75,9 @@ class Waker:
     def wake(self, message: bytes = WAKE) -> None:
         self.send(self.port, message)
 
-    def hint(self, port: int, lease_id: str, url: str) -> None:
-        """Tell the process listening on `port` that it now holds `url` under `lease_id`."""
-        self.send(port, f"{HANDOFF}|{lease_id}|{url}".encode())
+    def hint(self, port: int, grant: Grant) -> None:
+        """Tell the process listening on `port` that it now holds a seat of an instance (`grant`)."""
+        self.send(port, f"{HANDOFF}|{grant.lease_id}|{grant.url}|{grant.seat}|{int(grant.queued)}".encode())
 
     def wait(self, timeout: float) -> list[bytes]:
         try:
@@ -83,20 +97,20 @@ class Waker:
         self.sock.close()
 
 
-def read_messages(
-    messages: list[bytes], process_id: str, urls: Container[str]
-) -> tuple[list[tuple[str, str]], bool]:
-    """([(lease id, url)] handed to this process, whether any message asks for a look)."""
-    grants: list[tuple[str, str]] = []
+def read_messages(messages: list[bytes], process_id: str, urls: Container[str]) -> tuple[list[Grant], bool]:
+    """(the grants handed to this process, whether any message asks for a look). A hint we cannot read
+    asks for a look: the scan finds the lease in the database."""
+    grants: list[Grant] = []
     look = False
     for message in messages:
         if message.startswith(HANDOFF.encode() + b"|"):
-            try:
-                _, lease_id, url = message.decode().split("|", 2)
-            except ValueError:
-                continue
-            if url in urls and lease_id.startswith(process_id + ":"):
-                grants.append((lease_id, url))
+            parts = message.decode(errors="replace").split("|")
+            if len(parts) == 5 and parts[3] in ("0", "1") and parts[4] in ("0", "1"):
+                _, lease_id, url, seat, queued = parts
+                if url in urls and lease_id.startswith(process_id + ":"):
+                    grants.append(Grant(lease_id, url, int(seat), queued == "1"))
+                    continue
+            look = True
         elif message != RENEW:
             look = True
     return grants, look
@@ -160,8 +174,9 @@ def hand_over(
     up: Callable[[], set[str]],
     lease_s: float,
     waiter_ttl_s: float,
-) -> str | None:
-    """Give the instance we hold straight to the oldest waiting caller; the lease id it now holds.
+    depth: int = 1,
+) -> Grant | None:
+    """Give the seat we hold straight to the oldest waiting caller; what it now holds.
 
     `queue` is the last queue this process read (for the affinity window), `up` the up
     instances. None: nobody to give it to (or it could not be done); the caller then frees
@@ -196,28 +211,25 @@ def hand_over(
             return None  # nobody waiting (or only callers this instance failed: the scans serve them)
         lease_id = f"{doc['_id']}#{int(doc['granted'])}"
         handed: dict[str, Any] = {
-            "holder": lease_id,
-            "released_at": now,
-            "leased_at": now,
-            "failures": 0,
             # short until the new holder renews it, in case its process just died
-            "lease_until": lease_until(min(lease_s, waiter_ttl_s), now),
+            **seats.lease_set(lease.seat, lease_id, min(lease_s, waiter_ttl_s), now),
+            "released_at": now,
+            "failures": 0,
         }
         if checkpoint:
             handed["checkpoint"] = checkpoint
             handed["ckey"] = checkpoint_key(checkpoint)
-        if (
-            db.sd_instances.find_one_and_update(
-                {"_id": url, "holder": lease.id},
-                {"$set": handed, "$inc": {"served": 1}},
-                projection={"_id": 1},
-            )
-            is None
-        ):
-            # we no longer held it (our lease ran out): give the caller its place back, free nothing
+        before = db.sd_instances.find_one_and_update(
+            {"_id": url, seats.HOLDER[lease.seat]: lease.id, "state": "up"},
+            {"$set": handed, "$inc": {"served": 1}},
+            projection=seats.FIELDS,
+        )
+        if before is None:
+            # we no longer held it (our lease ran out), or it went down meanwhile (its other seat's call
+            # failed): give the caller its place back; the caller releases it the ordinary way
             db.sd_waiters.update_one({"_id": doc["_id"]}, {"$inc": {"want": 1}})
             return None
     except PyMongoError as exc:
         log.warning("SD pool hand-over of %s failed (%s); releasing it instead", url, exc)
         return None
-    return lease_id
+    return Grant(lease_id, url, lease.seat, seats.other_busy(before, lease.seat, now, depth))

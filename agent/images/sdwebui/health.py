@@ -1,7 +1,9 @@
 """Instance health in `sd_instances`: what a call's outcome says about its instance, probes, status.
 
-Each instance document holds `state` up/down, `holder` (lease id) and `lease_until`, the
-`checkpoint` last known to be loaded, `failures`, `next_probe_at`, `last_error`, `served`.
+Each instance document holds `state` up/down, its seats' leases (`holder` / `lease_until`, and
+`holder_1` / `lease_until_1` with depth 2: `seats.py`), the `checkpoint` last known to be
+loaded, `failures`, `next_probe_at`, `last_error`, `served`. Health is per instance: it
+applies to both seats.
 
 A refused connection or a timeout marks an instance down at once; a 5xx or an empty image
 counts a failure, two in a row mark it down. Down instances are probed (`SDClient.ping`,
@@ -22,6 +24,7 @@ from pymongo import ReturnDocument
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
+from agent.images.sdwebui import seats
 from agent.images.sdwebui.client import PROVIDER, SDClient, SDError
 from agent.images.sdwebui.planner import aware, checkpoint_key
 from agent.images.sdwebui.queue import Lease
@@ -56,6 +59,8 @@ def register_instances(db: Database, urls: list[str], probe_base_s: float) -> No
                     "state": "up",
                     "holder": None,
                     "lease_until": None,
+                    "holder_1": None,
+                    "lease_until_1": None,
                     "checkpoint": None,
                     "ckey": None,
                     "failures": 0,
@@ -100,9 +105,9 @@ def record_release(
     probe_base_s: float,
     lease_s: float,
 ) -> None:
-    """Free the instance (if we still hold it) and record what the call said about its health."""
+    """Free our seat of the instance (if we still hold it) and record what the call said about its health."""
     now = utcnow()
-    release_set: dict[str, Any] = {"holder": None, "lease_until": None, "released_at": now}
+    release_set = seats.freed_set(lease.seat, now)
     health_set: dict[str, Any] = {}
     inc: dict[str, int] = {}
     failure = error.failure if error is not None else None
@@ -122,7 +127,9 @@ def record_release(
         update["$inc"] = inc
     try:
         doc = db.sd_instances.find_one_and_update(
-            {"_id": lease.url, "holder": lease.id}, update, return_document=ReturnDocument.AFTER
+            {"_id": lease.url, seats.HOLDER[lease.seat]: lease.id},
+            update,
+            return_document=ReturnDocument.AFTER,
         )
         if doc is None:  # our lease ran out and someone else holds it now: keep theirs, record health
             log.warning("lease %s on %s had expired before release", lease.id, lease.url)
@@ -150,22 +157,21 @@ def record_release(
         log.warning("SD instance %s failed (%s): %s", lease.url, failure, error.message if error else "")
 
 
-def free(db: Database, url: str, holder: str) -> int:
-    """Free `url` if `holder` still holds it; how many documents changed (0 or 1)."""
+def free(db: Database, url: str, holder: str, seat: int = 0) -> int:
+    """Free `url`'s seat if `holder` still holds it; how many documents changed (0 or 1)."""
     res = db.sd_instances.update_one(
-        {"_id": url, "holder": holder},
-        {"$set": {"holder": None, "lease_until": None, "released_at": utcnow()}},
+        {"_id": url, seats.HOLDER[seat]: holder}, {"$set": seats.freed_set(seat, utcnow())}
     )
     return res.modified_count
 
 
 def free_held(db: Database, urls: list[str], prefix: str) -> int:
-    """Free the instances whose holder starts with `prefix` (one process's leases); how many were freed."""
+    """Free the seats whose holder starts with `prefix` (one process's leases); how many were freed."""
     freed = 0
-    for doc in db.sd_instances.find({"_id": {"$in": urls}}, {"holder": 1}):
-        holder = doc.get("holder") or ""
-        if holder.startswith(prefix):
-            freed += free(db, doc["_id"], holder)
+    for doc in db.sd_instances.find({"_id": {"$in": urls}}, seats.FIELDS):
+        for seat, holder in seats.holders(doc):
+            if holder.startswith(prefix):
+                freed += free(db, doc["_id"], holder, seat)
     return freed
 
 
@@ -225,6 +231,12 @@ class Prober:
             daemon=True,
         ).start()
 
+    def start_due(self, instances: list[dict[str, Any]], now: datetime, process_id: str) -> None:
+        """Probe the down instances of a snapshot whose next probe is due."""
+        for doc in instances:
+            if doc.get("state") == "down" and (aware(doc.get("next_probe_at")) or now) <= now:
+                self.start(doc["_id"], now, process_id)
+
     def _probe(self, url: str, probe_failures: int) -> None:
         try:
             ok = self.clients[url].ping(self.ping_timeout_s)
@@ -261,6 +273,14 @@ class Prober:
             with self._lock:
                 self._probing.discard(url)
             self.on_done()
+
+
+def probe_due(db: Database, urls: list[str], prober: Prober, process_id: str) -> set[str]:
+    """Probe the down instances whose next probe is due (outside a scan); the up instances."""
+    now = utcnow()
+    instances = list(db.sd_instances.find({"_id": {"$in": urls}}, {"state": 1, "next_probe_at": 1}))
+    prober.start_due(instances, now, process_id)
+    return {d["_id"] for d in instances if d.get("state", "up") == "up"}
 
 
 def refresh_checkpoints(db: Database, urls: list[str], timeout_s: float) -> dict[str, str | None]:
@@ -308,21 +328,24 @@ def answering(clients: dict[str, SDClient], urls: list[str], wait_s: float) -> d
     return {u: found.get(u, False) for u in urls}
 
 
-def status(db: Database, urls: list[str], queue_length: Callable[[datetime], int]) -> dict[str, Any]:
-    """The pool's shared view of its instances and queue, from the collections only."""
+def status(
+    db: Database, urls: list[str], queue_length: Callable[[datetime], int], depth: int = 1
+) -> dict[str, Any]:
+    """The pool's shared view of its instances and queue, from the collections only (per instance URL:
+    `busy` when any seat is held, `seats_busy` how many)."""
     now = utcnow()
     docs = {d["_id"]: d for d in db.sd_instances.find({"_id": {"$in": urls}})}
     queue = queue_length(now)
     rows = []
     for url in urls:
         d = docs.get(url, {})
-        until = aware(d.get("lease_until"))
-        busy = bool(d.get("holder")) and until is not None and until > now
+        held = len(seats.busy_seats(d, now, seats.MAX_DEPTH)) if d else 0
         rows.append(
             {
                 "url": url,
                 "state": d.get("state", "up"),
-                "busy": busy,
+                "busy": held > 0,
+                "seats_busy": held,
                 "checkpoint": d.get("checkpoint"),
                 "failures": int(d.get("failures") or 0),
                 "served": int(d.get("served") or 0),
@@ -341,6 +364,7 @@ def status(db: Database, urls: list[str], queue_length: Callable[[datetime], int
         "busy": busy,
         "free": up - busy,
         "queue": queue,
+        "depth": depth,
     }
 
 

@@ -8,15 +8,22 @@ process computes the same greedy FIFO plan and claims only for its own queue ent
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from agent.images.sdwebui.seats import aware, busy_seats, running_since
 
-def aware(value: Any) -> datetime | None:
-    """Datetimes from a client without tz_aware come back naive; they are UTC."""
-    if not isinstance(value, datetime):
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+__all__ = [
+    "Pick",
+    "affinity_window",
+    "aware",
+    "checkpoint_key",
+    "plan_assignment",
+    "plan_seats",
+    "up_urls",
+    "want",
+]
 
 
 def checkpoint_key(name: str | None) -> str | None:
@@ -48,41 +55,79 @@ def _acceptable(entry: dict[str, Any], url: str, up: set[str]) -> bool:
     return url not in excluded or not (up - excluded)
 
 
-def plan_assignment(
-    waiters: Iterable[dict[str, Any]], instances: Iterable[dict[str, Any]], now: datetime
-) -> list[tuple[str, str]]:
-    """[(queue entry id, instance URL)]: who gets which free instance, oldest entry first.
+@dataclass(frozen=True)
+class Pick:
+    """One step of the plan: queue entry `entry` gets seat `seat` of instance `url`; `idle`: the instance
+    runs nothing (the claim then requires every seat still free, so a busy instance's second seat never
+    goes first by accident)."""
+
+    entry: str
+    url: str
+    seat: int
+    idle: bool
+
+
+def plan_seats(
+    waiters: Iterable[dict[str, Any]], instances: Iterable[dict[str, Any]], now: datetime, depth: int = 1
+) -> list[Pick]:
+    """Who gets which free seat, oldest entry first.
 
     Pure and deterministic, so every process computes the same plan from the same snapshot
     and claims only for its own entries. An entry wanting n instances is served n times in
-    a row. Each gets a free up instance that has its checkpoint loaded if there is one,
-    else the one idle longest; it avoids the instances in its `exclude` unless every up
-    instance is excluded.
+    a row. Fully idle instances go first (never queue behind a running image while another
+    instance idles); only when none is left (for this entry) does it get the second seat
+    of a busy instance (depth 2), the one whose generation started first. Within each
+    tier: an instance that has the entry's checkpoint loaded if there is one, else the one
+    idle longest (resp. busy longest). An entry avoids the instances in its `exclude`
+    unless every up instance is excluded.
     """
     docs = list(instances)
     up = up_urls(docs)
-    free = [
-        d
-        for d in docs
-        if d["_id"] in up and (not d.get("holder") or (aware(d.get("lease_until")) or now) < now)
-    ]
     epoch = datetime.min.replace(tzinfo=UTC)
-    free.sort(key=lambda d: (aware(d.get("released_at")) or epoch, d["_id"]))
-    plan: list[tuple[str, str]] = []
+    idle: list[dict[str, Any]] = []
+    second: list[tuple[dict[str, Any], int]] = []
+    for d in docs:
+        if d["_id"] not in up:
+            continue
+        busy = busy_seats(d, now, depth)
+        if not busy:
+            idle.append(d)
+        elif len(busy) < depth:
+            second.append((d, next(s for s in range(depth) if s not in busy)))
+    idle.sort(key=lambda d: (aware(d.get("released_at")) or epoch, d["_id"]))
+    second.sort(key=lambda p: (running_since(p[0], now, depth), p[0]["_id"]))
+    tiers: list[list[tuple[dict[str, Any], int, bool]]] = [
+        [(d, 0, True) for d in idle],
+        [(d, s, False) for d, s in second] + [(d, s, False) for d in idle for s in range(1, depth)],
+    ]
+    plan: list[Pick] = []
     for w in waiters:
         wanted = checkpoint_key(w.get("checkpoint"))
         for _ in range(want(w)):
-            if not free:
+            if not any(tiers):
                 return plan
-            allowed = [d for d in free if _acceptable(w, d["_id"], up)]
-            if not allowed:
+            choice = None
+            for tier in tiers:
+                allowed = [t for t in tier if _acceptable(w, t[0]["_id"], up)]
+                if allowed:
+                    choice = next(
+                        (t for t in allowed if wanted and checkpoint_key(t[0].get("checkpoint")) == wanted),
+                        allowed[0],
+                    )
+                    tier.remove(choice)
+                    break
+            if choice is None:
                 break  # an acceptable instance exists but is busy: wait for it
-            pick = next(
-                (d for d in allowed if wanted and checkpoint_key(d.get("checkpoint")) == wanted), allowed[0]
-            )
-            plan.append((w["_id"], pick["_id"]))
-            free.remove(pick)
+            doc, seat, was_idle = choice
+            plan.append(Pick(w["_id"], doc["_id"], seat, was_idle))
     return plan
+
+
+def plan_assignment(
+    waiters: Iterable[dict[str, Any]], instances: Iterable[dict[str, Any]], now: datetime
+) -> list[tuple[str, str]]:
+    """[(queue entry id, instance URL)]: the one-deep plan (`plan_seats` with depth 1)."""
+    return [(p.entry, p.url) for p in plan_seats(waiters, instances, now, 1)]
 
 
 def affinity_window(waiters: list[dict[str, Any]], checkpoint: str | None, up: int) -> int | None:

@@ -5,7 +5,8 @@ worker believed every instance was free, so instances queued several generations
 while others idled; a dead instance yielded empty images; a hung one stalled every
 worker forever. Here all processes share one view, in three collections:
 
-- `sd_instances` (one document per instance URL; `health.py` explains its fields),
+- `sd_instances` (one document per instance URL with its lease seats; `health.py` explains its
+  fields, `seats.py` the seats),
 - `sd_waiters`, the queue (one document per waiting request; `queue.py`),
 - `sd_pool_members`, one document per process using the pool, with its wake-up port
   (`handover.py`).
@@ -24,8 +25,14 @@ How an instance changes hands (every step an atomic single-document update):
    lost (or came from another host), frees ones given to callers that gave up, renews
    leases and queue entries, and probes down instances.
 
-So a free instance goes to the longest waiter across all processes and hosts, an
-instance runs at most one generation at a time, and a lease whose holder died expires
+Each instance has `depth` lease seats (`SD_QUEUE_DEPTH`, `seats.py`): with 2, a caller granted
+the second seat of a busy instance sends its request at once and the WebUI runs it the moment
+the running one ends, so no hand-over sits between two images; a fully idle instance always
+goes before a busy one's second seat. With 1, an instance has one generation at a time.
+
+So a free seat goes to the longest waiter across all processes and hosts, an instance
+runs at most one generation at a time with at most `depth - 1` queued behind it inside the
+WebUI, and a lease whose holder died expires
 (`lease_s`; a handed-over lease starts short, `waiter_ttl_s`, until its new holder
 renews it) and frees the instance. Hints are only hints: correctness comes from the
 atomic updates, fairness from the shared tickets.
@@ -55,22 +62,23 @@ from pymongo import ASCENDING
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from agent.images.sdwebui import health, retrying
+from agent.images.sdwebui import health, retrying, seats
 from agent.images.sdwebui.claims import claim_free, claim_planned
 from agent.images.sdwebui.client import PROVIDER, SDClient, SDError
 from agent.images.sdwebui.handover import (
     MEMBERS_REFRESH_S,
     RENEW,
     WAKE,
+    Grant,
     Members,
     Waker,
     hand_over,
     read_messages,
 )
-from agent.images.sdwebui.planner import aware, plan_assignment, up_urls, want
+from agent.images.sdwebui.planner import Pick, plan_seats, up_urls, want
 from agent.images.sdwebui.queue import COUNTER_ID, Entry, Lease, Slot, WaitQueue, process_of
 from agent.images.sdwebui.retrying import RunInfo
-from agent.leases import renew_leases, utcnow
+from agent.leases import utcnow
 from agent.types import ModelError
 
 log = logging.getLogger(__name__)
@@ -116,6 +124,7 @@ class SDInstancePool:
         join_window_s: float = 0.02,
         max_waiters_read: int = 256,
         handover: bool = True,
+        depth: int = 2,
     ) -> None:
         if db is None:
             raise ValueError("the SD instance pool needs MongoDB (it is how workers share the instances)")
@@ -133,7 +142,12 @@ class SDInstancePool:
         self.ping_timeout_s = ping_timeout_s
         self.waiter_ttl_s = waiter_ttl_s
         self.handover = handover  # False: no hand-over, no datagrams: claims by polling only (for comparison)
+        self.depth = seats.clamp_depth(
+            depth
+        )  # lease seats per instance: 1 running + depth-1 queued in the WebUI
         self.clients = {u: SDClient(u, timeout_s, ping_timeout_s=ping_timeout_s) for u in urls}
+        # a caller queued behind a running image waits for both (same connections, doubled read timeout)
+        self.queued_clients = {u: c.with_timeout(timeout_s * 2) for u, c in self.clients.items()}
         self.hostname = socket.gethostname()
         self.process_id = self._new_process_id()
         self.max_queue_seen = 0  # deepest queue (waiting callers) this process's watcher observed
@@ -209,12 +223,19 @@ class SDInstancePool:
     def interrupt_held(self) -> int:
         """Shutdown: grant no new lease to this process's callers (they get a 503 ModelError) and ask every
         instance we hold to stop its generation now (the WebUI returns what it has, so the caller finishes,
-        writes its record and releases the lease). Returns how many instances were asked."""
+        writes its record and releases the lease). Only where every busy seat is ours: the interrupt stops
+        whatever runs, and another process's generation is not ours to stop (a caller of ours queued
+        behind it then runs to the end). Returns how many instances were asked."""
         self._stopping.set()
         with self._lock:
             urls = {lease.url for lease in self._leases.values() if lease.url}
         for slot in self.queue.slots():
             slot.event.set()  # waiting callers look again and see the pool stopping
+        try:
+            urls = set(seats.ours_running(self.db, urls, self.process_id + ":", utcnow())) if urls else urls
+        except PyMongoError as exc:
+            log.warning("SD pool: cannot tell whose generations run at shutdown, interrupting none: %s", exc)
+            urls = set()
         for url in urls:
             try:
                 self.clients[url].interrupt(timeout_s=self.ping_timeout_s)
@@ -325,13 +346,15 @@ class SDInstancePool:
         with self._lock:
             self._leases[lease.id] = lease  # known locally before it exists in the database (orphan check)
         try:
-            doc = claim_free(self.db, candidates, lease.id, checkpoint, self.lease_s, now)
+            got = claim_free(self.db, candidates, lease.id, checkpoint, self.lease_s, now, self.depth)
         except PyMongoError:
-            doc = None
-        if doc is None:
+            got = None
+        if got is None:
             with self._lock:
                 self._leases.pop(lease.id, None)
             return None
+        doc, lease.seat = got
+        lease.queued = seats.other_busy(doc, lease.seat, now, self.depth)
         lease.url = doc["_id"]
         lease.checkpoint = doc.get("checkpoint")
         self.claims += 1
@@ -356,7 +379,7 @@ class SDInstancePool:
 
     def _release(self, lease: Lease, *, ok: bool, error: SDError | None, checkpoint: str | None) -> None:
         if ok and self.handover:
-            lease_id = hand_over(
+            grant = hand_over(
                 self.db,
                 lease,
                 checkpoint,
@@ -364,10 +387,11 @@ class SDInstancePool:
                 up=self.up_instances,
                 lease_s=self.lease_s,
                 waiter_ttl_s=self.waiter_ttl_s,
+                depth=self.depth,
             )
-            if lease_id is not None:
+            if grant is not None:
                 self.handovers += 1
-                self._tell(lease_id, lease.url)
+                self._tell(grant)
                 return
         health.record_release(
             self.db,
@@ -380,43 +404,50 @@ class SDInstancePool:
         )
         self._notify(peers=True)
 
-    def _tell(self, lease_id: str, url: str) -> None:
-        """Tell the entry's process that it now holds `url` under `lease_id` (its scan finds out anyway)."""
-        process = process_of(lease_id)
+    def _tell(self, grant: Grant) -> None:
+        """Tell the entry's process that it now holds a seat (its scan finds out anyway)."""
+        process = process_of(grant.lease_id)
         if process == self.process_id:
-            self._grant(lease_id, url)
+            self._grant(grant)
             return
         port = self.members.port_of(process)
         waker = self._waker
         if port and waker is not None:
-            waker.hint(port, lease_id, url)
+            waker.hint(port, grant)
 
-    def _grant(self, lease_id: str, url: str) -> None:
-        """Our entry was given `url` under `lease_id`: wake its oldest waiting caller, or, if nobody waits
-        any more, free the instance."""
+    def _grant(self, grant: Grant) -> None:
+        """Our entry was given a seat: wake its oldest waiting caller, or, if nobody waits any more, free
+        the seat."""
+        lease_id = grant.lease_id
         with self._lock:
             if lease_id in self._leases or lease_id in self._finished_set:
                 return  # already delivered (hint and scan both saw it), or already done with
             entry, slot = self.queue.take_slot(lease_id)
             if slot is not None:
                 assert entry is not None
-                slot.lease = Lease(id=lease_id, url=url, ticket=entry.ticket)
+                slot.lease = Lease(
+                    id=lease_id, url=grant.url, ticket=entry.ticket, seat=grant.seat, queued=grant.queued
+                )
                 self._leases[lease_id] = slot.lease
         if slot is not None:
             slot.event.set()
             self._notify(look=False)  # the watcher renews the lease from now on
         else:
-            self._free_orphan(lease_id, url)
+            self._free_orphan(lease_id, grant.url, grant.seat)
 
-    def _free_orphan(self, holder: str, url: str) -> None:
-        """An instance given to a caller of ours that is gone: put it back."""
+    def _free_orphan(self, holder: str, url: str, seat: int) -> None:
+        """A seat given to a caller of ours that is gone: put it back."""
         try:
-            freed = health.free(self.db, url, holder)
+            freed = health.free(self.db, url, holder, seat)
         except PyMongoError as exc:
             log.warning("could not free %s (it frees itself when the lease runs out): %s", url, exc)
             return
         if freed:
             self._notify(peers=True)
+
+    def client_for(self, lease: Lease) -> SDClient:
+        """The client for a call on `lease`: with the doubled read timeout when it queues behind another."""
+        return (self.queued_clients if lease.queued else self.clients)[lease.url]
 
     def up_instances(self) -> set[str]:
         """The up instances, as last seen (read again when older than a second)."""
@@ -429,7 +460,7 @@ class SDInstancePool:
     # ------------------------------------------------------------------ watcher thread
     def _loop(self) -> None:
         renew_every = max(0.05, min(self.lease_s, self.waiter_ttl_s) / 3)
-        next_renew = next_members = next_scan = 0.0
+        next_renew = next_members = next_scan = next_probe = 0.0
         waker = self._waker
         assert waker is not None
         look = True
@@ -454,18 +485,24 @@ class SDInstancePool:
                     look = False
                     self._scan()
                     next_scan = time.monotonic() + self.poll_s * random.uniform(0.75, 1.25)
+                    next_probe = time.monotonic() + SNAPSHOT_MAX_AGE_S  # the scan probed
+                elif now >= next_probe:
+                    # nobody of ours waits (with depth 2 a burst can fit in the seats): still probe the down
+                    # instances, or one would stay out of the pool for as long as nobody queues
+                    self._up = (now, health.probe_due(self.db, self.urls, self.prober, self.process_id))
+                    next_probe = now + SNAPSHOT_MAX_AGE_S
             except Exception as exc:  # noqa: BLE001 - the watcher must survive a database hiccup
                 log.warning("SD pool watcher: %s", exc)
                 look = False
                 next_scan = time.monotonic() + self.poll_s
-            deadline = min(next_scan, next_renew) if waiting else next_renew
+            deadline = min(next_scan, next_renew) if waiting else min(next_probe, next_renew)
             look = self._handle(waker.wait(deadline - time.monotonic())) or look
 
     def _handle(self, messages: list[bytes]) -> bool:
         """Act on hand-over datagrams; True if any message asks for a look."""
         grants, look = read_messages(messages, self.process_id, self.clients)
-        for lease_id, url in grants:
-            self._grant(lease_id, url)
+        for grant in grants:
+            self._grant(grant)
         return look
 
     def _renew(self) -> None:
@@ -474,13 +511,8 @@ class SDInstancePool:
         with self._lock:
             leases = [lease for lease in self._leases.values() if lease.url]
         if leases:
-            matched = renew_leases(
-                self.db.sd_instances,
-                [lease.url for lease in leases],
-                field="holder",
-                values=[lease.id for lease in leases],
-                ttl_s=self.lease_s,
-                now=now,
+            matched = seats.renew(
+                self.db, [(lease.url, lease.id, lease.seat) for lease in leases], self.lease_s, now
             )
             if matched < len(leases):
                 log.debug(
@@ -496,32 +528,35 @@ class SDInstancePool:
         self._up = (time.monotonic(), up_urls(instances))
         prefix = self.process_id + ":"
         for doc in instances:
-            holder = doc.get("holder") or ""
-            if holder.startswith(prefix):
+            for seat, holder in seats.holders(doc):
+                if not holder.startswith(prefix):
+                    continue
                 with self._lock:
                     mine = holder in self._leases or holder in self._finished_set
                 if not mine:  # given to us, but the hint was lost or never sent (or the caller is gone)
-                    self._grant(holder, doc["_id"])
-            if doc.get("state") == "down" and (aware(doc.get("next_probe_at")) or now) <= now:
-                self.prober.start(doc["_id"], now, self.process_id)
+                    queued = seats.other_busy(doc, seat, now, self.depth)
+                    self._grant(Grant(holder, doc["_id"], seat, queued))
+        self.prober.start_due(instances, now, self.process_id)
         waiters = self.queue.read(now)
         depth = sum(want(w) for w in waiters)
         if depth > self.max_queue_seen:
             self.max_queue_seen = depth
             health.note_queue_depth(self.db, depth)
         local = self.queue.ids()
-        for entry_id, url in plan_assignment(waiters, instances, now):
-            if entry_id in local:
-                self._claim(entry_id, url)
+        for pick in plan_seats(waiters, instances, now, self.depth):
+            if pick.entry in local:
+                self._claim(pick)
 
-    def _claim(self, entry_id: str, url: str) -> None:
-        """Take one of our entry's wanted instances off the queue, then the free instance planned for it."""
-        claimed = claim_planned(self.db, entry_id, url, self.lease_s, utcnow())
+    def _claim(self, pick: Pick) -> None:
+        """Take one of our entry's wanted instances off the queue, then the free seat planned for it."""
+        now = utcnow()
+        claimed = claim_planned(self.db, pick, self.lease_s, now, self.depth)
         if claimed is None:
+            self._notify()  # the snapshot was stale (someone took the seat first): plan again now
             return
         lease_id, got = claimed
         self.claims += 1
-        self._grant(lease_id, url)
+        self._grant(Grant(lease_id, pick.url, pick.seat, seats.other_busy(got, pick.seat, now, self.depth)))
         with self._lock:
             lease = self._leases.get(lease_id)
             if lease is not None:
@@ -546,7 +581,7 @@ class SDInstancePool:
     # ------------------------------------------------------------------ status
     def health(self) -> dict[str, Any]:
         """From the shared collections only (no call to any instance)."""
-        return health.status(self.db, self.urls, self.queue.length)
+        return health.status(self.db, self.urls, self.queue.length, self.depth)
 
     def answering(self, timeout_s: float | None = None) -> dict[str, bool]:
         """Which instances answer the pool's own probe (`SDClient.ping`) now; all pinged at once.
@@ -563,4 +598,5 @@ class SDInstancePool:
             "max_queue_this_process": self.max_queue_seen,
             "handovers_this_process": self.handovers,
             "claims_this_process": self.claims,
+            "depth": self.depth,
         }

@@ -39,6 +39,8 @@ class Lease:
     ticket: int
     checkpoint: str | None = None  # what the instance had loaded when claimed (None after a hand-over)
     wait_ms: float = 0.0
+    seat: int = 0  # which of the instance's seats (`seats.py`)
+    queued: bool = False  # another seat was busy at grant time: the WebUI runs ours after that one
 
 
 def entry_of(lease_id: str) -> str:

@@ -2,7 +2,10 @@
 
 A failed generation is retried elsewhere (up to `max_attempts`), avoiding the instances that
 already failed it unless every up instance has; a timed-out one is interrupted on its
-instance (it may still be running on the GPU). The pool's `run` is this over its leases.
+instance (it may still be running on the GPU; with depth 2 whatever ran ahead of ours was
+granted earlier with no longer a timeout, so its caller has timed out already). The pool's
+`run` is this over its leases; `client_for(lease)` gives a caller queued behind a running
+image (`Lease.queued`) the doubled read timeout.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ class Leasing(Protocol):
 
     def up_instances(self) -> set[str]: ...
 
+    def client_for(self, lease: Lease) -> SDClient: ...
+
     def stopping_error(self) -> ModelError | None: ...
 
 
@@ -87,7 +92,7 @@ def run(
         attempts += 1
         wait_ms += lease.wait_ms
         try:
-            value, loaded = call(pool.clients[lease.url])
+            value, loaded = call(pool.client_for(lease))
         except SDError as exc:
             pool.release(lease, ok=False, error=exc)
             if exc.failure == "timeout":
