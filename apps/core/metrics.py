@@ -18,6 +18,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from pymongo.errors import PyMongoError
 
+from agent.images.sdwebui.seats import MAX_DEPTH, busy_seats
+
 REQUESTS = Counter("http_requests_total", "HTTP requests", ["method", "route", "status"])
 LATENCY = Histogram(
     "http_request_duration_seconds",
@@ -43,15 +45,14 @@ class DatabaseCollector:
             ):
                 jobs.add_metric([str(row["_id"].get("app")), str(row["_id"].get("status"))], row["n"])
             busy = GaugeMetricFamily(
-                "sd_instance_busy", "1 while an SD instance holds a lease", labels=["instance"]
+                "sd_instance_busy", "1 while an SD instance holds a lease (either seat)", labels=["instance"]
             )
             state = GaugeMetricFamily(
                 "sd_instance_up", "1 when an SD instance is healthy", labels=["instance"]
             )
             now = datetime.now(UTC)
-            for doc in db.sd_instances.find({}, {"holder": 1, "lease_until": 1, "state": 1}):
-                lease = doc.get("lease_until")
-                held = bool(doc.get("holder")) and lease is not None and lease > now
+            for doc in db.sd_instances.find():
+                held = bool(busy_seats(doc, now, MAX_DEPTH))  # either seat (SD_QUEUE_DEPTH=2)
                 busy.add_metric([doc["_id"]], 1.0 if held else 0.0)
                 state.add_metric([doc["_id"]], 1.0 if doc.get("state", "up") == "up" else 0.0)
             waiting = GaugeMetricFamily("sd_waiting_callers", "Callers waiting for a free SD instance")
