@@ -55,6 +55,7 @@ class JobCancelled(Exception):
     error: dict[str, str] = {"code": "cancelled", "message": "the job was cancelled"}
 
 
+ABORT_REPEAT_S = 0.25  # shutdown: how often the abort hooks run again while jobs still run
 SHUTDOWN_ERROR = {"code": "shutdown", "message": "the server shut down before the job finished; retry it"}
 
 
@@ -163,8 +164,16 @@ class JobManager:
         return self._abort.is_set()
 
     def on_abort(self, hook: Callable[[], None]) -> None:
-        """Call `hook` when running jobs are asked to stop (e.g. interrupt in-flight image generations)."""
+        """Call `hook` when running jobs are asked to stop (e.g. interrupt in-flight image generations), and
+        every ABORT_REPEAT_S after while some still run (so `hook` must be idempotent)."""
         self._abort_hooks.append(hook)
+
+    def _run_abort_hooks(self) -> None:
+        for hook in self._abort_hooks:
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - one hook failing must not stop the drain
+                log.warning("shutdown: abort hook %r failed", hook, exc_info=True)
 
     def begin_shutdown(self, grace_s: float = 30.0, abort_s: float = 5.0) -> None:
         """Stop taking jobs now and drain the running ones in a background thread; returns at once (safe
@@ -199,12 +208,14 @@ class JobManager:
                 "shutdown: %d job(s) still running after %.0f s; asking them to stop", running, grace_s
             )
             self._abort.set()
-            for hook in self._abort_hooks:
-                try:
-                    hook()
-                except Exception:  # noqa: BLE001 - one hook failing must not stop the drain
-                    log.warning("shutdown: abort hook %r failed", hook, exc_info=True)
-            self._wait_idle(abort_s)
+            deadline = time.monotonic() + abort_s
+            # again while jobs still run: a generation queued behind an interrupted one (SD_QUEUE_DEPTH=2)
+            # starts next and must be stopped too
+            while True:
+                self._run_abort_hooks()
+                left = deadline - time.monotonic()
+                if self._wait_idle(min(ABORT_REPEAT_S, left)) or left <= ABORT_REPEAT_S:
+                    break
         with self._lock:
             leftover = list(self._active)
         for job_id in leftover:

@@ -221,11 +221,9 @@ class SDInstancePool:
             client.close()
 
     def interrupt_held(self) -> int:
-        """Shutdown: grant no new lease to this process's callers (they get a 503 ModelError) and ask every
-        instance we hold to stop its generation now (the WebUI returns what it has, so the caller finishes,
-        writes its record and releases the lease). Only where every busy seat is ours: the interrupt stops
-        whatever runs, and another process's generation is not ours to stop (a caller of ours queued
-        behind it then runs to the end). Returns how many instances were asked."""
+        """Shutdown: grant no new lease to our callers (a 503 ModelError) and ask each instance whose every busy
+        seat is ours to stop its generation (the WebUI returns what it has; the caller records and releases).
+        Never another process's generation. Called again while jobs run (the queued one starts next)."""
         self._stopping.set()
         with self._lock:
             urls = {lease.url for lease in self._leases.values() if lease.url}
