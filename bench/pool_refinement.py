@@ -188,9 +188,10 @@ class Original:
     def __init__(
         self, bench: ModuleType, harness: Any, sd_urls: list[str], openai_url: str, seed: int = 7
     ) -> None:
-        from apps.refinement.pipeline import sd_options
+        from agent.prompts import PromptLibrary
+        from apps.refinement.images import sd_options
 
-        opts = sd_options(bench.ROOT / "settings", "scene")
+        opts = sd_options(PromptLibrary(bench.ROOT / "settings"), "scene")
         self.bench, self.harness, self.seed = bench, harness, seed
         self.spec = {
             "impl": "original",
