@@ -16,6 +16,10 @@ import yaml
 from flask import current_app, has_app_context
 from flask.cli import ScriptInfo
 
+from agent.call_context import CallContext
+from agent.studies import check_studies, study_names
+from agent.types import ModelError
+
 from .library import PromptError, PromptLibrary, Template, default_library, library_for
 
 _ROOT_KEY = "prompts.root"
@@ -196,8 +200,6 @@ def run_cmd(ctx: click.Context, name: str, sample: str | None, pairs: tuple[str,
         lib.render(_name(name), variables)  # template problems are reported before any model call
     except PromptError as exc:
         raise click.ClickException(str(exc)) from exc
-    from agent.call_context import CallContext
-    from agent.types import ModelError
 
     try:
         result = current_app.extensions["services"].llm.chat(
@@ -226,8 +228,6 @@ def run_cmd(ctx: click.Context, name: str, sample: str | None, pairs: tuple[str,
 @click.pass_context
 def check_cmd(ctx: click.Context) -> None:
     """Render every template, variant and sample, and check the study files; exit 1 on any problem."""
-    from agent.studies import check_studies, study_names
-
     lib = _library(ctx)
     names = lib.names(variants=True)
     errors = lib.check() + check_studies(lib.root, lib)

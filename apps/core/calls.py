@@ -22,6 +22,7 @@ from flask.cli import with_appcontext
 from pymongo.database import Database
 
 from .context import services
+from .export import parse_since
 
 
 def calls_query(
@@ -123,7 +124,6 @@ def table(docs: list[dict[str, Any]]) -> str:
 
 
 def register_cli(app: Flask) -> None:
-    from .export import parse_since
 
     @app.cli.group("calls", invoke_without_command=True)
     @click.option("-n", "--limit", default=20, show_default=True, type=click.IntRange(1, 100_000))

@@ -19,6 +19,7 @@ from config import Settings
 
 from .export_catalog import ExportCatalog
 from .jobs import JobManager
+from .lifecycle import untrack
 from .sse import JobWatcher
 from .storage import ImageStore
 
@@ -68,7 +69,6 @@ class Services:
         if self.closed:
             return
         self.closed = True
-        from .lifecycle import untrack
 
         untrack(self)
         # jobs first: their threads finish their model calls, write generation records and release SD

@@ -29,7 +29,12 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import quote_plus
 
+from pymongo import MongoClient
+from pymongo.errors import OperationFailure
+
 from agent.host_process import HostProcess, free_port
+
+from .lifecycle import stop_db_at_exit
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +140,6 @@ def _provision(data_dir: Path, port: int, timeout: float) -> str:
     Works on a new and on an existing (unauthenticated) data dir; a user left from a lost secret
     file gets the new password.
     """
-    from pymongo import MongoClient
-    from pymongo.errors import OperationFailure
-
     password = secrets.token_urlsafe(32)
     proc = _spawn(data_dir, port, auth=False)
     try:
@@ -206,8 +208,6 @@ def stop_at_exit(data_dir: Path, server: EmbeddedMongo) -> None:
     """Stop the server at exit in the process that started it, after that process's clients are closed
     (apps/core/lifecycle.py orders the two; plain atexit order would stop the server first)."""
     if server.owner:
-        from .lifecycle import stop_db_at_exit
-
         stop_db_at_exit(lambda: stop_embedded_mongo(data_dir))
 
 

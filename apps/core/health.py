@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from agent.llm.providers.openai_compat import probe_models
+
 from .context import Services
 from .db import ping as db_ping
 
@@ -154,8 +156,6 @@ class HealthCheck:
         provider = self.svc.image_provider
         out = dict(provider.health())
         if self.svc.settings.IMAGE_PROVIDER == "openai":
-            from agent.llm.providers.openai_compat import probe_models
-
             inner = getattr(provider, "inner", provider)  # agent/images/recording.py
             client = getattr(inner, "client", None)
             if client is None:

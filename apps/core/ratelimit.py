@@ -32,10 +32,15 @@ from flask_limiter import ApplicationLimit, Limiter, RequestLimit
 from flask_limiter.errors import RateLimitExceeded
 from limits import parse_many
 from pymongo.errors import PyMongoError
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config import Settings
 
+from .auth import authenticate
+from .db import resolve_mongo_uri
 from .errors import ApiError, error_response
+from .ratelimit_store import SCHEME_PREFIX  # registers the batched storage
+from .spend import init_spend_cap
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +57,6 @@ _GENERATION_PREFIX_RULES: dict[str, tuple[tuple[str, str], ...]] = {
 
 def client_key() -> str:
     """`user:<name>` when the request authenticates, else `ip:<address>`."""
-    from .auth import authenticate
-
     try:
         user = authenticate()
     except (ApiError, PyMongoError):  # bad credentials or no database: the route will answer 401/503
@@ -122,18 +125,13 @@ def _breach_response(limit: RequestLimit | None) -> Response:
 def _storage_uri(settings: Settings) -> str:
     if settings.RATE_LIMIT_STORAGE_URI:
         return settings.RATE_LIMIT_STORAGE_URI
-    from .db import resolve_mongo_uri
 
     return resolve_mongo_uri(settings)
 
 
 def init_ratelimit(app: Flask, settings: Settings) -> Limiter | None:
     """Install the limiter (when enabled) and the daily model-call cap."""
-    from .spend import init_spend_cap
-
     if settings.PROXY_FIX_X_FOR > 0:
-        from werkzeug.middleware.proxy_fix import ProxyFix
-
         app.wsgi_app = ProxyFix(
             app.wsgi_app,
             x_for=settings.PROXY_FIX_X_FOR,  # type: ignore[method-assign]
@@ -148,8 +146,6 @@ def init_ratelimit(app: Flask, settings: Settings) -> Limiter | None:
         options: dict = {}
         if uri.startswith(("mongodb://", "mongodb+srv://")):
             if settings.RATE_LIMIT_BATCH_S > 0 and settings.RATE_LIMIT_STRATEGY == "fixed-window":
-                from .ratelimit_store import SCHEME_PREFIX  # registers the batched storage
-
                 uri = SCHEME_PREFIX + uri
             options = {
                 "database_name": settings.MONGO_DB,

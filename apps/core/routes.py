@@ -8,11 +8,12 @@ from flask import Response, current_app, jsonify, make_response, redirect, reque
 from flask_openapi3 import APIBlueprint, Tag
 from pydantic import BaseModel, Field
 
-from .auth import stream_token_route
+from .auth import authenticate, check_owner, stream_token_route
 from .context import services
 from .doc_models import HealthOut, JobEvent, JobOut
 from .errors import ApiError
 from .health import health_report
+from .image_refs import read_image
 from .jobs import public_job
 from .openapi import PROTECTED, STREAM_PROTECTED, raw, sse
 from .sse import job_event_stream, last_event_id, sse_response
@@ -62,7 +63,6 @@ def health() -> Response:
 def get_image(path: ImagePath) -> Response:
     """An image by its unguessable id, with ETag and long-lived caching (images never change)."""
     svc = services()
-    from .image_refs import read_image
 
     info, data = read_image(svc, path.image_id)
     etag = info.metadata.get("sha256", path.image_id)
@@ -126,7 +126,6 @@ def job_events(path: JobPath) -> Response:
 
 
 def _owned_job(job_id: str) -> dict[str, Any]:
-    from .auth import authenticate, check_owner
 
     authenticate()  # credentials first: an unauthenticated probe gets 401, never "no job"
     doc = services().jobs.get(job_id)

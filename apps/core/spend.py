@@ -26,6 +26,8 @@ from pymongo.database import Database
 
 from config import Settings
 
+from .auth import authenticate
+from .context import services
 from .errors import ApiError
 
 
@@ -74,8 +76,6 @@ def init_spend_cap(app: Flask, settings: Settings, is_generation: Callable[[], b
     def _daily_cap() -> None:
         if not is_generation():
             return
-        from .auth import authenticate
-        from .context import services
 
         user = authenticate()  # 401 here when the credentials are wrong
         if user is None or user.is_admin:

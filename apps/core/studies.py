@@ -26,7 +26,9 @@ from agent.studies import (
     study_names,
 )
 
+from .calls import register_cli as register_calls
 from .context import Services, services
+from .dashboard import init_dashboard
 from .model_metrics import observe_record
 
 log = logging.getLogger(__name__)
@@ -74,9 +76,6 @@ def init_studies(app: Flask, svc: Services) -> None:
         if prices:
             rec.annotators.append(add_cost)
         rec.observers.append(observe_record)
-
-    from .calls import register_cli as register_calls
-    from .dashboard import init_dashboard
 
     init_dashboard(app)
     register_calls(app)
