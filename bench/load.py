@@ -604,6 +604,7 @@ def main() -> None:
     from apps.core.embedded_mongo import ensure_embedded_mongo, stop_embedded_mongo
     from tests.fakes.fake_openai import FakeOpenAI
     from tests.fakes.fake_sd import FakeSD
+    from tests.test_storybook import story_responder
 
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmpdir:
@@ -612,6 +613,9 @@ def main() -> None:
         mongo_uri = args.mongo_uri or mongo.uri  # type: ignore[union-attr]
         openai = FakeOpenAI().start()
         openai.delay, openai.stream_delay = 0.8, 0.03
+        # book plans with the asked-for pages and distinct page texts (the bare default reply makes
+        # every book fail at its first page, so the background book load never got past it)
+        openai.set_responder(story_responder(openai))
         sd = [FakeSD(delay=1.0, name=f"sd{i}").start() for i in range(2)]
         runs: dict[int, dict[str, Any]] = {}
         try:
