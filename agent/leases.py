@@ -56,12 +56,14 @@ def renew_leases(
     values: list[Any],
     ttl_s: float,
     now: datetime | None = None,
+    until_field: str = LEASE_FIELD,
 ) -> int:
     """Push out the leases of `doc_ids` whose `field` is still one of `values` (still ours), in one update;
-    returns how many documents matched."""
+    returns how many documents matched. `until_field`: where the expiry lives (a document with several
+    leases, such as an SD instance's seats, keeps one per lease)."""
     result = collection.update_many(
         {"_id": {"$in": doc_ids}, field: {"$in": values}},
-        {"$set": {LEASE_FIELD: lease_until(ttl_s, now)}},
+        {"$set": {until_field: lease_until(ttl_s, now)}},
     )
     return result.matched_count
 

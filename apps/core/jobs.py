@@ -29,14 +29,14 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateOne
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from agent.leases import LeaseRenewer, lease_until
+from agent.leases import LeaseRenewer, expired, lease_until
 from agent.types import ModelError
 
 from .db import coordination
@@ -264,7 +264,7 @@ class JobManager:
             "seq": 0,
             "cancel_requested": False,
             "runner": self.worker,
-            "lease_until": now + timedelta(seconds=self.lease_s),
+            "lease_until": lease_until(self.lease_s, now),
             "created_at": now,
             "started_at": None,
             "finished_at": None,
@@ -289,7 +289,7 @@ class JobManager:
                         "status": "working",
                         "started_at": _now(),
                         "runner": self.worker,
-                        "lease_until": _now() + timedelta(seconds=self.lease_s),
+                        "lease_until": lease_until(self.lease_s),
                     }
                 },
                 return_document=ReturnDocument.AFTER,
@@ -454,7 +454,7 @@ class JobManager:
 
     def _renew(self, ids: list[str]) -> None:
         """Extend the leases of this process's jobs and bring their `seq` up to date: one command."""
-        until = _now() + timedelta(seconds=self.lease_s)
+        until = lease_until(self.lease_s)
         with self._lock:
             seqs = {job_id: self._seqs.get(job_id) for job_id in ids}
         ops = [
@@ -469,9 +469,7 @@ class JobManager:
     def reap(self) -> int:
         """Fail every active job whose lease ran out (its worker died). Returns how many."""
         count = 0
-        for doc in self.db.jobs.find({"status": {"$in": list(ACTIVE)}, "lease_until": {"$lt": _now()}}).limit(
-            100
-        ):
+        for doc in self.db.jobs.find({"status": {"$in": list(ACTIVE)}, **expired(_now())}).limit(100):
             count += self._reap_one(doc)
         return count
 
@@ -505,7 +503,7 @@ def reap_records(db: Database, collections: set[str], now: datetime | None = Non
     count = 0
     for name in sorted(collections):
         result = db[name].update_many(
-            {"status": "working", "lease_until": {"$lt": now}},
+            {"status": "working", **expired(now)},
             {
                 "$set": {
                     "status": "failed",

@@ -29,7 +29,7 @@ from typing import Any
 
 from pymongo.database import Database
 
-from agent.leases import lease_until
+from agent.leases import lease_until, renew_leases
 
 MAX_DEPTH = 2
 HOLDER = ("holder", "holder_1")
@@ -105,14 +105,18 @@ def renew(db: Database, leases: Iterable[tuple[str, str, int]], ttl_s: float, no
         urls, ids = by_seat.setdefault(seat, (set(), set()))
         urls.add(url)
         ids.add(lease_id)
-    matched = 0
-    for seat, (urls, ids) in by_seat.items():
-        result = db.sd_instances.update_many(
-            {"_id": {"$in": sorted(urls)}, HOLDER[seat]: {"$in": sorted(ids)}},
-            {"$set": {UNTIL[seat]: lease_until(ttl_s, now)}},
+    return sum(
+        renew_leases(
+            db.sd_instances,
+            sorted(urls),
+            field=HOLDER[seat],
+            values=sorted(ids),
+            ttl_s=ttl_s,
+            now=now,
+            until_field=UNTIL[seat],
         )
-        matched += result.matched_count
-    return matched
+        for seat, (urls, ids) in by_seat.items()
+    )
 
 
 def ours_running(db: Database, urls: Iterable[str], prefix: str, now: datetime) -> list[str]:
