@@ -96,3 +96,39 @@ def test_a_new_window_starts_from_zero(mongo_uri: str, db_name: str, db: Any) ->
         assert 0 < store.get_expiry(limit.key_for("k")) - time.time() <= 1.0
     finally:
         store.close()
+
+
+def test_hits_at_a_participants_pace_do_not_wait_for_mongodb(mongo_uri: str, db_name: str, db: Any) -> None:
+    """Hits further apart than the flush interval are still counted in the process: the flusher reads
+    the shared count back for every key in use (one bulk write + one query per interval, any key count)."""
+    store = storage(mongo_uri, db_name, flush_s=0.05)
+    limiter = FixedWindowRateLimiter(store)
+    limit = parse("1000/minute")
+    keys = [f"ip:{i}" for i in range(20)]
+    try:
+        for _ in range(4):
+            for key in keys:
+                assert limiter.hit(limit, key)
+            time.sleep(0.15)  # three flush intervals between one key's hits
+        assert store.waited_round_trips == len(keys)  # only each key's first hit in its window
+        store.flush()
+        flush_trips = store.round_trips - store.waited_round_trips
+        assert flush_trips <= 2 * 20  # ~12 flushes in 0.6 s, two round trips each, not one per key
+        assert sorted(d["count"] for d in db.ratelimit_counters.find()) == [4] * len(keys)
+    finally:
+        store.close()
+
+
+def test_a_stale_view_is_not_trusted(mongo_uri: str, db_name: str, db: Any) -> None:
+    """Without a flush for `stale_s` (flusher late or failing) a hit asks MongoDB again."""
+    store = storage(mongo_uri, db_name)  # flush_s 60: the flusher sleeps through the test
+    limiter = FixedWindowRateLimiter(store)
+    limit = parse("1000/minute")
+    try:
+        assert limiter.hit(limit, "ip:1") and store.waited_round_trips == 1
+        store.stale_s = 0.15  # as if the flusher were overdue after 0.15 s
+        assert limiter.hit(limit, "ip:1") and store.waited_round_trips == 1  # fresh: counted here
+        time.sleep(0.2)
+        assert limiter.hit(limit, "ip:1") and store.waited_round_trips == 2
+    finally:
+        store.close()

@@ -14,10 +14,11 @@ from typing import Any, Literal
 
 from flask import Flask, Response, render_template
 from flask_openapi3 import APIBlueprint
-from pydantic import BaseModel, Field
+from pydantic import Field
 from pymongo.database import Database
 
 from agent.studies import PARTICIPANTS
+from apps.core.query_models import QueryModel
 
 from .auth import authenticate
 from .calls import output_preview
@@ -32,7 +33,7 @@ _STEP_NUMBER = re.compile(r"[\s_#-]*\d+$")
 WHO = {"$ifNull": ["$user", "$session"]}  # the participant of a record (agent.studies.participant_of)
 
 
-class DashboardQuery(BaseModel):
+class DashboardQuery(QueryModel):
     app: Literal["storybook", "ideation", "refinement", "storyteller"] | None = Field(
         None, description="only this app's calls"
     )

@@ -156,6 +156,9 @@ def init_ratelimit(app: Flask, settings: Settings) -> Limiter | None:
                 "connectTimeoutMS": 1500,
                 "socketTimeoutMS": 5000,
                 "appname": "creativity-ratelimit",
+                # a counter write lost or repeated in a network error only moves a limit by a hit; a
+                # retryable write costs the embedded server a scan of its whole retry table per write
+                "retryWrites": False,
             }
             if uri.startswith("batched+"):
                 options["flush_s"] = settings.RATE_LIMIT_BATCH_S

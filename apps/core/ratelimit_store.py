@@ -6,19 +6,23 @@ client of a study shares it. This storage keeps the same documents (`ratelimit_c
 `{_id: key, count, expireAt}`), shared by every worker and host, and changes only *when*
 they are written:
 
-- the first hit on a key in a window, and any hit when this process last heard from
-  MongoDB about that key more than `flush_s` ago, goes to MongoDB (one round trip adds it
-  and brings back the shared count and the window's end);
-- other hits are counted in the process and added to the shared count by a background
-  thread every `flush_s` (one update per busy key), which also reads back what the other
-  processes added;
-- a hit is allowed when `shared count last seen + this process's hits since` is within
-  the limit.
+- the first hit on a key in a window goes to MongoDB (one round trip adds it and brings back the
+  shared count and the window's end);
+- other hits are counted in the process. A background thread, every `flush_s`, adds every key's
+  pending hits in one bulk write and reads back the shared counts of every key this process used
+  lately in one query: two round trips per interval and process, however many keys and hits (the
+  old rule, one round trip for any hit on a view older than `flush_s`, cost one findAndModify per
+  request at a participant's pace; `python bench/load.py` measured it as the embedded database's
+  biggest load);
+- a hit is allowed when `shared count last read + this process's hits since` is within the limit.
+  A key this process has not used for `IDLE_S` is no longer read back, and a view older than
+  `stale_s` (three flush intervals, at least 2 s: a flusher late behind a slow database, or failing)
+  is not trusted: the next hit is a round trip again.
 
 So one process never lets a caller past its limit, and all processes together can
-overshoot by at most what the *other* processes let through during one flush interval
-(e.g. at 0.2 s: a caller spreading 10 requests/s over 4 workers gets at most ~2 extra
-requests per window). `RATE_LIMIT_BATCH_S=0` turns batching off (exact, one round trip
+overshoot by at most what the *other* processes let through during one flush interval, or up to
+`stale_s` while the database is slow (e.g. at 0.2 s: a caller spreading 10 requests/s over 4 workers
+gets at most ~2 extra requests per window when the flushes keep time). `RATE_LIMIT_BATCH_S=0` turns batching off (exact, one round trip
 per request). If MongoDB is away, counts wait in the process and are added on recovery.
 
 URI scheme: `batched+mongodb://...` / `batched+mongodb+srv://...` (the rest is the
@@ -36,13 +40,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from limits.storage import MongoDBStorage
-from pymongo import ReturnDocument
+from pymongo import ReturnDocument, UpdateOne
 from pymongo.errors import PyMongoError
 
 log = logging.getLogger(__name__)
 
 SCHEME_PREFIX = "batched+"
 MAX_KEYS = 50_000  # local entries kept; idle, flushed ones are dropped first
+IDLE_S = 5.0  # a key unused this long is no longer read back at each flush
+# a view older than this (a flusher late behind a slow database, or failing) is not trusted: at least
+# 2 s, so that a database slowed by load is not also handed one extra round trip per request
+STALE_MIN_S = 2.0
 
 
 @dataclass
@@ -52,6 +60,7 @@ class _Counter:
     expiry_s: int  # the limit's window length
     ends_at: float  # UNIX time the shared window ends
     synced_at: float  # monotonic time of the last round trip (what other processes added is this old)
+    used_at: float  # monotonic time of this process's last hit on the key
 
 
 class BatchedMongoDBStorage(MongoDBStorage):
@@ -62,12 +71,14 @@ class BatchedMongoDBStorage(MongoDBStorage):
     def __init__(self, uri: str, flush_s: float = 0.2, **options: Any) -> None:
         super().__init__(uri.removeprefix(SCHEME_PREFIX), **options)
         self.flush_s = max(0.01, float(flush_s))
+        self.stale_s = max(STALE_MIN_S, 3 * self.flush_s)
         self._counters: dict[str, _Counter] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = 0
-        self.round_trips = 0  # shared-counter writes made (for tests and the benchmark)
+        self.round_trips = 0  # shared-counter round trips made (for tests and the benchmark)
+        self.waited_round_trips = 0  # of those, made by a hit (the request waited for MongoDB)
         self._last_error_log = 0.0
 
     # ------------------------------------------------------------------ the strategy's calls
@@ -76,18 +87,21 @@ class BatchedMongoDBStorage(MongoDBStorage):
         now = time.time()
         with self._lock:
             counter = self._live(key, now)
-            if counter is not None and time.monotonic() - counter.synced_at < self.flush_s:
+            if counter is not None and time.monotonic() - counter.synced_at < self.stale_s:
                 counter.pending += amount
+                counter.used_at = time.monotonic()
                 self._ensure_flusher()
                 return counter.seen + counter.pending
-        # new key, new window, or a view older than one flush interval: this hit goes to MongoDB and
+        # new key, new window, or a view the flusher stopped reading back: this hit goes to MongoDB and
         # brings back what the other processes added (so no process decides on a stale count for long)
         count, ends_at = self._add_shared(key, expiry, amount)
+        self.waited_round_trips += 1
         with self._lock:
             racing = self._live(key, now)
             pending = racing.pending if racing is not None else 0
+            mono = time.monotonic()
             self._counters[key] = _Counter(
-                seen=count, pending=pending, expiry_s=expiry, ends_at=ends_at, synced_at=time.monotonic()
+                seen=count, pending=pending, expiry_s=expiry, ends_at=ends_at, synced_at=mono, used_at=mono
             )
             self._ensure_flusher()
             return count + pending
@@ -122,34 +136,36 @@ class BatchedMongoDBStorage(MongoDBStorage):
         return super().reset()
 
     # ------------------------------------------------------------------ shared counter
-    def _add_shared(self, key: str, expiry: int, amount: int) -> tuple[int, float]:
-        """Add `amount` to the shared counter (starting a new window if it ended); (count, window end)."""
+    @staticmethod
+    def _adding(amount: int, expiry: int) -> list[dict[str, Any]]:
+        """The update pipeline that adds `amount`, starting a new window if the stored one ended."""
         now = datetime.now(UTC)
         new_end = now + timedelta(seconds=expiry)
         # the client's clock, not $$NOW: the embedded server compares $$NOW with dates as equal (so
         # limits' own storage never starts a new window there), and hosts are NTP-synced anyway
         ended = {"$lt": ["$expireAt", now]}
+        return [
+            {
+                "$set": {
+                    "count": {"$cond": {"if": ended, "then": amount, "else": {"$add": ["$count", amount]}}},
+                    "expireAt": {"$cond": {"if": ended, "then": new_end, "else": "$expireAt"}},
+                }
+            }
+        ]
+
+    def _add_shared(self, key: str, expiry: int, amount: int) -> tuple[int, float]:
+        """Add `amount` to the shared counter (starting a new window if it ended); (count, window end)."""
         doc = self.counters.find_one_and_update(
             {"_id": key},
-            [
-                {
-                    "$set": {
-                        "count": {
-                            "$cond": {"if": ended, "then": amount, "else": {"$add": ["$count", amount]}}
-                        },
-                        "expireAt": {"$cond": {"if": ended, "then": new_end, "else": "$expireAt"}},
-                    }
-                }
-            ],
+            self._adding(amount, expiry),
             upsert=True,
             projection={"count": 1, "expireAt": 1},
             return_document=ReturnDocument.AFTER,
         )
         self.round_trips += 1
-        ends = doc["expireAt"] if doc else new_end
-        if ends.tzinfo is None:
-            ends = ends.replace(tzinfo=UTC)
-        return int(doc["count"]) if doc else amount, ends.timestamp()
+        if not doc:
+            return amount, time.time() + expiry
+        return int(doc["count"]), _timestamp(doc["expireAt"])
 
     # ------------------------------------------------------------------ background flush
     def _ensure_flusher(self) -> None:
@@ -166,28 +182,50 @@ class BatchedMongoDBStorage(MongoDBStorage):
             self.flush()
 
     def flush(self) -> int:
-        """Add every key's pending hits to the shared counters; returns how many keys were written."""
+        """Add every key's pending hits (one bulk write) and read back the shared count of every key
+        used lately (one query); returns how many keys had hits to write."""
         now = time.time()
+        mono = time.monotonic()
         with self._lock:
-            work = [(k, c.pending, c.expiry_s) for k, c in self._counters.items() if c.pending > 0]
             self._forget_idle(now)
-        written = 0
-        for key, pending, expiry in work:
-            try:
-                count, ends_at = self._add_shared(key, expiry, pending)
-            except PyMongoError as exc:
-                if time.monotonic() - self._last_error_log > 10:
-                    self._last_error_log = time.monotonic()
-                    log.warning("rate-limit counts kept in the process, MongoDB unavailable: %s", exc)
-                return written  # keep everything pending; the next flush tries again
-            written += 1
-            with self._lock:
-                counter = self._counters.get(key)
-                if counter is None:
+            work = {k: (c.pending, c.expiry_s) for k, c in self._counters.items() if c.pending > 0}
+            watched = [k for k, c in self._counters.items() if c.pending > 0 or mono - c.used_at < IDLE_S]
+        if not watched:
+            return 0
+        try:
+            if work:
+                self.counters.bulk_write(
+                    [
+                        UpdateOne({"_id": k}, self._adding(n, exp), upsert=True)
+                        for k, (n, exp) in work.items()
+                    ],
+                    ordered=False,
+                )
+                self.round_trips += 1
+            shared = {
+                doc["_id"]: doc
+                for doc in self.counters.find({"_id": {"$in": watched}}, {"count": 1, "expireAt": 1})
+            }
+            self.round_trips += 1
+        except PyMongoError as exc:
+            if time.monotonic() - self._last_error_log > 10:
+                self._last_error_log = time.monotonic()
+                log.warning("rate-limit counts kept in the process, MongoDB unavailable: %s", exc)
+            return 0  # keep everything pending; the next flush tries again (a write that reached the
+            # database before the error is then counted twice: a stricter limit, never a looser one)
+        synced = time.monotonic()
+        with self._lock:
+            for key in watched:
+                counter, doc = self._counters.get(key), shared.get(key)
+                if counter is None or doc is None:
                     continue
-                counter.pending = max(0, counter.pending - pending)
-                counter.seen, counter.ends_at, counter.synced_at = count, ends_at, time.monotonic()
-        return written
+                counter.pending = max(0, counter.pending - work.get(key, (0, 0))[0])
+                counter.seen, counter.ends_at, counter.synced_at = (
+                    int(doc["count"]),
+                    _timestamp(doc["expireAt"]),
+                    synced,
+                )
+        return len(work)
 
     def _forget_idle(self, now: float) -> None:
         """Drop ended windows with nothing pending; bound the table (lock held)."""
@@ -210,3 +248,8 @@ class BatchedMongoDBStorage(MongoDBStorage):
             log.warning("rate-limit counts not flushed at shutdown: %s", exc)
         if self._storage is not None:
             self._storage.close()
+
+
+def _timestamp(value: datetime) -> float:
+    """UNIX time of a stored date (naive ones are UTC, as pymongo returns them without tz_aware)."""
+    return (value if value.tzinfo is not None else value.replace(tzinfo=UTC)).timestamp()

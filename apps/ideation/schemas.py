@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from apps.core.mongo_keys import StorableDict, check_storable_keys
 from apps.core.openapi import body_example
+from apps.core.query_models import QueryModel
 
 # letters/digits (incl. CJK), dot, dash, underscore; empty allowed (the original frontend may send "")
 USERNAME_PATTERN = r"^[\w.\-]{0,64}$"
@@ -127,5 +128,5 @@ class UserPath(BaseModel):
     username: str = Field(pattern=r"^[\w.\-]{1,64}$")
 
 
-class HistoryQuery(BaseModel):
+class HistoryQuery(QueryModel):
     limit: int = Field(default=50, ge=1, le=500)

@@ -17,6 +17,7 @@ from pydantic_core.core_schema import ValidatorFunctionWrapHandler
 from apps.core.envelope import BusinessException
 from apps.core.mongo_keys import StorableDict
 from apps.core.openapi import body_example
+from apps.core.query_models import QueryModel
 from apps.core.storage import ID_PATTERN
 
 from . import labels
@@ -365,11 +366,11 @@ class ImageIdPath(BaseModel):
     image_id: str = Field(pattern=f"^{ID_PATTERN}$")
 
 
-class LimitQuery(BaseModel):
+class LimitQuery(QueryModel):
     limit: int = Field(default=50, ge=1, le=500)
 
 
-class StimuliQuery(BaseModel):
+class StimuliQuery(QueryModel):
     sessionId: str | None = Field(default=None, pattern=SESSION_PATTERN)
     type: int | None = Field(default=None, ge=0, le=3, description="only this /generate type")
     before: str | None = Field(

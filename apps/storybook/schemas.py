@@ -13,6 +13,7 @@ from flask import current_app, has_app_context
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from apps.core.openapi import body_example
+from apps.core.query_models import QueryModel
 
 DESCRIPTION_MAX = 2000
 DEFAULT_MAX_PAGES = 20
@@ -49,7 +50,7 @@ def _pages(value: int) -> int:
 # ------------------------------------------------------------------ the original contract
 
 
-class LegacyCreateQuery(BaseModel):
+class LegacyCreateQuery(QueryModel):
     """`GET /get_storybook/?des=...&pgs=N` (the original's query names)."""
 
     des: str = Field(description="the story idea (1-2000 characters after trimming)")
@@ -70,7 +71,7 @@ class TaskPath(BaseModel):
     task_id: int = Field(description="the integer task id returned by /get_storybook/")
 
 
-class FinalOutputQuery(BaseModel):
+class FinalOutputQuery(QueryModel):
     task_id: int | None = Field(
         default=None, description="that task's final output; omitted: your latest book"
     )
@@ -160,7 +161,7 @@ class BookPath(BaseModel):
     book_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
 
 
-class HistoryQuery(BaseModel):
+class HistoryQuery(QueryModel):
     user: str | None = Field(
         default=None,
         pattern=USER_PATTERN,

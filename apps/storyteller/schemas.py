@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from apps.core.openapi import body_example
+from apps.core.query_models import QueryModel
 
 SESSION_PATTERN = r"^[A-Za-z0-9_-]{8,64}$"
 VERSION_PATTERN = r"^[A-Za-z0-9_-]{8,64}$"
@@ -275,7 +276,7 @@ class FeedbackBody(SessionField):
     comment: str | None = Field(default=None, max_length=2000)
 
 
-class SessionQuery(BaseModel):
+class SessionQuery(QueryModel):
     session: str | None = Field(default=None, pattern=SESSION_PATTERN)
 
 
