@@ -106,8 +106,7 @@ def connect(settings: Settings) -> tuple[MongoClient, Database]:
         serverSelectionTimeoutMS=SERVER_SELECTION_TIMEOUT_MS,
         connectTimeoutMS=CONNECT_TIMEOUT_MS,
         socketTimeoutMS=SOCKET_TIMEOUT_MS,
-        retryWrites=True,
-        tz_aware=True,
+        tz_aware=True,  # retryWrites: the URI's (pymongo's default, off for the embedded server)
         appname="creativity-server",
     )
     return client, DurableDatabase(client, settings.MONGO_DB)

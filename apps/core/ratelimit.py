@@ -156,8 +156,8 @@ def init_ratelimit(app: Flask, settings: Settings) -> Limiter | None:
                 "connectTimeoutMS": 1500,
                 "socketTimeoutMS": 5000,
                 "appname": "creativity-ratelimit",
-                # a counter write lost or repeated in a network error only moves a limit by a hit; a
-                # retryable write costs the embedded server a scan of its whole retry table per write
+                # a counter write lost or repeated in a network error only moves a limit by a hit (the
+                # embedded server's URI turns them off for everyone: apps/core/embedded_mongo.py)
                 "retryWrites": False,
             }
             if uri.startswith("batched+"):
