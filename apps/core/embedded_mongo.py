@@ -58,9 +58,8 @@ def _host(data_dir: Path) -> HostProcess:
 
 # No retryable writes against the embedded server. secantusdb keeps every retryable write's reply for
 # 30 minutes, up to 10,000, and scans (and past the cap sorts) that whole table on every retryable
-# write: after 10,000 writes an update costs ~10 ms instead of ~0.8 ms, for as long as the server runs
-# busy (measured 2026-12-02 with 12,000 updates on one document: 0.94, 3.40, 9.54, 10.57 ms per write
-# per thousand with them; 0.72-0.84 ms throughout without). What they would buy here is small: the
+# write: past 10,000 writes an update costs 10.8-12.8 ms instead of 0.65-0.78 ms, for as long as the
+# server runs busy (`python bench/retry_writes.py`, 2026-12-02). What they would buy here is small: the
 # table is in memory, so after the restart that breaks a connection a retried write runs again anyway,
 # and a write that fails on a broken connection answers 503 (apps/core/resilience.py) or is retried by
 # its caller (job events, leases, the SD pool). A MONGO_URI of a real MongoDB keeps pymongo's default.

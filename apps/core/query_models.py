@@ -10,13 +10,10 @@ per class and set of arguments; callers get a copy, so nothing they change leaks
 from __future__ import annotations
 
 import copy
-import threading
 from typing import Any, ClassVar
 
 from pydantic import BaseModel
 from pydantic.json_schema import DEFAULT_REF_TEMPLATE, GenerateJsonSchema, JsonSchemaMode
-
-_lock = threading.Lock()
 
 
 class QueryModel(BaseModel):
@@ -43,6 +40,5 @@ class QueryModel(BaseModel):
                 mode=mode,
                 **kwargs,
             )
-            with _lock:
-                QueryModel._schemas[key] = schema
+            QueryModel._schemas[key] = schema  # two threads racing here build the same schema twice
         return copy.deepcopy(schema)
