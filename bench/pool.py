@@ -27,9 +27,10 @@ What runs:
   kernel hands connections to whichever gunicorn worker accepts).
 
 Measured per scenario, after a 1 s warm-up, over `--seconds` seconds:
-- images/s from the instances' side: a generation occupies its instance for the last D
-  seconds of its HTTP request (the fake serialises and sleeps D just before answering);
-  that busy time is clipped to the window, so images at the edges count fractionally.
+- images/s from the instances' side: a generation occupies its instance for the D seconds
+  before the fake leaves its queue lock (`gen_end`; it encodes the PNG after that, as the
+  WebUI does, while the next generation runs); that busy time is clipped to the window, so
+  images at the edges count fractionally.
   ratio = images/s / ideal, ideal = K/D ((K-1)/D with one instance dead or hung);
 - per-instance share of that work; max queue depth per instance: the most generation
   requests an instance ever held at once (FakeSD.max_concurrent_seen; 1 = no queueing
@@ -527,7 +528,7 @@ class Harness:
             for entry in list(f.requests):
                 if not entry["path"].endswith("/txt2img") or entry.get("end") is None:
                     continue
-                end = entry["end"]
+                end = entry.get("gen_end") or entry["end"]  # when the fake left its queue lock
                 lo, hi = max(end - d, t_start), min(end, t_stop)
                 total += max(0.0, hi - lo)
             busy.append(total)

@@ -13,7 +13,8 @@ What runs, in one run and on the same fakes:
   LLM_PROVIDER=openai on the fake, SD_INSTANCES the fakes), once per SD_QUEUE_DEPTH value (1 and 2,
   passed in the environment; a server that does not know the setting ignores it and the columns
   then agree); C clients POST `/refinement/generate` type 0 with num=M (what InsPilot's frontend
-  sends), each on a new connection so the kernel picks the worker;
+  sends), each on a new connection so the kernel picks the worker, from client processes (reading
+  a reply of M base64 images in this process would take the GIL from the fakes, which run here);
 - the original (InsPilot-api): in the harness's 4 worker processes, each request to a random one,
   3 chats in sequence over HTTP to the same fake OpenAI, then the M images through `OriginalPool`
   (a per-process Semaphore(K) + FIFO of the K URLs, a fresh ThreadPoolExecutor per request) at the
@@ -21,8 +22,9 @@ What runs, in one run and on the same fakes:
 - C closed-loop clients, R requests each.
 
 Measured per run, from the instances' side: images/s over the span from the first image's start to
-the last one's end (a generation of n images occupies its instance for the last n*D s of its HTTP
-request: the fake sleeps, then renders and answers), as a share of the ideal K/D; max queue depth per
+the last one's end (a generation of n images occupies its instance for the n*D s before the fake
+leaves its queue lock, `gen_end`; like the WebUI it encodes the PNGs after that), as a share of the
+ideal K/D; max queue depth per
 instance (FakeSD.max_concurrent_seen: generations inside an instance at once, running or queued, so
 2 = one running + one waiting) and max running (FakeSD.max_running, 1 = never two at once). From the
 clients' side: requests ok (ours: success, M creatives, every image a PNG; the original: M non-empty
@@ -31,6 +33,7 @@ images, every chat 200) and latency p50/max.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import random
 import shutil
@@ -39,7 +42,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -76,13 +79,37 @@ def _reply_ok(resp: Any, m: int) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- ours
+def send_type0(base: str, m: int) -> tuple[str | None, float, float]:
+    """POST one type 0 request on a new connection; (why not ok or None, start, end). Runs in a client process:
+    reading a reply (M base64 images) must not take the GIL from the fakes in the bench's process, just as
+    the original's requests run in the harness's worker processes."""
+    import requests
+
+    start = time.time()
+    try:
+        resp = requests.post(
+            f"{base}/refinement/generate", json=_body(m), timeout=600, headers={"Connection": "close"}
+        )
+        error = _reply_ok(resp, m)
+    except requests.RequestException as exc:
+        error = f"{type(exc).__name__}: {exc}"[:200]
+    return error, start, time.time()
+
+
 class Server:
     """The real server under gunicorn on the shared fakes, with SD_QUEUE_DEPTH=depth in its environment."""
 
     def __init__(
-        self, bench: ModuleType, mongo_uri: str, sd_urls: list[str], openai_url: str, depth: int
+        self,
+        bench: ModuleType,
+        mongo_uri: str,
+        sd_urls: list[str],
+        openai_url: str,
+        depth: int,
+        senders: ProcessPoolExecutor,
     ) -> None:
         self.depth = depth
+        self.senders = senders
         self.db = f"bench_pool_refinement_{os.getpid()}_{depth}"
         self.mongo_uri = mongo_uri
         port = bench._free_port()
@@ -126,20 +153,8 @@ class Server:
             raise RuntimeError(f"warm-up of SD_QUEUE_DEPTH={self.depth} failed: {errors[0]}\n{self.tail()}")
 
     def post(self, m: int) -> tuple[str | None, float, float]:
-        import requests
-
-        start = time.time()
-        try:
-            resp = requests.post(
-                f"{self.base}/refinement/generate",
-                json=_body(m),
-                timeout=600,
-                headers={"Connection": "close"},
-            )
-            error = _reply_ok(resp, m)
-        except requests.RequestException as exc:
-            error = f"{type(exc).__name__}: {exc}"[:200]
-        return error, start, time.time()
+        """One type 0 request, sent from a client process (`send_type0`)."""
+        return self.senders.submit(send_type0, self.base, m).result()
 
     def tail(self) -> str:
         self.log.seek(0)
@@ -243,7 +258,8 @@ def _measure(fakes: list[Any], records: list[dict[str, Any]], k: int, d: float) 
             body = e.get("json") or {}
             n = max(1, int(body.get("batch_size") or 1)) * max(1, int(body.get("n_iter") or 1))
             images += n
-            spans.append((e["end"] - n * d, e["end"]))
+            end = e.get("gen_end") or e["end"]  # the instance's side: its sampling ended here
+            spans.append((end - n * d, end))
     span = (max(b for _, b in spans) - min(a for a, _ in spans)) if spans else float("nan")
     per_s = images / span if spans and span > 0 else 0.0
     lat = sorted(r["end"] - r["start"] for r in records)
@@ -301,9 +317,10 @@ def run(
         f"images/s over the span from the first image's start to the last one's end",
         flush=True,
     )
+    senders = ProcessPoolExecutor(max(clients, 2 * bench.WORKERS), mp_context=mp.get_context("spawn"))
     try:
         for depth in DEPTHS:
-            servers[depth] = Server(bench, harness.mongo_uri, urls, openai.url, depth)
+            servers[depth] = Server(bench, harness.mongo_uri, urls, openai.url, depth, senders)
         for server in servers.values():
             server.ready()
         original = Original(bench, harness, urls, openai.url)
@@ -322,6 +339,7 @@ def run(
     finally:
         for server in servers.values():
             server.stop()
+        senders.shutdown()
         for f in fakes:
             f.stop()
         openai.stop()

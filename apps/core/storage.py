@@ -27,7 +27,8 @@ from flask import current_app, has_request_context, request
 from PIL import Image, UnidentifiedImageError
 from pymongo.database import Database
 
-from .db import gridfs_bucket
+from . import gridfs_files
+from .db import IMAGES_BUCKET, gridfs_bucket, research_write_concern
 from .errors import ApiError
 
 ALLOWED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
@@ -47,6 +48,7 @@ class StoredImage:
 
 
 def create_indexes(db: Database) -> None:
+    gridfs_files.ensure_indexes(db[f"{IMAGES_BUCKET}.files"], db[f"{IMAGES_BUCKET}.chunks"])  # GridFS's own
     db["images.files"].create_index([("metadata.app", 1), ("metadata.user", 1), ("uploadDate", -1)])
     db["images.files"].create_index("metadata.job")
 
@@ -145,7 +147,10 @@ class ImageStore:
         cache_ttl_s: float = 60.0,
     ) -> None:
         self.db = db
-        self.bucket = gridfs_bucket(db)
+        self.bucket = gridfs_bucket(db)  # reads and deletes; writes go through gridfs_files (two inserts)
+        durable = research_write_concern(db.write_concern)
+        self._files = db.get_collection(f"{IMAGES_BUCKET}.files", write_concern=durable)
+        self._chunks = db.get_collection(f"{IMAGES_BUCKET}.chunks", write_concern=durable)
         self.max_bytes = max_bytes
         self.max_side = max_side
         self._recent = _RecentImages(cache_bytes, cache_ttl_s) if cache_bytes > 0 else None
@@ -188,8 +193,8 @@ class ImageStore:
             "sha256": hashlib.sha256(data).hexdigest(),
             **{k: v for k, v in metadata.items() if v is not None},
         }
-        self.bucket.upload_from_stream_with_id(
-            image_id, f"{image_id}.{EXTENSIONS[content_type]}", io.BytesIO(data), metadata=meta
+        gridfs_files.write_file(
+            self._files, self._chunks, image_id, f"{image_id}.{EXTENSIONS[content_type]}", data, meta
         )
         return image_id
 

@@ -102,7 +102,9 @@ class FakeSD:
         port: int = 0,
         real_titles: bool = False,
     ) -> None:
-        self.delay = delay  # seconds per image, slept while holding the generation lock
+        self.delay = (
+            delay  # seconds per image, slept while holding the generation lock (the PNGs are made after)
+        )
         self._name = name
         self.models: list[str] = list(models or DEFAULT_MODELS)  # model names
         # The real WebUI calls a checkpoint "name.safetensors [hash]" in options/info/sd-models titles;
@@ -276,6 +278,8 @@ class FakeSD:
             "start": now,
             "end": None,
             "status": None,
+            "gen_start": None,  # generations: when the queue lock was taken ...
+            "gen_end": None,  # ... and released (the PNGs are encoded after, as the WebUI does)
         }
         with self._cv:
             self.requests.append(entry)
@@ -396,6 +400,32 @@ class FakeSD:
                 self._inside -= 1
                 self._cv.notify_all()
 
+    def _image(
+        self,
+        params: dict[str, Any],
+        inits: list[Image.Image],
+        mask: Image.Image | None,
+        used: str,
+        seed: int,
+        i: int,
+    ) -> str:
+        """Image i of a generation as base64 PNG (img2img: drawn over its init image, inpaint: masked)."""
+        width, height = int(params["width"]), int(params["height"])
+        base = inits[i % len(inits)] if inits else None
+        img = render(
+            width,
+            height,
+            f"{params['prompt']}|{seed + i}",
+            f"{self.name}\n{used}\n{params['prompt'][:60]}",
+            base=base,
+        )
+        if mask is not None and base is not None:  # inpaint: keep the unmasked part
+            keep = mask.convert("L").resize((width, height))
+            if params.get("inpainting_mask_invert"):
+                keep = ImageOps.invert(keep)
+            img = Image.composite(img, base.convert("RGB").resize((width, height)), keep)
+        return to_b64(img)
+
     def _generate_inner(self, entry: dict[str, Any], img2img: bool, epoch: int) -> Response:
         if self._wait_hang(epoch):
             return webui_error(503, "instance stopped")
@@ -417,7 +447,7 @@ class FakeSD:
         width, height = int(params["width"]), int(params["height"])
         seed = int(params["seed"])
         seed = secrets.randbelow(2**32) if seed == -1 else seed
-        images: list[str] = []
+        made = 0
         with self._gen_lock:
             if self._gone(epoch):
                 return webui_error(503, "instance stopped")
@@ -429,6 +459,7 @@ class FakeSD:
                 empty = self._empty > 0
                 self._empty -= 1 if empty else 0
                 self._cv.notify_all()
+            entry["gen_start"] = time.time()
             try:
                 previous = self.checkpoint
                 wanted = (params.get("override_settings") or {}).get("sd_model_checkpoint")
@@ -440,23 +471,9 @@ class FakeSD:
                     self._sleep_image(job)
                     if self._gone(epoch):
                         return webui_error(503, "instance stopped")
-                    if not empty:
-                        base = inits[i % len(inits)] if inits else None
-                        img = render(
-                            width,
-                            height,
-                            f"{params['prompt']}|{seed + i}",
-                            f"{self.name}\n{used}\n{params['prompt'][:60]}",
-                            base=base,
-                        )
-                        if mask is not None and base is not None:  # inpaint: keep the unmasked part
-                            keep = mask.convert("L").resize((width, height))
-                            if params.get("inpainting_mask_invert"):
-                                keep = ImageOps.invert(keep)
-                            img = Image.composite(img, base.convert("RGB").resize((width, height)), keep)
-                        images.append(to_b64(img))
+                    made = i + 1
                     with self._cv:
-                        job.done = i + 1
+                        job.done = made
                         self.count += 0 if empty else 1
                         self._cv.notify_all()
                     if job.interrupted:
@@ -464,10 +481,15 @@ class FakeSD:
                 if resolved and params.get("override_settings_restore_afterwards", True):
                     self._switch(previous, epoch)
             finally:
+                entry["gen_end"] = time.time()
                 with self._cv:
                     self._running -= 1
                     self._job = None
                     self._cv.notify_all()
+        # Encoded after the queue lock is released, as the WebUI does (modules/api/api.py encodes the
+        # processed images to base64 once `with self.queue_lock` has ended): the next generation runs
+        # meanwhile. Drawing the pixels is this fake's stand-in for the sampler's output, so it goes too.
+        images = [] if empty else [self._image(params, inits, mask, used, seed, i) for i in range(made)]
         entry.update(checkpoint=used, interrupted=job.interrupted, images=len(images))
         if empty:
             return _json({"images": [""]})

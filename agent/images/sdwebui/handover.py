@@ -39,7 +39,10 @@ WAKE = b"!"  # look at the queue and the instances
 RENEW = b"r"  # just wake up (a new lease to renew)
 HANDOFF = "H"
 MEMBERS_TTL_S = 10.0
-MEMBERS_REFRESH_S = 0.5
+# Two commands per refresh and process, while it waits or holds a lease. A peer that became active since
+# our last refresh is looked up when we have a hint for it (`Members.port_of`); until our next refresh
+# it only misses our "look again" wake-ups, and its own scan every poll_s covers those.
+MEMBERS_REFRESH_S = MEMBERS_TTL_S / 3
 
 
 @dataclass(frozen=True)
