@@ -243,6 +243,32 @@ def test_text_steps_run_while_images_generate(
     assert images["ended_ms"] - images["started_ms"] < 0.3 * 4 * 1000
 
 
+def test_session_counts_are_kept_on_the_session(c: Any, fake_openai: Any, db: Any) -> None:
+    """A new session counts its own requests (done, failed) and stimuli; one from before the counters
+    (no `counted`) is counted from the requests and stimuli, and both ways agree."""
+    from apps.refinement import store
+
+    session = ok(c, "/paint/start", {"username": "p04"})["sessionId"]
+    assert db.refinement_sessions.find_one({"_id": session})["counted"] is True
+    ok(c, "/generate", {**R3, "sessionId": session, "prompts": {"task": TASK, "num": 2}})
+    fake_openai.fail_next(500, times=40)
+    status, _ = post(c, "/generate", {**R3, "sessionId": session, "prompts": {"task": TASK, "num": 2}})
+    assert status in (502, 503)
+    (row,) = c.get("/refinement/users/p04/sessions").get_json()["data"]["sessions"]
+    assert (row["requests"], row["failedRequests"], row["stimuli"]) == (2, 1, 2)
+    doc = db.refinement_sessions.find_one({"_id": session})
+    assert doc["counts"] == {"done": 1, "failed": 1, "stimuli": 2}
+    counted = store.session_counts(db, [doc])
+    aggregated = store.session_counts(db, [{k: v for k, v in doc.items() if k != "counted"}])
+    assert counted == aggregated == ({session: {"done": 1, "failed": 1}}, {session: 2})
+    # a session from before the counters: its counters (were any $inc'ed onto it) are not trusted
+    db.refinement_sessions.update_one(
+        {"_id": session}, {"$unset": {"counted": 1}, "$set": {"counts.done": 99}}
+    )
+    (row,) = c.get("/refinement/users/p04/sessions").get_json()["data"]["sessions"]
+    assert (row["requests"], row["failedRequests"], row["stimuli"]) == (2, 1, 2)
+
+
 # ------------------------------------------------------------------ failures leave nothing behind
 def test_model_500_exhausted_is_503_and_nothing_saved(c: Any, fake_openai: Any, db: Any) -> None:
     fake_openai.fail_next(500, times=40)

@@ -150,6 +150,7 @@ class StimulusService:
                 duration_ms=round((time.perf_counter() - t0) * 1000, 1),
             )
             store.insert_request_quietly(self.db, record)
+            store.count_failed_quietly(self.db, who.session)
             raise
         run.close()
         provenance = run.provenance()
@@ -184,7 +185,7 @@ class StimulusService:
                 self._discard(record["_id"])
                 raise
             if session:
-                store.touch_session(self.db, session)
+                store.count_run(self.db, session, "done", len(docs))
 
     def _store_sketches(self, body: GenerateRequest, who: Who, request_id: str) -> Sketches:
         """Decode, check and store the sketches the request carries (kind "sketch", linked to the request)."""
@@ -263,7 +264,7 @@ class StimulusService:
         return _visible(doc, views.public_request, labels.REQUEST_NOT_FOUND, caller)
 
     def _summaries(self, sessions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        request_counts, stimulus_counts = store.session_counts(self.db, [s["_id"] for s in sessions])
+        request_counts, stimulus_counts = store.session_counts(self.db, sessions)
         return [views.session_summary(s, request_counts, stimulus_counts) for s in sessions]
 
 
