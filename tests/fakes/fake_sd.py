@@ -2,7 +2,8 @@
 
 Real HTTP on 127.0.0.1, real PNGs (Pillow; pixels depend on prompt + seed, the instance name is
 drawn on them), ONE generation at a time like the real WebUI (its queue lock), `delay` seconds per
-image, checkpoint switching, progress/interrupt, and faults:
+image (the PNGs are encoded after the lock is left, as the WebUI does), checkpoint switching,
+progress/interrupt, and faults:
 
     with FakeSD(delay=0.2, name="sd0") as sd:
         sd.fail_next(500); sd.empty_images_next(2)
