@@ -24,9 +24,8 @@ What runs, in one run and on the same fakes:
 Measured per run, from the instances' side: images/s over the span from the first image's start to
 the last one's end (a generation of n images occupies its instance for the n*D s before the fake
 leaves its queue lock, `gen_end`; like the WebUI it encodes the PNGs after that), as a share of the
-ideal K/D; max queue depth per
-instance (FakeSD.max_concurrent_seen: generations inside an instance at once, running or queued, so
-2 = one running + one waiting) and max running (FakeSD.max_running, 1 = never two at once). From the
+ideal K/D; max queue depth per instance (FakeSD.max_concurrent_seen: generations inside an instance
+at once, running or queued, so 2 = one running + one waiting) and max running (FakeSD.max_running, 1 = never two at once). From the
 clients' side: requests ok (ours: success, M creatives, every image a PNG; the original: M non-empty
 images, every chat 200) and latency p50/max.
 """

@@ -3,8 +3,9 @@
 Why: pymongo's `GridIn` (behind `GridFSBucket.upload_from_stream_with_id`) first checks whether the
 bucket's indexes exist, with a `find_one` on `files` and one on `chunks`, for every file it writes:
 four round trips per image where two do. Here the two indexes the GridFS specification names are
-created once per process at start (`apps.core.storage.create_indexes`), and each file is its chunks (`insert_many`) followed by its
-`files` document, the order GridIn uses, so a reader never sees a file whose chunks are missing.
+created once per process at start (`apps.core.storage.create_indexes`), and each file is its chunks
+(`insert_many`) followed by its `files` document, the order GridIn uses, so a reader never sees a file
+whose chunks are missing.
 Reading and deleting stay pymongo's (`GridFSBucket`); tests/test_gridfs_files.py reads back with it.
 """
 

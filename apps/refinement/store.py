@@ -117,10 +117,6 @@ def count_save(db: Database, session_id: str) -> None:
     db[SESSIONS].update_one({"_id": session_id}, {"$inc": {"saves": 1}, "$set": {"last_seen_at": now()}})
 
 
-def touch_session(db: Database, session_id: str) -> None:
-    db[SESSIONS].update_one({"_id": session_id}, {"$set": {"last_seen_at": now()}})
-
-
 def count_run(db: Database, session_id: str, status: str, stimuli: int = 0) -> None:
     """One more request with `status` (and its stimuli) on the session, and it was seen now: one update.
 
