@@ -8,38 +8,17 @@ from __future__ import annotations
 
 import io
 import os
-import threading
 from typing import Any
 
 import gridfs
 import pytest
 from PIL import Image
-from pymongo import MongoClient, monitoring
+from pymongo import MongoClient
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from apps.core import gridfs_files, storage
 from apps.core.storage import ImageStore
-
-
-class Commands(monitoring.CommandListener):
-    """(command name, collection) of every command started on one database."""
-
-    def __init__(self, database: str) -> None:
-        self.database = database
-        self.seen: list[tuple[str, str]] = []
-        self._lock = threading.Lock()
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        if event.database_name == self.database:
-            target = event.command.get(event.command_name)
-            with self._lock:
-                self.seen.append((event.command_name, target if isinstance(target, str) else ""))
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        return None
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        return None
+from tests.mongo_commands import CommandLog
 
 
 def _png(side: int = 64) -> bytes:
@@ -49,13 +28,13 @@ def _png(side: int = 64) -> bytes:
 
 
 def test_a_saved_image_costs_two_inserts(mongo_uri: str, db_name: str) -> None:
-    listener = Commands(db_name)
+    listener = CommandLog(db_name)
     with MongoClient(mongo_uri, event_listeners=[listener], tz_aware=True) as client:
         db = client[db_name]
         storage.create_indexes(db)
         store = ImageStore(db, max_bytes=1 << 20, max_side=4096, cache_bytes=0)
         data = _png()
-        listener.seen.clear()
+        listener.clear()
         image_id = store.save(data, app="test")
         assert listener.seen == [("insert", "images.chunks"), ("insert", "images.files")]
         info = store.info(image_id)

@@ -7,46 +7,18 @@ whole 2-page storybook on the fake OpenAI server, streamed to its end.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import pytest
 from pymongo import monitoring
 
+from tests.mongo_commands import CommandLog
 from tests.test_storybook import AUTH, CREDS, openai_settings, read, story_fake  # noqa: F401 - a fixture
-
-
-class CommandCounter(monitoring.CommandListener):
-    """Counts started commands by (command name, collection) for one database."""
-
-    def __init__(self, database: str) -> None:
-        self.database = database
-        self.counts: dict[tuple[str, str], int] = {}
-        self.active = True  # pymongo has no unregister: the listener goes quiet after its test
-        self._lock = threading.Lock()
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        if not self.active or event.database_name != self.database:
-            return
-        target = event.command.get(event.command_name)
-        key = (event.command_name, target if isinstance(target, str) else "")
-        with self._lock:
-            self.counts[key] = self.counts.get(key, 0) + 1
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        return None
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        return None
-
-    def on(self, *collections: str) -> int:
-        with self._lock:
-            return sum(n for (_, coll), n in self.counts.items() if coll in collections)
 
 
 @pytest.mark.usefixtures("story_fake")  # the fake OpenAI answers with a plan and page texts
 def test_one_event_is_one_insert(make_app: Any, fake_openai: Any, db_name: str) -> None:
-    counter = CommandCounter(db_name)
+    counter = CommandLog(db_name)
     monitoring.register(counter)  # applies to clients created from now on: the app's
     app = make_app(**openai_settings(fake_openai), **CREDS, RATE_LIMIT_ENABLED=False)
     c = app.test_client()

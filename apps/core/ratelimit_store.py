@@ -23,7 +23,8 @@ So one process never lets a caller past its limit, and all processes together ca
 overshoot by at most what the *other* processes let through during one flush interval, or up to
 `stale_s` while the database is slow (e.g. at 0.2 s: a caller spreading 10 requests/s over 4 workers
 gets at most ~2 extra requests per window when the flushes keep time). `RATE_LIMIT_BATCH_S=0` turns
-batching off (exact, one round trip per request). If MongoDB is away, counts wait in the process and are added on recovery.
+batching off (exact, one round trip per request). If MongoDB is away, counts wait in the process and
+are added on recovery.
 
 URI scheme: `batched+mongodb://...` / `batched+mongodb+srv://...` (the rest is the
 MongoDB URI); query option `flush_s` via `storage_options`.
