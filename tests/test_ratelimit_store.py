@@ -132,3 +132,51 @@ def test_a_stale_view_is_not_trusted(mongo_uri: str, db_name: str, db: Any) -> N
         assert limiter.hit(limit, "ip:1") and store.waited_round_trips == 2
     finally:
         store.close()
+
+
+def test_keys_far_from_their_limit_are_synced_every_cold_interval(
+    mongo_uri: str, db_name: str, db: Any
+) -> None:
+    """The periodic flush syncs a key under half its limit, and hit slowly here, only every `cold_s`;
+    a key near its limit, hit fast, or of unknown limit, at every flush."""
+    a, b = storage(mongo_uri, db_name), storage(mongo_uri, db_name)  # flush_s 60: flushed by hand
+    la, lb = FixedWindowRateLimiter(a), FixedWindowRateLimiter(b)
+    roomy, tight = parse("1000/minute"), parse("10/minute")
+    a.cold_s = 0.3
+
+    def count(limit: Any, who: str) -> int:
+        return db.ratelimit_counters.find_one({"_id": limit.key_for(who)})["count"]
+
+    try:
+        assert all(la.hit(roomy, "ip:slow") for _ in range(3))
+        assert all(la.hit(tight, "ip:slow") for _ in range(3))
+        assert a.incr("custom-key", 60) == 1 and a.incr("custom-key", 60) == 2
+        assert a.flush(everything=False) == 2  # the tight key and the unknown one; the roomy one waits
+        assert count(roomy, "ip:slow") == 1 and count(tight, "ip:slow") == 3
+        assert db.ratelimit_counters.find_one({"_id": "custom-key"})["count"] == 2
+        time.sleep(0.35)
+        assert a.flush(everything=False) == 1  # cold_s after its last sync: the roomy key's turn
+        assert count(roomy, "ip:slow") == 3
+
+        # hit fast here (1/50 of the limit since the last sync): synced at every flush again
+        assert all(la.hit(roomy, "ip:fast") for _ in range(21))
+        assert a.flush(everything=False) == 1 and count(roomy, "ip:fast") == 21
+
+        # near the limit (half of it, counted by another process): synced at every flush again
+        assert la.hit(roomy, "ip:shared")
+        assert all(lb.hit(roomy, "ip:shared") for _ in range(499))
+        b.flush()
+        a.flush()  # a reads b's hits: 500 of 1000
+        assert la.hit(roomy, "ip:shared")
+        assert a.flush(everything=False) == 1 and count(roomy, "ip:shared") == 501
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_limit_is_read_from_limits_key() -> None:
+    from apps.core.ratelimit_store import _limit_of
+
+    assert _limit_of(parse("600/minute").key_for("ip:1")) == 600
+    assert _limit_of(parse("5 per 2 hours").key_for("user/with/slashes")) == 5
+    assert _limit_of("custom-key") is None and _limit_of("a/b/c/d") is None

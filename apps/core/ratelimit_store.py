@@ -17,12 +17,20 @@ they are written:
 - a hit is allowed when `shared count last read + this process's hits since` is within the limit.
   A key this process has not used for `IDLE_S` is no longer read back, and a view older than
   `stale_s` (three flush intervals, at least 2 s: a flusher late behind a slow database, or failing)
-  is not trusted: the next hit is a round trip again.
+  is not trusted: the next hit is a round trip again;
+- only keys near their limit need every flush. A key whose count is under half its limit (`HOT_SHARE`,
+  the limit read from limits' key, `.../<amount>/<multiples>/<granularity>`) and that this process hit
+  fewer than `FAST_SHARE` (1/50) of the limit times since its last sync is synced every `cold_s`
+  (5 flush intervals, 1 s at the default) instead. At a participant's pace that is every key, so a
+  process's flusher costs two round trips per second, not ten (`bench/load.py`: 38 of the embedded
+  database's ~200 commands/s in the paced phase were these flushes before).
 
 So one process never lets a caller past its limit, and all processes together can
 overshoot by at most what the *other* processes let through during one flush interval, or up to
 `stale_s` while the database is slow (e.g. at 0.2 s: a caller spreading 10 requests/s over 4 workers
-gets at most ~2 extra requests per window when the flushes keep time). `RATE_LIMIT_BATCH_S=0` turns
+gets at most ~2 extra requests per window when the flushes keep time), plus, per other process and
+window, what it let through while the key was cold there (under 1/50 of the limit: a process whose
+own hits reach that many since its last sync syncs the key at every flush from then on). `RATE_LIMIT_BATCH_S=0` turns
 batching off (exact, one round trip per request). If MongoDB is away, counts wait in the process and
 are added on recovery.
 
@@ -52,6 +60,9 @@ IDLE_S = 5.0  # a key unused this long is no longer read back at each flush
 # a view older than this (a flusher late behind a slow database, or failing) is not trusted: at least
 # 2 s, so that a database slowed by load is not also handed one extra round trip per request
 STALE_MIN_S = 2.0
+HOT_SHARE = 0.5  # a key whose count reached this share of its limit is synced at every flush
+FAST_SHARE = 0.02  # ... and one this process hit this share of its limit times since its last sync
+COLD_FLUSHES = 5  # other keys: every 5th flush interval (but at most half of stale_s)
 
 
 @dataclass
@@ -62,6 +73,7 @@ class _Counter:
     ends_at: float  # UNIX time the shared window ends
     synced_at: float  # monotonic time of the last round trip (what other processes added is this old)
     used_at: float  # monotonic time of this process's last hit on the key
+    limit: int | None  # the limit's amount (from the key), None: unknown (synced at every flush)
 
 
 class BatchedMongoDBStorage(MongoDBStorage):
@@ -73,6 +85,7 @@ class BatchedMongoDBStorage(MongoDBStorage):
         super().__init__(uri.removeprefix(SCHEME_PREFIX), **options)
         self.flush_s = max(0.01, float(flush_s))
         self.stale_s = max(STALE_MIN_S, 3 * self.flush_s)
+        self.cold_s = max(self.flush_s, min(COLD_FLUSHES * self.flush_s, self.stale_s / 2))
         self._counters: dict[str, _Counter] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -102,7 +115,13 @@ class BatchedMongoDBStorage(MongoDBStorage):
             pending = racing.pending if racing is not None else 0
             mono = time.monotonic()
             self._counters[key] = _Counter(
-                seen=count, pending=pending, expiry_s=expiry, ends_at=ends_at, synced_at=mono, used_at=mono
+                seen=count,
+                pending=pending,
+                expiry_s=expiry,
+                ends_at=ends_at,
+                synced_at=mono,
+                used_at=mono,
+                limit=_limit_of(key),
             )
             self._ensure_flusher()
             return count + pending
@@ -180,17 +199,31 @@ class BatchedMongoDBStorage(MongoDBStorage):
 
     def _run(self) -> None:
         while not self._stop.wait(self.flush_s):
-            self.flush()
+            self.flush(everything=False)
 
-    def flush(self) -> int:
-        """Add every key's pending hits (one bulk write) and read back the shared count of every key
-        used lately (one query); returns how many keys had hits to write."""
+    def _due(self, counter: _Counter, mono: float) -> bool:
+        """Whether a periodic flush syncs this key: near its limit, hit fast here, or cold_s since its last
+        sync (lock held)."""
+        if counter.limit is None or mono - counter.synced_at >= self.cold_s:
+            return True
+        view = counter.seen + counter.pending
+        return view >= counter.limit * HOT_SHARE or counter.pending >= counter.limit * FAST_SHARE
+
+    def flush(self, everything: bool = True) -> int:
+        """Add the pending hits (one bulk write) and read back the shared count of every key used lately
+        (one query): every key, or (the periodic flush, everything=False) the keys `_due` says. Returns
+        how many keys had hits to write."""
         now = time.time()
         mono = time.monotonic()
         with self._lock:
             self._forget_idle(now)
-            work = {k: (c.pending, c.expiry_s) for k, c in self._counters.items() if c.pending > 0}
-            watched = [k for k, c in self._counters.items() if c.pending > 0 or mono - c.used_at < IDLE_S]
+            chosen = {
+                k: c
+                for k, c in self._counters.items()
+                if (c.pending > 0 or mono - c.used_at < IDLE_S) and (everything or self._due(c, mono))
+            }
+            work = {k: (c.pending, c.expiry_s) for k, c in chosen.items() if c.pending > 0}
+            watched = list(chosen)
         if not watched:
             return 0
         try:
@@ -249,6 +282,13 @@ class BatchedMongoDBStorage(MongoDBStorage):
             log.warning("rate-limit counts not flushed at shutdown: %s", exc)
         if self._storage is not None:
             self._storage.close()
+
+
+def _limit_of(key: str) -> int | None:
+    """The limit's amount in limits' key (`<namespace>/<identifiers...>/<amount>/<multiples>/<granularity>`);
+    None if the key is not one of those."""
+    parts = key.rsplit("/", 3)
+    return int(parts[1]) if len(parts) == 4 and parts[1].isdigit() and parts[2].isdigit() else None
 
 
 def _timestamp(value: datetime) -> float:
