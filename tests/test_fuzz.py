@@ -13,9 +13,7 @@ naming the bug, rather than by loosening the checks.
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,6 +26,8 @@ from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.specs.openapi.checks import response_schema_conformance  # noqa: E402
 
+from tests.client_facing_app import client_facing_app  # noqa: E402
+
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "40"))
 
 # streams: a generated request would open an endless response
@@ -38,32 +38,8 @@ KNOWN_BUGS: dict[str, str] = {}
 
 @pytest.fixture(scope="module")
 def fuzz_app(mongo_client: Any, mongo_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from app import create_app
-    from tests.fakes.fake_openai import FakeOpenAI
-
-    db_name = "fuzz_" + secrets.token_hex(4)
-    with FakeOpenAI() as fake:
-        app = create_app(
-            {
-                "MONGO_URI": mongo_uri,
-                "MONGO_DB": db_name,
-                "DATA_DIR": str(Path(tmp_path_factory.mktemp("fuzz")) / "data"),
-                "LLM_PROVIDER": "openai",
-                "OPENAI_BASE_URL": fake.url,
-                "OPENAI_API_KEY": "k",
-                "LLM_MODEL": "fake-model",
-                "LLM_RETRY_BASE_S": 0.01,
-                "LLM_MAX_RETRIES": 1,
-                "IMAGE_PROVIDER": "placeholder",
-                "RATE_LIMIT_ENABLED": False,  # the fuzzer sends far more than a person would
-                "SSE_HEARTBEAT_S": 1.0,
-                "JOB_LEASE_S": 5.0,
-            }
-        )
-        app.testing = False  # exceptions become the server's 500s (what a client sees), not test errors
+    with client_facing_app(mongo_client, mongo_uri, tmp_path_factory.mktemp("fuzz"), "fuzz") as app:
         yield app
-        app.extensions["services"].close()
-        mongo_client.drop_database(db_name)
 
 
 @pytest.fixture(scope="module")

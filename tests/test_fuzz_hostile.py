@@ -16,15 +16,14 @@ import io
 import json
 import os
 import re
-import secrets
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
+from tests.client_facing_app import client_facing_app
 from tests.test_hostile import counts, png, png_bomb
 
 DEEP = 10_000
@@ -35,33 +34,10 @@ IMAGE_FIELD = re.compile(r"(image|mask|canvas|sketch|records)", re.IGNORECASE)
 
 @pytest.fixture(scope="module")
 def hostile_app(mongo_client: Any, mongo_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from app import create_app
-    from tests.fakes.fake_openai import FakeOpenAI
-
-    db_name = "hostile_" + secrets.token_hex(4)
-    with FakeOpenAI() as fake:
-        app = create_app(
-            {
-                "MONGO_URI": mongo_uri,
-                "MONGO_DB": db_name,
-                "DATA_DIR": str(Path(tmp_path_factory.mktemp("hostile")) / "data"),
-                "LLM_PROVIDER": "openai",
-                "OPENAI_BASE_URL": fake.url,
-                "OPENAI_API_KEY": "k",
-                "LLM_MODEL": "fake-model",
-                "LLM_RETRY_BASE_S": 0.01,
-                "LLM_MAX_RETRIES": 1,
-                "IMAGE_PROVIDER": "placeholder",
-                "RATE_LIMIT_ENABLED": False,
-                "SSE_HEARTBEAT_S": 1.0,
-                "JOB_LEASE_S": 5.0,
-                "STORYBOOK_MAX_PAGES": 2,
-            }
-        )
-        app.testing = False  # exceptions become the server's 500s (what a client sees)
+    with client_facing_app(
+        mongo_client, mongo_uri, tmp_path_factory.mktemp("hostile"), "hostile", STORYBOOK_MAX_PAGES=2
+    ) as app:
         yield app
-        app.extensions["services"].close()
-        mongo_client.drop_database(db_name)
 
 
 def post_routes(spec: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
