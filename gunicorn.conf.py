@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -152,8 +153,9 @@ def _services():  # noqa: ANN202 - the worker's Services, if its app was built
 
 
 def post_worker_init(worker) -> None:  # noqa: ANN001
-    """Start draining jobs the moment SIGTERM arrives, not after the open connections close: the SSE
-    streams of running jobs end only when their jobs end, and gunicorn waits for them."""
+    """Start draining jobs the moment SIGTERM arrives, not after the open connections close (the SSE
+    streams of running jobs end only when their jobs end, and gunicorn waits for them); parse the prompt
+    templates and freeze the start-up heap before the first request."""
     import signal
     import threading
 
@@ -168,6 +170,11 @@ def post_worker_init(worker) -> None:  # noqa: ANN001
 
     signal.signal(signal.SIGTERM, on_term)
     signal.siginterrupt(signal.SIGTERM, False)
+    services = _services()
+    if services is not None:  # templates parsed now, not inside the first requests (and frozen below)
+        started = time.monotonic()
+        parsed = services.prompts.warm()
+        worker.log.debug("%d prompt templates parsed in %.0f ms", parsed, (time.monotonic() - started) * 1000)
     from apps.core.worker_gc import freeze_startup_heap
 
     worker.log.debug("start-up heap frozen out of GC in %.0f ms", freeze_startup_heap())

@@ -301,6 +301,19 @@ def test_check_finds_broken_templates(lib: PromptLibrary, tmp_path: Path) -> Non
     assert any(e.startswith("a/empty [sample d]:") and "empty" in e for e in errors)
 
 
+def test_warm_parses_every_template_once_before_first_use(lib: PromptLibrary, tmp_path: Path) -> None:
+    """What a gunicorn worker does before its first request (gunicorn.conf.py post_worker_init)."""
+    write(tmp_path, "storybook/title.warm", TITLE)
+    write(tmp_path, "a/broken", "---\ndescription: x\n---\n{{ unclosed\n")
+    assert lib.warm() == 3  # title, its variant, ideas; the broken one is cached as its error
+    assert set(lib._cache) == {"storybook/title", "storybook/title.warm", "ideation/ideas", "a/broken"}
+    assert lib._cache["a/broken"].error is not None
+    parsed = dict(lib._cache)
+    assert lib.get("storybook/title") is parsed["storybook/title"].template  # a cache hit, not a re-parse
+    with pytest.raises(PromptError):
+        lib.get("a/broken")
+
+
 def test_project_templates_all_pass_check() -> None:
     lib = PromptLibrary(ROOT / "settings")
     assert lib.names(), "no templates found in settings/"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -50,11 +51,27 @@ def schema_problem(value: Any, schema: dict[str, Any]) -> str | None:
 
 
 def check_schema(schema: dict[str, Any]) -> None:
-    """A ValueError for a schema that is not a valid JSON Schema (the caller's bug, before any call)."""
+    """A ValueError for a schema that is not a valid JSON Schema (the caller's bug, before any call).
+
+    Checked once per distinct schema (its JSON text): the metaschema check costs ~1 ms, and every chat
+    that wants JSON asks again with the same few schemas."""
+    try:
+        text = json.dumps(schema, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"invalid JSON schema for chat(): not JSON ({exc})") from exc
+    problem = _schema_problem_of(text)
+    if problem is not None:
+        raise ValueError(f"invalid JSON schema for chat(): {problem}")
+
+
+@functools.lru_cache(maxsize=256)
+def _schema_problem_of(text: str) -> str | None:
+    schema = json.loads(text)
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
-        raise ValueError(f"invalid JSON schema for chat(): {exc.message}") from exc
+        return str(exc.message)
+    return None
 
 
 def checked(result: ChatResult, schema: dict[str, Any]) -> tuple[Any, str | None]:

@@ -376,6 +376,22 @@ class PromptLibrary:
         assert entry.template is not None
         return entry.template
 
+    def warm(self) -> int:
+        """Parse every template (variants too) into the cache now; returns how many parsed cleanly.
+
+        A template is parsed on first use otherwise, ~6 ms each here (48 files: 300 ms): a gunicorn worker
+        calls this before it takes requests, so a participant's first book does not pay it while holding
+        the worker's GIL. A broken file is cached as its error, as on first use.
+        """
+        ok = 0
+        for name in self.names(variants=True):
+            try:
+                self.get(name)
+            except PromptError:
+                continue  # cached as its error; /health and the first request report it
+            ok += 1
+        return ok
+
     def data_file(self, relative: str, parse: Callable[[Path, bytes], T]) -> T | None:
         """A settings data file beside the templates (e.g. `refinement/sd_options.yaml`), parsed by `parse`.
 
