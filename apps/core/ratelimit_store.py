@@ -28,11 +28,11 @@ they are written:
 So one process never lets a caller past its limit, and all processes together can
 overshoot by at most what the *other* processes let through during one flush interval, or up to
 `stale_s` while the database is slow (e.g. at 0.2 s: a caller spreading 10 requests/s over 4 workers
-gets at most ~2 extra requests per window when the flushes keep time), plus, per other process and
-window, what it let through while the key was cold there (under 1/50 of the limit: a process whose
-own hits reach that many since its last sync syncs the key at every flush from then on). `RATE_LIMIT_BATCH_S=0` turns
-batching off (exact, one round trip per request). If MongoDB is away, counts wait in the process and
-are added on recovery.
+gets at most ~2 extra requests per window when the flushes keep time), plus, per other process, what
+it let through unseen while the key was cold there: under 1/50 of the limit between two of its syncs
+(a process syncs a key at the next flush once its own hits since the last sync reach that many, or the
+count it sees reaches half the limit). `RATE_LIMIT_BATCH_S=0` turns batching off (exact, one round
+trip per request). If MongoDB is away, counts wait in the process and are added on recovery.
 
 URI scheme: `batched+mongodb://...` / `batched+mongodb+srv://...` (the rest is the
 MongoDB URI); query option `flush_s` via `storage_options`.
