@@ -28,6 +28,28 @@ _META = re.compile(
 )
 
 
+# contractions written out the same way on both sides of a comparison (a possessive 's is left alone)
+_CONTRACTIONS = {
+    "won't": "will not",
+    "can't": "cannot",
+    "n't": " not",
+    "'re": " are",
+    "'m": " am",
+    "'ll": " will",
+    "'ve": " have",
+    "'d": " would",
+    "it's": "it is",
+    "that's": "that is",
+    "here's": "here is",
+    "there's": "there is",
+    "what's": "what is",
+    "let's": "let us",
+}
+_CONTRACTION = re.compile(
+    r"\b(?:won't|can't|it's|that's|here's|there's|what's|let's)\b|(?<=[a-z])(?:n't|'re|'m|'ll|'ve|'d)\b"
+)
+
+
 def word_count(text: str) -> int:
     """Words, with every CJK character counted as one (Chinese has no spaces)."""
     return len(_WORD.findall(text))
@@ -42,8 +64,10 @@ def cjk_share(text: str) -> float:
 
 
 def normalize(text: str) -> str:
-    """Lower case, one space between words, curly quotes made straight, outer punctuation dropped."""
+    """Lower case, one space between words, curly quotes made straight, contractions written out,
+    outer punctuation dropped: "You're a ..." echoes "You are a ..." as much as the exact words do."""
     text = text.translate(_QUOTE_MAP).lower()
+    text = _CONTRACTION.sub(lambda m: _CONTRACTIONS[m.group(0)], text)
     text = re.sub(r"\s+", " ", text).strip()
     return text.strip(" .,;:!?\"'()[]-")
 

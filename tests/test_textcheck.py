@@ -123,3 +123,20 @@ def test_gate_stops_at_the_sentence_end_near_the_word_limit() -> None:
     assert _run(gate, ["The kite flew far over the river and the town. "], truncated=False).startswith(
         "The kite"
     )
+
+
+def test_an_echo_with_contractions_is_still_an_echo() -> None:
+    """SmolLM2 wrote "You're a creative picture book writer." on a page whose system prompt says "You are"."""
+    from agent.textcheck import normalize, strip_echo
+
+    system = (
+        "You are a creative picture book writer. You write short, vivid sentences that young children enjoy."
+    )
+    page = "You're a creative picture book writer. Hattie's bell rang, and she didn't stop at the hill."
+    assert (
+        strip_echo(page, instruction_sentences([system]))
+        == "Hattie's bell rang, and she didn't stop at the hill."
+    )
+    assert normalize("I can't, won't, don't; it's Ada's, we'll, they've, I'd") == (
+        "i cannot, will not, do not; it is ada's, we will, they have, i would"
+    )
