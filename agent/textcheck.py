@@ -137,6 +137,29 @@ def strip_meta(text: str) -> str:
     return _META.sub("", text, count=1)
 
 
+# an assistant talking to the user instead of writing the text ("I'm so happy to help you create ...")
+# (narrow on purpose: a character may well say "I'm glad to see you"; dialogue starts with a quote anyway)
+_CHATTER = re.compile(
+    r"^(?:i(?:'m| am|'d be| would be) (?:so |very |really |more than )?(?:happy|glad|excited|delighted) to "
+    r"(?:help|assist) you (?:create|write|make)|i hope you (?:enjoy|like|love) (?:this|the|my|our) "
+    r"(?:story|book|tale|page)|let me know if you(?:'d| would)? (?:like|want|need)|as an ai\b)",
+    re.IGNORECASE,
+)
+
+
+def strip_chatter(text: str) -> str:
+    """`text` without sentences in which an assistant talks to the user ("I'm so happy to help you ...",
+    "I hope you enjoy it!"); unchanged if nothing else would be left (an odd page beats a failed book)."""
+    chatter = [s for s in split_sentences(text) if _CHATTER.match(s.translate(_QUOTE_MAP))]
+    if not chatter:
+        return text
+    out = text
+    for sentence in chatter:
+        out = out.replace(sentence, "", 1)
+    out = re.sub(r"\n\s*\n\s*\n+", "\n\n", re.sub(r"[ \t]{2,}", " ", out)).strip()
+    return out if out else text
+
+
 def strip_echo(text: str, sentences: list[str]) -> str:
     """`text` without the sentences that echo the instructions; the rest is left exactly as it was."""
     removed = False

@@ -686,6 +686,9 @@ def test_title_page_and_prompt_cleanup() -> None:
     assert clean_page("Page 2: Benny ran.") == "Benny ran."
     assert clean_page('**Page 3 of 5:** "Hi there."') == "Hi there."
     assert clean_page('She said "hi" and "bye".') == 'She said "hi" and "bye".'  # inner quotes stay
+    assert (
+        clean_page("I'm so happy to help you create books! Benny ran.") == "Benny ran."
+    )  # assistant chatter
     assert tidy_tags(",, red fox,  a hill ,\n dawn, ,") == "red fox, a hill, dawn"
     schema = plan_schema({"properties": {"pages": {"type": "array", "minItems": 1, "maxItems": 20}}}, 7)
     assert schema["properties"]["pages"]["minItems"] == schema["properties"]["pages"]["maxItems"] == 7

@@ -140,3 +140,18 @@ def test_an_echo_with_contractions_is_still_an_echo() -> None:
     assert normalize("I can't, won't, don't; it's Ada's, we'll, they've, I'd") == (
         "i cannot, will not, do not; it is ada's, we will, they have, i would"
     )
+
+
+def test_assistant_chatter_is_dropped_but_never_empties_the_text() -> None:
+    from agent.textcheck import strip_chatter
+
+    page = (
+        "I'm so happy to help you create wonderful and special books for your readers! "
+        "Finn jumped in the pond. I hope you enjoy the story! Let me know if you would like more pages."
+    )
+    assert strip_chatter(page) == "Finn jumped in the pond."
+    # a character's words are a story's, not chatter: dialogue starts with a quote, and "glad to see" is not
+    # "happy to help you create"
+    dialogue = '"I am so happy to help you make a raft," said the duck. I am glad to see you, said Finn.'
+    assert strip_chatter(dialogue) == dialogue
+    assert strip_chatter("I hope you enjoy this story!") == "I hope you enjoy this story!"  # nothing else

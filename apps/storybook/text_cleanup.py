@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from agent.textcheck import copies_instructions, strip_meta, template_sentences
+from agent.textcheck import copies_instructions, strip_chatter, strip_meta, template_sentences
 
 _QUOTES = "\"'“”‘’«»「」『』`"
 _TITLE_PREFIX = re.compile(r"^\s*(?:\*\*)?\s*(?:book\s+)?title\s*[:：-]\s*", re.IGNORECASE)
@@ -29,8 +29,9 @@ def clean_title(text: str) -> str:
 
 def clean_page(text: str) -> str:
     """A page's text without a leading `Page 2:` label, a "Here's the page text ...:" preamble (small
-    models write one) or wrapping quotes; paragraphs kept."""
-    out = _PAGE_PREFIX.sub("", strip_meta((text or "").strip()), count=1).strip()
+    models write one), an assistant's chatter ("I'm so happy to help you ...") or wrapping quotes;
+    paragraphs kept."""
+    out = _PAGE_PREFIX.sub("", strip_chatter(strip_meta((text or "").strip())), count=1).strip()
     if len(out) >= 2 and out[0] in _QUOTES and out[-1] in _QUOTES and out.count(out[0]) == 2:
         out = out[1:-1].strip()
     return re.sub(r"\n{3,}", "\n\n", out)
