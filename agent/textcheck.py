@@ -149,7 +149,7 @@ _CHATTER = re.compile(
 
 def strip_chatter(text: str) -> str:
     """`text` without sentences in which an assistant talks to the user ("I'm so happy to help you ...",
-    "I hope you enjoy it!"); unchanged if nothing else would be left (an odd page beats a failed book)."""
+    "I hope you enjoy the story!"); unchanged if nothing else would be left (an odd page beats a failed book)."""
     chatter = [s for s in split_sentences(text) if _CHATTER.match(s.translate(_QUOTE_MAP))]
     if not chatter:
         return text
