@@ -147,30 +147,27 @@ _CHATTER = re.compile(
 )
 
 
+def _remove_sentences(text: str, drop: list[str]) -> str:
+    """`text` without each sentence of `drop` (first occurrence), runs of spaces and blank lines tidied;
+    the rest is left exactly as it was."""
+    for sentence in drop:
+        text = text.replace(sentence, "", 1)
+    return re.sub(r"\n\s*\n\s*\n+", "\n\n", re.sub(r"[ \t]{2,}", " ", text)).strip()
+
+
 def strip_chatter(text: str) -> str:
     """`text` without sentences in which an assistant talks to the user ("I'm so happy to help you ...",
     "I hope you enjoy the story!"); unchanged if nothing else would be left (an odd page beats a failed book)."""
     chatter = [s for s in split_sentences(text) if _CHATTER.match(s.translate(_QUOTE_MAP))]
     if not chatter:
         return text
-    out = text
-    for sentence in chatter:
-        out = out.replace(sentence, "", 1)
-    out = re.sub(r"\n\s*\n\s*\n+", "\n\n", re.sub(r"[ \t]{2,}", " ", out)).strip()
-    return out if out else text
+    return _remove_sentences(text, chatter) or text
 
 
 def strip_echo(text: str, sentences: list[str]) -> str:
     """`text` without the sentences that echo the instructions; the rest is left exactly as it was."""
-    removed = False
-    for sentence in split_sentences(text):
-        if is_echo_sentence(sentence, sentences):
-            text = text.replace(sentence, "", 1)
-            removed = True
-    if not removed:
-        return text
-    text = re.sub(r"[ \t]{2,}", " ", text)
-    return re.sub(r"\n\s*\n\s*\n+", "\n\n", text).strip()
+    echoes = [s for s in split_sentences(text) if is_echo_sentence(s, sentences)]
+    return _remove_sentences(text, echoes) if echoes else text
 
 
 def ends_at_sentence_end(text: str) -> bool:

@@ -762,6 +762,13 @@ def main() -> None:
     ap.add_argument(
         "--requests", type=int, default=None, help="refinement: requests per client (4; --quick 2)"
     )
+    ap.add_argument(
+        "--fakes-in",
+        choices=["processes", "threads"],
+        default="processes",
+        help="refinement: a process per fake SD, as real WebUIs are (default), or all in the bench's "
+        "process, sharing one interpreter lock (how it ran until 2026-12-02)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
@@ -782,6 +789,7 @@ def main() -> None:
         + (f" --via {args.via}" if args.via != "gunicorn" else "")
         + (f" --chat-delay {args.chat_delay}" if args.chat_delay is not None else "")
         + (f" --requests {args.requests}" if args.requests else "")
+        + (f" --fakes-in {args.fakes_in}" if args.fakes_in != "processes" else "")
     )
     print(f"# SD pool benchmark — {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} — `{command}`")
     if args.scenario != "refinement":
@@ -816,6 +824,7 @@ def main() -> None:
                 chat_delay=0.2 if args.chat_delay is None else args.chat_delay,
                 requests_per_client=args.requests or (2 if args.quick else 4),
                 ms=[2, 6] if args.quick else [2, 4, 6],
+                fakes_in=args.fakes_in,
             )
     finally:
         harness.close()

@@ -8,7 +8,8 @@ the original's model runs in) and its helpers (`gunicorn_argv`, `_free_port`, `_
 
 What runs, in one run and on the same fakes:
 - K fake SD WebUIs at D s per image (one generation at a time, the rest queue inside, like the
-  WebUI) and one fake OpenAI answering every chat after T s;
+  WebUI), each in a process of its own as real WebUIs are (`fake_sd_process.py`; `--fakes-in threads`
+  runs them in this process, as until 2026-12-02), and one fake OpenAI answering every chat after T s;
 - ours: the real server, `gunicorn -w 4 -k gthread --threads 8` on this repository (embedded MongoDB,
   LLM_PROVIDER=openai on the fake, SD_INSTANCES the fakes), once per SD_QUEUE_DEPTH value (1 and 2,
   passed in the environment; a server that does not know the setting ignores it and the columns
@@ -27,7 +28,9 @@ leaves its queue lock, `gen_end`; like the WebUI it encodes the PNGs after that)
 ideal K/D; max queue depth per instance (FakeSD.max_concurrent_seen: generations inside an instance
 at once, running or queued, so 2 = one running + one waiting) and max running (FakeSD.max_running, 1 = never two at once). From the
 clients' side: requests ok (ours: success, M creatives, every image a PNG; the original: M non-empty
-images, every chat 200) and latency p50/max.
+images, every chat 200) and latency p50/max. Where an instance's time went besides sampling (worst
+instance, ms summed over the run): hand-off, from one generation leaving the fake's queue lock to the
+next one, already waiting inside, taking it; overrun, a generation holding the lock past its n*D.
 """
 
 from __future__ import annotations
@@ -260,6 +263,7 @@ def _measure(fakes: list[Any], records: list[dict[str, Any]], k: int, d: float) 
             end = e.get("gen_end") or e["end"]  # the instance's side: its sampling ended here
             spans.append((end - n * d, end))
     span = (max(b for _, b in spans) - min(a for a, _ in spans)) if spans else float("nan")
+    handoff, overrun = _instance_losses(fakes, d)
     per_s = images / span if spans and span > 0 else 0.0
     lat = sorted(r["end"] - r["start"] for r in records)
     return {
@@ -274,7 +278,38 @@ def _measure(fakes: list[Any], records: list[dict[str, Any]], k: int, d: float) 
         "first_error": next((r["error"] for r in records if r["error"]), None),
         "p50": statistics.median(lat) if lat else float("nan"),
         "max_latency": max(lat) if lat else float("nan"),
+        "handoff_ms": handoff,
+        "overrun_ms": overrun,
     }
+
+
+def _instance_losses(fakes: list[Any], d: float) -> tuple[float, float]:
+    """Where an instance's time went besides sampling, in ms summed over the run, worst instance:
+    (hand-off: from one generation leaving the fake's queue lock to the next one, already waiting inside,
+    taking it; overrun: a generation holding the lock longer than its n*D, i.e. its sleep woke late)."""
+    handoff, overrun = [], []
+    for f in fakes:
+        gens = sorted(
+            (
+                e
+                for e in list(f.requests)
+                if e["path"].endswith("/txt2img") and e.get("gen_start") and e.get("gen_end")
+            ),
+            key=lambda e: e["gen_start"],
+        )
+        h = sum(
+            b["gen_start"] - a["gen_end"]
+            for a, b in zip(gens, gens[1:], strict=False)
+            if b["start"] < a["gen_end"]
+        )
+        o = 0.0
+        for e in gens:
+            body = e.get("json") or {}
+            n = max(1, int(body.get("batch_size") or 1)) * max(1, int(body.get("n_iter") or 1))
+            o += max(0.0, e["gen_end"] - e["gen_start"] - n * d)
+        handoff.append(h * 1000)
+        overrun.append(o * 1000)
+    return (max(handoff) if handoff else float("nan"), max(overrun) if overrun else float("nan"))
 
 
 def _reset(fakes: list[Any]) -> None:
@@ -293,21 +328,28 @@ def run(
     requests_per_client: int,
     ms: list[int],
     clients: int = CLIENTS,
+    fakes_in: str = "processes",
 ) -> list[dict[str, Any]]:
-    """Run the scenario, print its tables and targets (markdown); returns one row per M."""
+    """Run the scenario, print its tables and targets (markdown); returns one row per M. `fakes_in`:
+    "processes" (a process per fake SD, as real WebUIs are; `fake_sd_process.py`) or "threads" (all in
+    this process, sharing its interpreter lock: how it ran until 2026-12-02)."""
+    from fake_sd_process import FakeSDProcess
+
     from tests.fakes.fake_openai import FakeOpenAI
     from tests.fakes.fake_sd import FakeSD
 
     openai = FakeOpenAI().start()
     openai.delay = chat_delay
-    fakes = [FakeSD(delay=delay, name=f"sd{i}").start() for i in range(k)]
+    make_fake = FakeSDProcess if fakes_in == "processes" else FakeSD
+    fakes: list[Any] = [make_fake(delay=delay, name=f"sd{i}").start() for i in range(k)]
     urls = [f.url for f in fakes]
     servers: dict[int, Server] = {}
     rows: list[dict[str, Any]] = []
     print(
         f"\n## Refinement: InsPilot's rapid divergence (type 0: 3 chats in sequence, M images, 1 chat); "
         f"K={k} fake SD at D={delay:g} s/image, fake OpenAI at T={chat_delay:g} s/chat, "
-        f"{clients} clients x {requests_per_client} requests; ideal = K/D = {k / delay:.1f} images/s\n"
+        f"{clients} clients x {requests_per_client} requests, the fake SDs in {fakes_in}; "
+        f"ideal = K/D = {k / delay:.1f} images/s\n"
     )
     print(
         f"# ours: the server under `gunicorn -w {bench.WORKERS} -k gthread --threads {THREADS}`, POST "
@@ -384,16 +426,17 @@ def _print_row(row: dict[str, Any]) -> None:
 def _print_details(rows: list[dict[str, Any]]) -> None:
     print(
         "\n| M | impl | images | span s | img/s | share of K/D | max depth per instance | max running | "
-        "requests ok | latency p50/max s |"
+        "requests ok | latency p50/max s | hand-off / overrun ms (worst instance) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         for c in _cols():
             r = row[c]
             print(
                 f"| {row['m']} | {_label(c)} | {r['images']} | {r['span']:.2f} | {r['images_per_s']:.2f} | "
                 f"{r['ratio']:.3f} | {'/'.join(map(str, r['depth']))} | {r['running']} | "
-                f"{r['ok']}/{r['requests']} | {r['p50']:.2f}/{r['max_latency']:.2f} |"
+                f"{r['ok']}/{r['requests']} | {r['p50']:.2f}/{r['max_latency']:.2f} | "
+                f"{r['handoff_ms']:.0f} / {r['overrun_ms']:.0f} |"
             )
 
 
