@@ -676,7 +676,7 @@ def test_root_mount_and_openapi(make_app: Any, story_fake: Any) -> None:
 def test_title_page_and_prompt_cleanup() -> None:
     from apps.storybook.book_prompts import plan_schema
     from apps.storybook.service import new_legacy_id
-    from apps.storybook.text_cleanup import clean_page, clean_title, tidy_tags
+    from apps.storybook.text_cleanup import clean_page, clean_title, plan_field, tidy_tags
 
     assert (
         clean_title('"The Adventures of Benny"') == "The Adventures of Benny"
@@ -690,6 +690,10 @@ def test_title_page_and_prompt_cleanup() -> None:
         clean_page("I'm so happy to help you create books! Benny ran.") == "Benny ran."
     )  # assistant chatter
     assert tidy_tags(",, red fox,  a hill ,\n dawn, ,") == "red fox, a hill, dawn"
+    # a plan field left as template syntax (SmolLM2 wrote the first one for a scene) falls back
+    for leaked in ("{ {story}}, [{ description }}", "Benny {{ name }}", "{page}: a hill", "{% if x %}", " "):
+        assert plan_field(leaked, "a fox on a hill") == "a fox on a hill", leaked
+    assert plan_field(" Benny counts {1, 2} ", "x") == "Benny counts {1, 2}"  # other braces stay
     schema = plan_schema({"properties": {"pages": {"type": "array", "minItems": 1, "maxItems": 20}}}, 7)
     assert schema["properties"]["pages"]["minItems"] == schema["properties"]["pages"]["maxItems"] == 7
     ids = {new_legacy_id() for _ in range(200)}

@@ -58,7 +58,7 @@ from .book_prompts import (
 from .final_output import legacy_final_output
 from .moderation import StepFailed, check_moderation
 from .s3 import S3Images, s3_images
-from .text_cleanup import clean_page, page_instructions, plan_title
+from .text_cleanup import clean_page, page_instructions, plan_field, plan_title
 from .writer import Writer
 
 log = logging.getLogger(__name__)
@@ -236,10 +236,10 @@ class BookRunner:
         raw_pages = list(data.get("pages") or [])[: self.n]
         if len(raw_pages) != self.n:  # validated against the schema; this guards a lenient provider
             raise ModelError(f"the plan has {len(raw_pages)} pages, not {self.n}", provider=result.provider)
-        plan = [
-            {"summary": str(pg.get("summary") or "").strip(), "scene": str(pg.get("scene") or "").strip()}
-            for pg in raw_pages
-        ]
+        plan = []
+        for pg in raw_pages:  # a field the model left as template syntax falls back to what is known
+            summary = plan_field(str(pg.get("summary") or ""), p["description"])
+            plan.append({"summary": summary, "scene": plan_field(str(pg.get("scene") or ""), summary)})
         sheet = build_sheet(p, data)
         self._moderate(
             "\n".join([title, *(x["summary"] + "\n" + x["scene"] for x in plan)]),

@@ -37,6 +37,18 @@ def clean_page(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", out)
 
 
+# template syntax a small model copied from its prompt instead of filling in: "{{story}}", "{ description }}",
+# "{% if %}", "{page}" (a scene or summary made of these would be drawn or written as-is)
+_PLACEHOLDER = re.compile(r"\{\s*\{|\}\s*\}|\{%|%\}|\{\s*[A-Za-z_][\w.]*\s*\}")
+
+
+def plan_field(raw: str, fallback: str) -> str:
+    """A plan's page summary or scene, or `fallback` when the model left it empty or wrote template
+    placeholders into it (the embedded SmolLM2 writes "{ {story}}, [{ description }}" for a scene)."""
+    text = (raw or "").strip()
+    return fallback if not text or _PLACEHOLDER.search(text) else text
+
+
 def plan_title(raw: str, instructions: str, description: str) -> str:
     """The plan's title, unless the model copied it from the instructions ("A Short Title for the Book"):
     then the story idea itself, which at least says what the book is about."""
