@@ -1,13 +1,13 @@
 """A FakeSD in a process of its own, driven from the benchmark over a pipe.
 
-Why: K FakeSD servers in the benchmark's process share one interpreter lock. When several of them
-end a generation at the same moment (ours runs one request's images in parallel, so they do), the
-generation waiting inside each one takes its queue lock only once the interpreter is free of the
-others' PNG encoding: the instances lose time to each other, which real WebUIs, each a process on
-its own GPU, do not. In a process each, a fake only shares the CPU, like the real ones.
+Why: K FakeSD servers in the benchmark's process share one interpreter lock, so one fake's PNG
+encoding can delay the start of another's next generation; real WebUIs, each a process on its own
+GPU, cannot do that to each other. In a process each, a fake only shares the CPU, like the real ones.
+(Measured 2026-12-02, docs/pool.md: the per-instance hand-off was the same either way, 55 vs 57 ms
+for ours at M=4, so this removes a possible artefact rather than a measured one.)
 
-The benchmark reads what it needs of a fake (`requests`, `max_concurrent_seen`, `max_running`) as a
-snapshot over the pipe; request bodies are cut down to the fields the measurements use.
+The benchmark reads what it needs of a fake (`requests`, `max_concurrent_seen`, `max_running`) over
+the pipe, each a snapshot; request bodies are cut down to the fields the measurements use.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _serve(conn: Connection, delay: float, name: str) -> None:
             if command == "reset":
                 fake.reset()
                 conn.send(None)
-            elif command == "state":
+            elif command == "requests":
                 entries = [
                     {
                         **{k: e.get(k) for k in ENTRY_FIELDS},
@@ -41,7 +41,9 @@ def _serve(conn: Connection, delay: float, name: str) -> None:
                     }
                     for e in list(fake.requests)
                 ]
-                conn.send((entries, fake.max_concurrent_seen, fake.max_running))
+                conn.send(entries)
+            elif command == "counters":
+                conn.send((fake.max_concurrent_seen, fake.max_running))
             elif command == "stop":
                 break
     finally:
@@ -53,8 +55,9 @@ class FakeSDProcess:
     """The parts of FakeSD's interface the refinement scenario uses, for a FakeSD in a child process."""
 
     def __init__(self, delay: float, name: str) -> None:
-        self._conn, child = mp.get_context("spawn").Pipe()
-        self._proc = mp.get_context("spawn").Process(
+        spawn = mp.get_context("spawn")
+        self._conn, child = spawn.Pipe()
+        self._proc = spawn.Process(
             target=_serve, args=(child, delay, name), name=f"fake-sd-{name}", daemon=True
         )
         self._lock = threading.Lock()
@@ -76,20 +79,17 @@ class FakeSDProcess:
     def reset(self) -> None:
         self._ask("reset")
 
-    def _state(self) -> tuple[list[dict[str, Any]], int, int]:
-        return self._ask("state")
-
     @property
     def requests(self) -> list[dict[str, Any]]:
-        return self._state()[0]
+        return self._ask("requests")
 
     @property
     def max_concurrent_seen(self) -> int:
-        return self._state()[1]
+        return self._ask("counters")[0]
 
     @property
     def max_running(self) -> int:
-        return self._state()[2]
+        return self._ask("counters")[1]
 
     def stop(self) -> None:
         try:

@@ -250,20 +250,26 @@ class Original:
 
 
 # ---------------------------------------------------------------------------------------------- measuring
+def _images_in(entry: dict[str, Any]) -> int:
+    """How many images a txt2img request asked for (batch_size x n_iter)."""
+    body = entry.get("json") or {}
+    return max(1, int(body.get("batch_size") or 1)) * max(1, int(body.get("n_iter") or 1))
+
+
 def _measure(fakes: list[Any], records: list[dict[str, Any]], k: int, d: float) -> dict[str, Any]:
+    logs = [list(f.requests) for f in fakes]  # one read per fake (over a pipe for a fake in a process)
     spans: list[tuple[float, float]] = []
     images = 0
-    for f in fakes:
-        for e in list(f.requests):
+    for log in logs:
+        for e in log:
             if not e["path"].endswith("/txt2img") or e.get("end") is None or e.get("status") != 200:
                 continue
-            body = e.get("json") or {}
-            n = max(1, int(body.get("batch_size") or 1)) * max(1, int(body.get("n_iter") or 1))
+            n = _images_in(e)
             images += n
             end = e.get("gen_end") or e["end"]  # the instance's side: its sampling ended here
             spans.append((end - n * d, end))
     span = (max(b for _, b in spans) - min(a for a, _ in spans)) if spans else float("nan")
-    handoff, overrun = _instance_losses(fakes, d)
+    handoff, overrun = _instance_losses(logs, d)
     per_s = images / span if spans and span > 0 else 0.0
     lat = sorted(r["end"] - r["start"] for r in records)
     return {
@@ -283,18 +289,14 @@ def _measure(fakes: list[Any], records: list[dict[str, Any]], k: int, d: float) 
     }
 
 
-def _instance_losses(fakes: list[Any], d: float) -> tuple[float, float]:
+def _instance_losses(logs: list[list[dict[str, Any]]], d: float) -> tuple[float, float]:
     """Where an instance's time went besides sampling, in ms summed over the run, worst instance:
     (hand-off: from one generation leaving the fake's queue lock to the next one, already waiting inside,
     taking it; overrun: a generation holding the lock longer than its n*D, i.e. its sleep woke late)."""
     handoff, overrun = [], []
-    for f in fakes:
+    for log in logs:
         gens = sorted(
-            (
-                e
-                for e in list(f.requests)
-                if e["path"].endswith("/txt2img") and e.get("gen_start") and e.get("gen_end")
-            ),
+            (e for e in log if e["path"].endswith("/txt2img") and e.get("gen_start") and e.get("gen_end")),
             key=lambda e: e["gen_start"],
         )
         h = sum(
@@ -302,11 +304,7 @@ def _instance_losses(fakes: list[Any], d: float) -> tuple[float, float]:
             for a, b in zip(gens, gens[1:], strict=False)
             if b["start"] < a["gen_end"]
         )
-        o = 0.0
-        for e in gens:
-            body = e.get("json") or {}
-            n = max(1, int(body.get("batch_size") or 1)) * max(1, int(body.get("n_iter") or 1))
-            o += max(0.0, e["gen_end"] - e["gen_start"] - n * d)
+        o = sum(max(0.0, e["gen_end"] - e["gen_start"] - _images_in(e) * d) for e in gens)
         handoff.append(h * 1000)
         overrun.append(o * 1000)
     return (max(handoff) if handoff else float("nan"), max(overrun) if overrun else float("nan"))
