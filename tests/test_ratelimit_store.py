@@ -180,3 +180,26 @@ def test_the_limit_is_read_from_limits_key() -> None:
     assert _limit_of(parse("600/minute").key_for("ip:1")) == 600
     assert _limit_of(parse("5 per 2 hours").key_for("user/with/slashes")) == 5
     assert _limit_of("custom-key") is None and _limit_of("a/b/c/d") is None
+
+
+def test_two_flushes_at_once_write_the_pending_hits_once(mongo_uri: str, db_name: str, db: Any) -> None:
+    """The periodic flush and an explicit one (e.g. at close) at the same moment: each pending hit is added to
+    the shared count once (both used to take the same pending hits and write them twice)."""
+    store = storage(mongo_uri, db_name)  # the periodic flusher waits 60 s: only our two flushes run
+    limiter = FixedWindowRateLimiter(store)
+    limit = parse("1000/minute")
+    keys = [f"ip:{i}" for i in range(5)]
+    try:
+        for rnd in range(1, 4):
+            for key in keys:
+                for _ in range(10):
+                    assert limiter.hit(limit, key)
+            start = threading.Barrier(2)
+            flushes = [threading.Thread(target=lambda b=start: (b.wait(), store.flush())) for _ in range(2)]
+            for t in flushes:
+                t.start()
+            for t in flushes:
+                t.join(10)
+            assert sorted(d["count"] for d in db.ratelimit_counters.find()) == [10 * rnd] * len(keys)
+    finally:
+        store.close()

@@ -88,6 +88,9 @@ class BatchedMongoDBStorage(MongoDBStorage):
         self.cold_s = max(self.flush_s, min(COLD_FLUSHES * self.flush_s, self.stale_s / 2))
         self._counters: dict[str, _Counter] = {}
         self._lock = threading.Lock()
+        # one flush at a time: two at once (the flusher's and an explicit one, e.g. at close) would both
+        # take the same pending hits and write them twice
+        self._flushing = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = 0
@@ -213,6 +216,10 @@ class BatchedMongoDBStorage(MongoDBStorage):
         """Add the pending hits (one bulk write) and read back the shared count of every key used lately
         (one query): every key, or (the periodic flush, everything=False) the keys `_due` says. Returns
         how many keys had hits to write."""
+        with self._flushing:
+            return self._flush(everything)
+
+    def _flush(self, everything: bool) -> int:
         now = time.time()
         mono = time.monotonic()
         with self._lock:
