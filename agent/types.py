@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 Message = dict[str, Any]
 """An OpenAI-style chat message: {"role": ..., "content": str | list[content parts]}.
@@ -155,3 +155,16 @@ class ImageProvider(Protocol):
     def segment(self, image: bytes, text_prompt: str) -> Segmentation: ...
 
     def health(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class ClaimsAhead(Protocol):
+    """An image provider that can claim capacity for several images in one go (the SD pool's idle instances),
+    then run each image on its claim. Wrappers (`RecordingImageProvider`) use it so a request's images start
+    together; a claim is used by exactly one `generate_claimed`, which frees it if it cannot start."""
+
+    def claim_many(self, requests: list[ImageRequest]) -> list[Any]:
+        """One entry per request: its claim, or None (that image is generated the ordinary way)."""
+        ...
+
+    def generate_claimed(self, request: ImageRequest, claim: Any) -> ImageResult: ...

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -731,6 +732,61 @@ def test_depth_two_interrupts_only_its_own_generation(
     assert ours.pool.interrupt_held() == 1
     behind.join(5)
     assert fake_sd.interrupts == 1 and len(out) == 1  # stopped early, answered, released
+
+
+def test_images_of_one_request_claim_the_idle_instances_in_one_write(
+    fake_sd_fleet: Any, mongo_uri: str, db: Any
+) -> None:
+    """On an idle pool the first images of a request get the idle instances from one read and one write (they
+    used to claim one after another, the last starting a claim's round trip per image later); the rest take
+    seats the ordinary way; through the recording wrapper, as the apps call it."""
+    from pymongo import MongoClient
+
+    from agent.images.recording import RecordingImageProvider
+    from agent.records import GenerationRecorder
+    from tests.mongo_commands import CommandLog
+
+    fleet = fake_sd_fleet(4, delay=0.2)
+    log = CommandLog(db.name)
+    client: MongoClient = MongoClient(mongo_uri, tz_aware=True, event_listeners=[log])
+    pool = SDInstancePool(client[db.name], [f.url for f in fleet], **FAST)
+    images = RecordingImageProvider(SDPoolProvider(pool), GenerationRecorder(client[db.name]))
+    try:
+        log.clear()
+        results = images.generate_many([req(f"scene {i}", seed=i) for i in range(6)])
+        assert [r.seed for r in results] == list(range(6)) and all(
+            r.png[:8] == PNG_SIGNATURE for r in results
+        )
+        assert {r.instance for r in results[:4]} == {f.url for f in fleet}  # one idle instance each
+        claims = [c for c in log.seen if c[1] == "sd_instances" and c[0] in ("update", "findAndModify")]
+        assert claims[0] == ("update", "sd_instances"), log.seen[:12]  # the four idle ones: one bulk write
+        assert all(f.max_running == 1 and f.max_concurrent_seen <= 2 for f in fleet)
+        assert db.generations.count_documents({"kind": "image", "ok": True}) == 6
+
+        # not while someone waits (they go first), never a down instance, and each claim is a lease held
+        db.sd_waiters.insert_one(
+            {
+                "_id": "other:q1",
+                "ticket": 1,
+                "want": 1,
+                "expires_at": datetime.now(UTC) + timedelta(seconds=30),
+            }
+        )
+        time.sleep(FAST["poll_s"] * 2)
+        assert pool.claim_idle(3) == []
+        db.sd_waiters.delete_one({"_id": "other:q1"})
+        time.sleep(FAST["poll_s"] * 2)
+        db.sd_instances.update_one({"_id": fleet[0].url}, {"$set": {"state": "down"}})
+        leases = pool.claim_idle(4)
+        assert sorted(lease.url for lease in leases) == sorted(f.url for f in fleet[1:])
+        held = {d["_id"]: d["holder"] for d in db.sd_instances.find({"holder": {"$ne": None}})}
+        assert held == {lease.url: lease.id for lease in leases}
+        for lease in leases:
+            pool.release(lease, ok=True)
+        assert db.sd_instances.count_documents({"holder": {"$ne": None}}) == 0
+    finally:
+        pool.close()
+        client.close()
 
 
 # ---------------------------------------------------------------------------------------------- affinity

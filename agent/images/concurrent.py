@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from agent.types import ImageProvider, ImageRequest, ImageResult
+
+T = TypeVar("T")
 
 
 def generate_concurrently(
@@ -19,12 +23,23 @@ def generate_concurrently(
     For the SD pool this is what makes the images of one request share a queue entry and
     go to instances as they free up.
     """
-    if not requests:
+    return run_concurrently(provider.generate, requests, max_workers, thread_name_prefix=thread_name_prefix)
+
+
+def run_concurrently(
+    fn: Callable[[T], ImageResult],
+    items: Sequence[T],
+    max_workers: int = 16,
+    *,
+    thread_name_prefix: str = "img",
+) -> list[ImageResult]:
+    """`fn` over every item at once (a single one in the caller's thread); results in order, first failure raised."""
+    if not items:
         return []
-    if len(requests) == 1:
-        return [provider.generate(requests[0])]
+    if len(items) == 1:
+        return [fn(items[0])]
     with ThreadPoolExecutor(
-        max_workers=min(max_workers, len(requests)), thread_name_prefix=thread_name_prefix
+        max_workers=min(max_workers, len(items)), thread_name_prefix=thread_name_prefix
     ) as pool:
-        futures = [pool.submit(provider.generate, r) for r in requests]
+        futures = [pool.submit(fn, item) for item in items]
         return [f.result() for f in futures]

@@ -7,9 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.call_context import CallContext
-from agent.images.concurrent import generate_concurrently
+from agent.images.concurrent import run_concurrently
 from agent.records import GenerationRecord, GenerationRecorder
-from agent.types import ImageRequest, ImageResult, ModelError, Segmentation
+from agent.types import ClaimsAhead, ImageRequest, ImageResult, ModelError, Segmentation
 
 StoreFn = Callable[..., str]
 
@@ -27,6 +27,10 @@ class RecordingImageProvider:
         self.max_workers = max_workers
 
     def generate(self, request: ImageRequest) -> ImageResult:
+        return self._generate(request, None)
+
+    def _generate(self, request: ImageRequest, claim: Any) -> ImageResult:
+        """One image, recorded and stored; on the inner provider's `claim` when `generate_many` got one."""
         ctx = request.context or {}
         prompt = {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
         params = {
@@ -54,7 +58,9 @@ class RecordingImageProvider:
         )
         start = time.perf_counter()
         try:
-            result = self.inner.generate(request)
+            result = (
+                self.inner.generate(request) if claim is None else self.inner.generate_claimed(request, claim)
+            )
             if not result.png:
                 raise ModelError(
                     "the image service returned an empty image",
@@ -89,7 +95,11 @@ class RecordingImageProvider:
         return result
 
     def generate_many(self, requests: list[ImageRequest]) -> list[ImageResult]:
-        return generate_concurrently(self, requests, self.max_workers)
+        inner = self.inner
+        claims = inner.claim_many(requests) if isinstance(inner, ClaimsAhead) else [None] * len(requests)
+        return run_concurrently(
+            lambda pair: self._generate(*pair), list(zip(requests, claims, strict=True)), self.max_workers
+        )
 
     def segment(self, image: bytes, text_prompt: str) -> Segmentation:
         return self.inner.segment(image, text_prompt)

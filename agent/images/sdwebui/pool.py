@@ -1,47 +1,23 @@
 """The Stable Diffusion instance pool, shared by every worker process and host through MongoDB.
 
-Why: the originals kept their pool inside each process. Under `gunicorn -w 4` every
-worker believed every instance was free, so instances queued several generations deep
-while others idled; a dead instance yielded empty images; a hung one stalled every
-worker forever. Here all processes share one view, in three collections:
+Why: the originals kept their pool inside each process. Under `gunicorn -w 4` every worker believed
+every instance was free, so instances queued several generations deep while others idled; a dead
+instance yielded empty images; a hung one stalled every worker forever. Here all processes share one
+view: `sd_instances` (one document per instance with its lease seats; `health.py`, `seats.py`),
+`sd_waiters` (the queue, `queue.py`) and `sd_pool_members` (each process's wake-up port, `handover.py`).
 
-- `sd_instances` (one document per instance URL with its lease seats; `health.py` explains its
-  fields, `seats.py` the seats),
-- `sd_waiters`, the queue (one document per waiting request; `queue.py`),
-- `sd_pool_members`, one document per process using the pool, with its wake-up port
-  (`handover.py`).
-
-How an instance changes hands (every step an atomic single-document update):
-
-1. Hand-over (the busy path, `handover.py`). A caller that finishes a generation hands its
-   instance straight to the queue's oldest entry and sends that entry's process a
-   one-datagram hint; that process wakes a caller at once, no database read.
-2. Fast claim (the idle path). A caller that finds the queue empty claims a free up
-   instance directly (preferring its checkpoint, else the one idle longest).
-3. Claim by plan (everything else). One watcher thread per process reads the instances
-   and the queue (on a local event, on a hint, and every `poll_s`), computes the same
-   greedy FIFO plan every process computes (`planner.plan_assignment`) and claims the free
-   instances planned for its own entries. The same scan delivers leases whose hint was
-   lost (or came from another host), frees ones given to callers that gave up, renews
-   leases and queue entries, and probes down instances.
-
-Each instance has `depth` lease seats (`SD_QUEUE_DEPTH`, `seats.py`): with 2, a caller granted
-the second seat of a busy instance sends its request at once and the WebUI runs it the moment
-the running one ends, so no hand-over sits between two images; a fully idle instance always
-goes before a busy one's second seat. With 1, an instance has one generation at a time.
-
-So a free seat goes to the longest waiter across all processes and hosts, an instance
-runs at most one generation at a time with at most `depth - 1` queued behind it inside the
-WebUI, and a lease whose holder died expires
-(`lease_s`; a handed-over lease starts short, `waiter_ttl_s`, until its new holder
-renews it) and frees the instance. Hints are only hints: correctness comes from the
-atomic updates, fairness from the shared tickets.
-
-A failed generation is retried on another instance (up to `max_attempts`); nothing waits
-forever: each call has a read timeout and each wait `wait_timeout_s`.
-
-Clocks: lease and expiry times are compared with each process's UTC clock, so hosts
-sharing a pool need synchronised clocks (NTP); skew only shortens or lengthens leases.
+An instance changes hands only through atomic single-document updates: the finishing caller hands it
+straight to the oldest waiter with a one-datagram hint (`handover.py`); a caller that finds the queue
+empty claims an idle instance itself (the images of one request together, one read and one write:
+`claim_idle`); everything else goes by the same greedy FIFO plan every process computes from one
+snapshot (`planner.py`), run by one watcher thread per process, which also renews leases and queue
+entries, delivers leases whose hint was lost and probes down instances. With `SD_QUEUE_DEPTH=2` a
+caller on a busy instance's second seat sends its request at once, so the WebUI starts it the moment
+the running one ends; never more than one waits behind the running one. Leases of dead holders expire
+(`lease_s`; a handed-over one starts short, `waiter_ttl_s`); a failed generation is retried elsewhere
+(`retrying.py`); every call has a read timeout and every wait `wait_timeout_s`. Hosts sharing a pool
+need synchronised clocks (NTP): lease times are each process's UTC clock. The whole story, with the
+measurements: docs/pool.md ("How it works").
 """
 
 from __future__ import annotations
@@ -56,14 +32,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from datetime import datetime
+from typing import TypeVar
 
 from pymongo import ASCENDING
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from agent.images.sdwebui import health, retrying, seats
-from agent.images.sdwebui.claims import claim_free, claim_planned
+from agent.images.sdwebui.claims import claim_free, claim_idle_many, claim_planned
 from agent.images.sdwebui.client import PROVIDER, SDClient, SDError
 from agent.images.sdwebui.handover import (
     MEMBERS_REFRESH_S,
@@ -78,6 +55,7 @@ from agent.images.sdwebui.handover import (
 from agent.images.sdwebui.planner import Pick, plan_seats, up_urls, want
 from agent.images.sdwebui.queue import COUNTER_ID, Entry, Lease, Slot, WaitQueue, process_of
 from agent.images.sdwebui.retrying import RunInfo
+from agent.images.sdwebui.status import PoolStatus
 from agent.leases import utcnow
 from agent.types import ModelError
 
@@ -97,7 +75,7 @@ def ensure_pool_indexes(db: Database) -> None:
     db.sd_pool_members.create_index([("expires_at", ASCENDING)], expireAfterSeconds=0)
 
 
-class SDInstancePool:
+class SDInstancePool(PoolStatus):
     """Fair, cross-process, health-checked leasing of SD WebUI instances (see the module docstring).
 
     Leases on `sd_instances` use `agent.leases` (`takeable`, `lease_until`, `renew_leases`),
@@ -192,10 +170,6 @@ class SDInstancePool:
 
     def _next_id(self, kind: str) -> str:
         return f"{self.process_id}:{kind}{next(self._seq)}"
-
-    def refresh_checkpoints(self, timeout_s: float | None = None) -> dict[str, str | None]:
-        """Ask every instance which checkpoint it has loaded (for model affinity). Best effort."""
-        return health.refresh_checkpoints(self.db, self.urls, timeout_s or self.ping_timeout_s)
 
     def close(self) -> None:
         """Stop the watcher, free every instance this process still holds (a restarted worker must not
@@ -325,6 +299,12 @@ class SDInstancePool:
         self._notify()
         return entry
 
+    def _nobody_waits(self, now: datetime) -> bool:
+        """No queue here (ours, or one we just saw) nor in the database: a claim overtakes nobody."""
+        if self.queue.waiting() or self.queue.recently_busy(self.poll_s):
+            return False
+        return self.queue.seems_empty(now)
+
     def _fast_claim(self, checkpoint: str | None, exclude: list[str]) -> Lease | None:
         """Nobody waiting: take a free instance at once (one read, one atomic claim) instead of queueing.
 
@@ -335,10 +315,8 @@ class SDInstancePool:
         candidates = [u for u in self.urls if u not in exclude]
         if not candidates:
             return None
-        if self.queue.waiting() or self.queue.recently_busy(self.poll_s):
-            return None  # there is a queue (ours, or one we just saw): no need to ask
         now = utcnow()
-        if not self.queue.seems_empty(now):
+        if not self._nobody_waits(now):
             return None
         lease = Lease(id=self._next_id("f"), url="", ticket=0)
         with self._lock:
@@ -358,6 +336,42 @@ class SDInstancePool:
         self.claims += 1
         self._notify(look=False)  # the watcher renews the lease from now on
         return lease
+
+    def claim_idle(self, n: int, checkpoint: str | None = None) -> list[Lease]:
+        """Up to n fully idle instances at once for the images of one request, when nobody waits (the fast
+        claim, batched: `claims.claim_idle_many`). The caller runs one call on each (`run(lease=...)`) and
+        gets the rest the ordinary way; [] when the queue is not empty or nothing is idle."""
+        if n < 2 or self._closed.is_set() or self._stopping.is_set():
+            return []
+        start = time.monotonic()
+        self._ensure_thread()
+        now = utcnow()
+        if not self._nobody_waits(now):
+            return []
+        leases = [Lease(id=self._next_id("f"), url="", ticket=0) for _ in range(min(n, len(self.urls)))]
+        with self._lock:  # known locally before they exist in the database (orphan check)
+            self._leases.update((lease.id, lease) for lease in leases)
+        ids = [lease.id for lease in leases]
+        try:
+            got = claim_idle_many(self.db, self.urls, ids, checkpoint, self.lease_s, now, self.depth)
+        except PyMongoError as exc:
+            log.warning("SD pool: claiming idle instances failed (%s); claiming one by one", exc)
+            got = []
+        docs = {holder: doc for doc, holder in got}
+        claimed = []
+        with self._lock:
+            for lease in leases:
+                doc = docs.get(lease.id)
+                if doc is None:
+                    self._leases.pop(lease.id, None)
+                    continue
+                lease.url, lease.checkpoint = doc["_id"], doc.get("checkpoint")
+                lease.wait_ms = (time.monotonic() - start) * 1000
+                claimed.append(lease)
+        if claimed:
+            self.claims += len(claimed)
+            self._notify(look=False)  # the watcher renews the leases from now on
+        return claimed
 
     def release(
         self, lease: Lease, *, ok: bool = True, error: SDError | None = None, checkpoint: str | None = None
@@ -567,34 +581,13 @@ class SDInstancePool:
         *,
         checkpoint: str | None = None,
         what: str = "image generation",
+        lease: Lease | None = None,
     ) -> tuple[T, RunInfo]:
-        """Run `call(client)` on a leased instance, retrying on another instance when it fails
-        (`retrying.run`). `call` returns (value, checkpoint now loaded or None) and raises SDError."""
-        return retrying.run(self, call, checkpoint=checkpoint, what=what)
+        """Run `call(client)` on a leased instance (first on `lease`, one from `claim_idle`, if given),
+        retrying on another instance when it fails (`retrying.run`). `call` returns (value, checkpoint
+        now loaded or None) and raises SDError."""
+        return retrying.run(self, call, checkpoint=checkpoint, what=what, lease=lease)
 
     def stopping_error(self) -> ModelError | None:
         """The 503 for a caller of this process once shutdown began, else None."""
         return self._closed_error() if self._stopping.is_set() else None
-
-    # ------------------------------------------------------------------ status
-    def health(self) -> dict[str, Any]:
-        """From the shared collections only (no call to any instance)."""
-        return health.status(self.db, self.urls, self.queue.length, self.depth)
-
-    def answering(self, timeout_s: float | None = None) -> dict[str, bool]:
-        """Which instances answer the pool's own probe (`SDClient.ping`) now; all pinged at once.
-
-        For /health: the shared state says what the pool last saw (an instance nobody used yet is
-        "up" whether or not anything listens), this says whether an image request could be served.
-        Changes no state: leases and down/up marks stay the pool's business.
-        """
-        return health.answering(self.clients, self.urls, timeout_s or self.ping_timeout_s)
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            **health.served(self.db, self.urls),
-            "max_queue_this_process": self.max_queue_seen,
-            "handovers_this_process": self.handovers,
-            "claims_this_process": self.claims,
-            "depth": self.depth,
-        }

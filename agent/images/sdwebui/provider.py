@@ -10,7 +10,7 @@ from PIL import Image
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
-from agent.images.concurrent import generate_concurrently
+from agent.images.concurrent import run_concurrently
 from agent.images.placeholder import PlaceholderImageProvider
 from agent.images.png import png_bytes
 from agent.images.sdwebui.client import (
@@ -24,6 +24,7 @@ from agent.images.sdwebui.client import (
     parse_info,
 )
 from agent.images.sdwebui.pool import SDInstancePool
+from agent.images.sdwebui.queue import Lease
 from agent.types import ImageRequest, ImageResult, Segmentation
 
 
@@ -73,7 +74,25 @@ class SDPoolProvider:
         return cls(pool, sam_enabled=settings.SD_SAM_ENABLED, max_side=settings.MAX_IMAGE_SIDE)
 
     def generate(self, request: ImageRequest) -> ImageResult:
-        endpoint, payload = build_payload(request)
+        return self.generate_claimed(request, None)
+
+    def claim_many(self, requests: list[ImageRequest]) -> list[Lease | None]:
+        """On an idle pool, the idle instances for the first images, claimed in one go
+        (`SDInstancePool.claim_idle`), so they start together; None for the rest (`agent.types.ClaimsAhead`)."""
+        checkpoints = {r.checkpoint for r in requests}
+        leases: list[Lease | None] = []
+        if len(requests) > 1 and len(checkpoints) == 1:
+            leases.extend(self.pool.claim_idle(min(len(requests), self.max_workers), checkpoints.pop()))
+        return leases + [None] * (len(requests) - len(leases))
+
+    def generate_claimed(self, request: ImageRequest, lease: Lease | None) -> ImageResult:
+        """One image; its first attempt on `lease` when one was claimed for it (`claim_many`)."""
+        try:
+            endpoint, payload = build_payload(request)
+        except BaseException:
+            if lease is not None:
+                self.pool.release(lease, ok=True)  # not used: the next caller may have it
+            raise
 
         def call(client: SDClient) -> tuple[tuple[bytes, dict[str, Any]], str | None]:
             response = client.post(endpoint, payload)
@@ -81,7 +100,7 @@ class SDPoolProvider:
             info = parse_info(response)
             return (png, info), info.get("sd_model_checkpoint") or request.checkpoint
 
-        (png, info), run = self.pool.run(call, checkpoint=request.checkpoint)
+        (png, info), run = self.pool.run(call, checkpoint=request.checkpoint, lease=lease)
         seed = info.get("seed")
         return ImageResult(
             png=png,
@@ -100,7 +119,12 @@ class SDPoolProvider:
 
     def generate_many(self, requests: list[ImageRequest]) -> list[ImageResult]:
         """All at once: the pool hands them out as instances free up; results in request order."""
-        return generate_concurrently(self, requests, self.max_workers, thread_name_prefix="sd")
+        return run_concurrently(
+            lambda pair: self.generate_claimed(*pair),
+            list(zip(requests, self.claim_many(requests), strict=True)),
+            self.max_workers,
+            thread_name_prefix="sd",
+        )
 
     def segment(self, image: bytes, text_prompt: str) -> Segmentation:
         """Cut the object named `text_prompt` out with the WebUI's segment-anything extension (+ GroundingDINO).

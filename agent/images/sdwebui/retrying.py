@@ -60,55 +60,48 @@ def run(
     *,
     checkpoint: str | None = None,
     what: str = "image generation",
+    lease: Lease | None = None,
 ) -> tuple[T, RunInfo]:
     """Run `call(client)` on a leased instance, retrying on another instance when it fails.
 
-    `call` returns (value, checkpoint now loaded or None) and raises SDError on failure.
+    `call` returns (value, checkpoint now loaded or None) and raises SDError on failure. `lease`:
+    one already held for this call (the first attempt runs on it).
     """
     start = time.monotonic()
     exclude: list[str] = []
     errors: list[str] = []
     wait_ms = 0.0
     attempts = 0
+    given: Lease | None = lease
     while attempts < pool.max_attempts:
-        avoid = exclude
-        if exclude:
-            try:
-                if not pool.up_instances() - set(exclude):
-                    avoid = []  # every up instance failed this call: retry on any rather than wait
-            except PyMongoError:
-                pass
-        try:
-            lease = pool.acquire(checkpoint, avoid)
-        except ModelError as exc:
-            if errors:
-                exc.message = f"{exc.message} (after {attempts} failed attempts: {'; '.join(errors)})"
-                exc.args = (exc.message,)
-            raise
+        if given is not None:
+            held, given = given, None
+        else:
+            held = _acquire(pool, checkpoint, exclude, errors, attempts)
         stopping = pool.stopping_error()
         if stopping is not None:  # handed to us after shutdown began: free it, start nothing new
-            pool.release(lease, ok=False)
+            pool.release(held, ok=False)
             raise stopping
         attempts += 1
-        wait_ms += lease.wait_ms
+        wait_ms += held.wait_ms
         try:
-            value, loaded = call(pool.client_for(lease))
+            value, loaded = call(pool.client_for(held))
         except SDError as exc:
-            pool.release(lease, ok=False, error=exc)
+            pool.release(held, ok=False, error=exc)
             if exc.failure == "timeout":
-                _interrupt_later(pool.clients[lease.url], pool.ping_timeout_s)
-            errors.append(f"{lease.url}: {exc.message}")
+                _interrupt_later(pool.clients[held.url], pool.ping_timeout_s)
+            errors.append(f"{held.url}: {exc.message}")
             if not exc.retryable:
                 raise
-            if lease.url not in exclude:
-                exclude.append(lease.url)
+            if held.url not in exclude:
+                exclude.append(held.url)
             continue
         except BaseException:
-            pool.release(lease, ok=False)
+            pool.release(held, ok=False)
             raise
-        pool.release(lease, ok=True, checkpoint=loaded or checkpoint)
+        pool.release(held, ok=True, checkpoint=loaded or checkpoint)
         return value, RunInfo(
-            instance=lease.url,
+            instance=held.url,
             attempts=attempts,
             wait_ms=wait_ms,
             latency_ms=(time.monotonic() - start) * 1000,
@@ -121,6 +114,26 @@ def run(
         retryable=True,
         kind="image",
     )
+
+
+def _acquire(
+    pool: Leasing, checkpoint: str | None, exclude: list[str], errors: list[str], attempts: int
+) -> Lease:
+    """The next attempt's lease, avoiding the instances that failed this call (unless every up one did)."""
+    avoid = exclude
+    if exclude:
+        try:
+            if not pool.up_instances() - set(exclude):
+                avoid = []  # every up instance failed this call: retry on any rather than wait
+        except PyMongoError:
+            pass
+    try:
+        return pool.acquire(checkpoint, avoid)
+    except ModelError as exc:
+        if errors:
+            exc.message = f"{exc.message} (after {attempts} failed attempts: {'; '.join(errors)})"
+            exc.args = (exc.message,)
+        raise
 
 
 def _interrupt_later(client: SDClient, timeout_s: float) -> None:
