@@ -769,6 +769,13 @@ def main() -> None:
         help="refinement: a process per fake SD, as real WebUIs are (default), or all in the bench's "
         "process, sharing one interpreter lock (how it ran until 2026-12-02)",
     )
+    ap.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="refinement: CPU priority of everything but the fakes (both servers, the database, the clients; "
+        "e.g. 19: the fakes, standing in for WebUIs on GPU hosts of their own, go first); 0: all alike (default)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
@@ -790,6 +797,7 @@ def main() -> None:
         + (f" --chat-delay {args.chat_delay}" if args.chat_delay is not None else "")
         + (f" --requests {args.requests}" if args.requests else "")
         + (f" --fakes-in {args.fakes_in}" if args.fakes_in != "processes" else "")
+        + (f" --nice {args.nice}" if args.nice else "")
     )
     print(f"# SD pool benchmark — {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} — `{command}`")
     if args.scenario != "refinement":
@@ -825,6 +833,8 @@ def main() -> None:
                 requests_per_client=args.requests or (2 if args.quick else 4),
                 ms=[2, 6] if args.quick else [2, 4, 6],
                 fakes_in=args.fakes_in,
+                nice=args.nice,
+                db_pid=mongo.pid,
             )
     finally:
         harness.close()
