@@ -192,25 +192,12 @@ def lower_priority(pid: int, nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, int(tid), nice)
 
 
-def cpu_s(pids: list[int]) -> float:
-    """User + system CPU seconds used so far by these processes and their children (gunicorn's workers)."""
-    total, seen, stack = 0.0, set(), list(pids)
-    tick = os.sysconf("SC_CLK_TCK")
-    while stack:
-        pid = stack.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{tid}/children") as f:
-                    stack.extend(int(c) for c in f.read().split())
-        except (OSError, ValueError):  # gone meanwhile
-            continue
-    return total
+def server_cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by these processes and, for a gunicorn master, its workers
+    (`bench/load.py`'s readers)."""
+    from load import cpu_s, worker_pids
+
+    return sum(cpu_s(pid) + sum(cpu_s(w) for w in worker_pids(pid)) for pid in pids)
 
 
 def _closed_loop(send: Any, clients: int, requests_per_client: int) -> list[dict[str, Any]]:
@@ -360,7 +347,7 @@ def _instance_losses(logs: list[list[dict[str, Any]]], d: float) -> list[dict[st
 def _warm(fakes: list[Any], harness: Any, cpu_box: list[float]) -> None:
     """After the original's warm-up: fresh fakes, and its workers' CPU so far (the run's CPU starts here)."""
     _reset(fakes)
-    cpu_box.append(cpu_s([p.pid for p in harness.procs]))
+    cpu_box.append(server_cpu_s([p.pid for p in harness.procs]))
 
 
 def _reset(fakes: list[Any]) -> None:
@@ -439,19 +426,19 @@ def run(
             row: dict[str, Any] = {"m": m}
             for depth, server in servers.items():
                 _reset(fakes)
-                before = (cpu_s([server.proc.pid]), cpu_s([db_pid]) if db_pid else 0.0)
+                before = (server_cpu_s([server.proc.pid]), server_cpu_s([db_pid]) if db_pid else 0.0)
                 records = _closed_loop(lambda cid, n, s=server, m=m: s.post(m), clients, requests_per_client)
                 row[depth] = _measure(fakes, records, k, delay)
                 row[depth]["cpu"] = (
-                    cpu_s([server.proc.pid]) - before[0],
-                    cpu_s([db_pid]) - before[1] if db_pid else None,
+                    server_cpu_s([server.proc.pid]) - before[0],
+                    server_cpu_s([db_pid]) - before[1] if db_pid else None,
                 )
             start_cpu: list[float] = []
             records = original.run(
                 m, clients, requests_per_client, warm=lambda box=start_cpu: _warm(fakes, harness, box)
             )
             row["original"] = _measure(fakes, records, k, delay)
-            row["original"]["cpu"] = (cpu_s([p.pid for p in harness.procs]) - start_cpu[-1], None)
+            row["original"]["cpu"] = (server_cpu_s([p.pid for p in harness.procs]) - start_cpu[-1], None)
             rows.append(row)
             if m == ms[0]:
                 _print_header()

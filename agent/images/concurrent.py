@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from agent.types import ImageProvider, ImageRequest, ImageResult
+from agent.types import ClaimsAhead, ImageProvider, ImageRequest, ImageResult
 
 T = TypeVar("T")
 
@@ -24,6 +24,25 @@ def generate_concurrently(
     go to instances as they free up.
     """
     return run_concurrently(provider.generate, requests, max_workers, thread_name_prefix=thread_name_prefix)
+
+
+def generate_on_claims(
+    claimer: object,
+    requests: list[ImageRequest],
+    generate: Callable[[ImageRequest, Any], ImageResult],
+    max_workers: int = 16,
+    *,
+    thread_name_prefix: str = "img",
+) -> list[ImageResult]:
+    """`generate(request, claim)` for every request at once, with the claims `claimer` takes for them in one
+    go if it can (`ClaimsAhead`, the SD pool's idle instances), else None each."""
+    claims = claimer.claim_many(requests) if isinstance(claimer, ClaimsAhead) else [None] * len(requests)
+    return run_concurrently(
+        lambda pair: generate(*pair),
+        list(zip(requests, claims, strict=True)),
+        max_workers,
+        thread_name_prefix=thread_name_prefix,
+    )
 
 
 def run_concurrently(

@@ -7,9 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.call_context import CallContext
-from agent.images.concurrent import run_concurrently
+from agent.images.concurrent import generate_on_claims
 from agent.records import GenerationRecord, GenerationRecorder
-from agent.types import ClaimsAhead, ImageRequest, ImageResult, ModelError, Segmentation
+from agent.types import ImageRequest, ImageResult, ModelError, Segmentation
 
 StoreFn = Callable[..., str]
 
@@ -95,11 +95,7 @@ class RecordingImageProvider:
         return result
 
     def generate_many(self, requests: list[ImageRequest]) -> list[ImageResult]:
-        inner = self.inner
-        claims = inner.claim_many(requests) if isinstance(inner, ClaimsAhead) else [None] * len(requests)
-        return run_concurrently(
-            lambda pair: self._generate(*pair), list(zip(requests, claims, strict=True)), self.max_workers
-        )
+        return generate_on_claims(self.inner, requests, self._generate, self.max_workers)
 
     def segment(self, image: bytes, text_prompt: str) -> Segmentation:
         return self.inner.segment(image, text_prompt)

@@ -127,9 +127,7 @@ class GlobalSlots:
                             before["_id"],
                             before["holder"],
                         )
-                    with self._lock:
-                        self._held[token] = before["_id"]
-                    self._leases.hold(self.coll, before["_id"], field="holder", value=token)
+                    self._hold(token, before["_id"])
                     return token
                 waited = time.monotonic() - start
                 if waited >= self.wait_s:
@@ -169,10 +167,14 @@ class GlobalSlots:
         )
         if not taken.modified_count:
             return False
+        self._hold(token, slot_id)
+        return True
+
+    def _hold(self, token: str, slot_id: str) -> None:
+        """A slot just taken under `token`: ours until released, its lease renewed meanwhile."""
         with self._lock:
             self._held[token] = slot_id
         self._leases.hold(self.coll, slot_id, field="holder", value=token)
-        return True
 
     def release(self, token: str) -> None:
         with self._lock:

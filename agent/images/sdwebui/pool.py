@@ -359,14 +359,14 @@ class SDInstancePool(PoolStatus):
             got = []
         docs = {holder: doc for doc, holder in got}
         claimed = []
+        wait_ms = (time.monotonic() - start) * 1000
         with self._lock:
             for lease in leases:
                 doc = docs.get(lease.id)
                 if doc is None:
                     self._leases.pop(lease.id, None)
                     continue
-                lease.url, lease.checkpoint = doc["_id"], doc.get("checkpoint")
-                lease.wait_ms = (time.monotonic() - start) * 1000
+                lease.url, lease.checkpoint, lease.wait_ms = doc["_id"], doc.get("checkpoint"), wait_ms
                 claimed.append(lease)
         if claimed:
             self.claims += len(claimed)

@@ -10,7 +10,7 @@ from PIL import Image
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
-from agent.images.concurrent import run_concurrently
+from agent.images.concurrent import generate_on_claims
 from agent.images.placeholder import PlaceholderImageProvider
 from agent.images.png import png_bytes
 from agent.images.sdwebui.client import (
@@ -119,11 +119,8 @@ class SDPoolProvider:
 
     def generate_many(self, requests: list[ImageRequest]) -> list[ImageResult]:
         """All at once: the pool hands them out as instances free up; results in request order."""
-        return run_concurrently(
-            lambda pair: self.generate_claimed(*pair),
-            list(zip(requests, self.claim_many(requests), strict=True)),
-            self.max_workers,
-            thread_name_prefix="sd",
+        return generate_on_claims(
+            self, requests, self.generate_claimed, self.max_workers, thread_name_prefix="sd"
         )
 
     def segment(self, image: bytes, text_prompt: str) -> Segmentation:
