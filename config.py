@@ -168,6 +168,9 @@ class Settings(BaseSettings):
     # lease seats per SD instance: 2 = one running + one queued inside the WebUI, so no hand-over sits
     # between two images; 1 = strictly one at a time (docs/pool.md)
     SD_QUEUE_DEPTH: int = Field(2, ge=1, le=2)
+    # the call queued behind a running image is sent when that image has this many seconds left (the
+    # WebUI's /progress estimate), so until then it can move to an instance that went idle; 0: at once
+    SD_SEND_AHEAD_S: float = Field(0.3, ge=0, le=60)
     SD_SAM_ENABLED: bool = False
     OPENAI_IMAGE_MODEL: str = "gpt-image-1"
     MAX_IMAGE_BYTES: int = 10 * 1024 * 1024

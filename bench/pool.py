@@ -415,7 +415,11 @@ class Harness:
         )
         base = f"http://127.0.0.1:{port}"
         try:
-            _wait_http(base, proc)
+            try:
+                _wait_http(base, proc)
+            except RuntimeError as exc:  # say why: the server's own last words
+                log.seek(0)
+                raise RuntimeError(f"{exc}\n{log.read().decode('utf-8', 'replace')[-3000:]}") from None
             for _ in range(WORKERS):  # warm every worker's pool and the cached product name
                 requests.post(
                     f"{base}/ideation/generate",
@@ -535,7 +539,10 @@ class Harness:
         # idle gap on an instance between one answer and the next request arriving (inside the window)
         gaps = []
         for f in fakes:
-            entries = sorted((e for e in f.requests if e.get("end") is not None), key=lambda e: e["start"])
+            entries = sorted(  # generations only (not the /progress looks of held-back calls, or probes)
+                (e for e in f.requests if e["path"].endswith("/txt2img") and e.get("end") is not None),
+                key=lambda e: e["start"],
+            )
             gaps += [
                 b["start"] - a["end"]
                 for a, b in zip(entries, entries[1:], strict=False)

@@ -285,13 +285,13 @@ class SDClient:
     def sd_models(self) -> list[dict[str, Any]]:
         return self._call("GET", "/sdapi/v1/sd-models", timeout_s=min(self.timeout_s, 30.0)) or []
 
-    def progress(self) -> dict[str, Any]:
+    def progress(self, timeout_s: float | None = None) -> dict[str, Any]:
         return (
             self._call(
                 "GET",
                 "/sdapi/v1/progress",
                 params={"skip_current_image": "true"},
-                timeout_s=min(self.timeout_s, 30.0),
+                timeout_s=timeout_s or min(self.timeout_s, 30.0),
             )
             or {}
         )

@@ -3,21 +3,15 @@
 Why: the originals kept their pool inside each process. Under `gunicorn -w 4` every worker believed
 every instance was free, so instances queued several generations deep while others idled; a dead
 instance yielded empty images; a hung one stalled every worker forever. Here all processes share one
-view: `sd_instances` (one document per instance with its lease seats; `health.py`, `seats.py`),
-`sd_waiters` (the queue, `queue.py`) and `sd_pool_members` (each process's wake-up port, `handover.py`).
-
-An instance changes hands only through atomic single-document updates: the finishing caller hands it
-straight to the oldest waiter with a one-datagram hint (`handover.py`); a caller that finds the queue
-empty claims an idle instance itself (the images of one request together, one read and one write:
-`claim_idle`); everything else goes by the same greedy FIFO plan every process computes from one
-snapshot (`planner.py`), run by one watcher thread per process, which also renews leases and queue
-entries, delivers leases whose hint was lost and probes down instances. With `SD_QUEUE_DEPTH=2` a
-caller on a busy instance's second seat sends its request at once, so the WebUI starts it the moment
-the running one ends; never more than one waits behind the running one. Leases of dead holders expire
-(`lease_s`; a handed-over one starts short, `waiter_ttl_s`); a failed generation is retried elsewhere
-(`retrying.py`); every call has a read timeout and every wait `wait_timeout_s`. Hosts sharing a pool
-need synchronised clocks (NTP): lease times are each process's UTC clock. The whole story, with the
-measurements: docs/pool.md ("How it works").
+view: `sd_instances` (an instance's lease seats; `health.py`, `seats.py`), `sd_waiters` (the queue,
+`queue.py`), `sd_pool_members` (wake-up ports, `handover.py`). An instance changes hands only through
+atomic single-document updates: the finishing caller hands it to the oldest waiter with a datagram
+hint (`handover.py`); a caller finding the queue empty claims idle instances itself (`claim_idle`);
+else by the FIFO plan each process's watcher computes from one snapshot (`planner.py`); the watcher
+also renews leases, delivers lost hints and probes down instances. With `SD_QUEUE_DEPTH=2` a caller on
+a busy instance's second seat sends shortly before the running image ends (`holdback.py`); dead
+holders' leases expire; failed calls are retried elsewhere (`retrying.py`); every call and wait has a
+timeout. Hosts sharing a pool need synchronised clocks (NTP). The whole story: docs/pool.md.
 """
 
 from __future__ import annotations
@@ -39,7 +33,7 @@ from pymongo import ASCENDING
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from agent.images.sdwebui import health, retrying, seats
+from agent.images.sdwebui import health, holdback, retrying, seats
 from agent.images.sdwebui.claims import claim_free, claim_idle_many, claim_planned
 from agent.images.sdwebui.client import PROVIDER, SDClient, SDError
 from agent.images.sdwebui.handover import (
@@ -103,6 +97,7 @@ class SDInstancePool(PoolStatus):
         max_waiters_read: int = 256,
         handover: bool = True,
         depth: int = 2,
+        send_ahead_s: float = 0.3,
     ) -> None:
         if db is None:
             raise ValueError("the SD instance pool needs MongoDB (it is how workers share the instances)")
@@ -120,9 +115,9 @@ class SDInstancePool(PoolStatus):
         self.ping_timeout_s = ping_timeout_s
         self.waiter_ttl_s = waiter_ttl_s
         self.handover = handover  # False: no hand-over, no datagrams: claims by polling only (for comparison)
-        self.depth = seats.clamp_depth(
-            depth
-        )  # lease seats per instance: 1 running + depth-1 queued in the WebUI
+        self.depth = seats.clamp_depth(depth)  # lease seats: 1 running + depth-1 queued in the WebUI
+        self.send_ahead_s = send_ahead_s  # a queued call is sent when the running image has this left
+        self.freed = holdback.FreedSignal()
         self.clients = {u: SDClient(u, timeout_s, ping_timeout_s=ping_timeout_s) for u in urls}
         # a caller queued behind a running image waits for both (same connections, doubled read timeout)
         self.queued_clients = {u: c.with_timeout(timeout_s * 2) for u, c in self.clients.items()}
@@ -337,23 +332,25 @@ class SDInstancePool(PoolStatus):
         self._notify(look=False)  # the watcher renews the lease from now on
         return lease
 
-    def claim_idle(self, n: int, checkpoint: str | None = None) -> list[Lease]:
+    def claim_idle(self, n: int, checkpoint: str | None = None, exclude: Iterable[str] = ()) -> list[Lease]:
         """Up to n fully idle instances at once for the images of one request, when nobody waits (the fast
         claim, batched: `claims.claim_idle_many`). The caller runs one call on each (`run(lease=...)`) and
-        gets the rest the ordinary way; [] when the queue is not empty or nothing is idle."""
-        if n < 2 or self._closed.is_set() or self._stopping.is_set():
+        gets the rest the ordinary way; [] when the queue is not empty or nothing is idle. Also how a
+        held-back call moves to an idle instance (`holdback.py`)."""
+        candidates = [u for u in self.urls if u not in set(exclude)]
+        if n < 1 or not candidates or self._closed.is_set() or self._stopping.is_set():
             return []
         start = time.monotonic()
         self._ensure_thread()
         now = utcnow()
         if not self._nobody_waits(now):
             return []
-        leases = [Lease(id=self._next_id("f"), url="", ticket=0) for _ in range(min(n, len(self.urls)))]
+        leases = [Lease(id=self._next_id("f"), url="", ticket=0) for _ in range(min(n, len(candidates)))]
         with self._lock:  # known locally before they exist in the database (orphan check)
             self._leases.update((lease.id, lease) for lease in leases)
         ids = [lease.id for lease in leases]
         try:
-            got = claim_idle_many(self.db, self.urls, ids, checkpoint, self.lease_s, now, self.depth)
+            got = claim_idle_many(self.db, candidates, ids, checkpoint, self.lease_s, now, self.depth)
         except PyMongoError as exc:
             log.warning("SD pool: claiming idle instances failed (%s); claiming one by one", exc)
             got = []
@@ -414,6 +411,7 @@ class SDInstancePool(PoolStatus):
             probe_base_s=self.probe_base_s,
             lease_s=self.lease_s,
         )
+        self.freed.pulse()
         self._notify(peers=True)
 
     def _tell(self, grant: Grant) -> None:
@@ -511,10 +509,13 @@ class SDInstancePool(PoolStatus):
             look = self._handle(waker.wait(deadline - time.monotonic())) or look
 
     def _handle(self, messages: list[bytes]) -> bool:
-        """Act on hand-over datagrams; True if any message asks for a look."""
+        """Act on hand-over datagrams; True if any message asks for a look (then a peer may have freed an
+        instance: held-back calls look too)."""
         grants, look = read_messages(messages, self.process_id, self.clients)
         for grant in grants:
             self._grant(grant)
+        if look:
+            self.freed.pulse()
         return look
 
     def _renew(self) -> None:
@@ -587,6 +588,10 @@ class SDInstancePool(PoolStatus):
         retrying on another instance when it fails (`retrying.run`). `call` returns (value, checkpoint
         now loaded or None) and raises SDError."""
         return retrying.run(self, call, checkpoint=checkpoint, what=what, lease=lease)
+
+    def hold_back(self, lease: Lease, exclude: list[str], checkpoint: str | None) -> Lease:
+        """The lease to send a call on, once a queued one's turn is near (`holdback.hold_back`)."""
+        return holdback.hold_back(self, lease, exclude, checkpoint)
 
     def stopping_error(self) -> ModelError | None:
         """The 503 for a caller of this process once shutdown began, else None."""

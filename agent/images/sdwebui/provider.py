@@ -67,7 +67,7 @@ class SDPoolProvider:
             wait_timeout_s=settings.SD_WAIT_TIMEOUT_S,
             lease_s=settings.SD_LEASE_S,
             max_attempts=settings.SD_MAX_ATTEMPTS,
-            **{"depth": settings.SD_QUEUE_DEPTH, **pool_kwargs},
+            **{"depth": settings.SD_QUEUE_DEPTH, "send_ahead_s": settings.SD_SEND_AHEAD_S, **pool_kwargs},
         )
         if refresh_checkpoints:  # learn which checkpoint each instance has loaded, without delaying start-up
             threading.Thread(target=pool.refresh_checkpoints, name="sd-checkpoints", daemon=True).start()

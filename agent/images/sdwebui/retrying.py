@@ -51,6 +51,8 @@ class Leasing(Protocol):
 
     def client_for(self, lease: Lease) -> SDClient: ...
 
+    def hold_back(self, lease: Lease, exclude: list[str], checkpoint: str | None) -> Lease: ...
+
     def stopping_error(self) -> ModelError | None: ...
 
 
@@ -82,6 +84,7 @@ def run(
         if stopping is not None:  # handed to us after shutdown began: free it, start nothing new
             pool.release(held, ok=False)
             raise stopping
+        held = pool.hold_back(held, exclude, checkpoint)  # queued behind a running image: send near its end
         attempts += 1
         wait_ms += held.wait_ms
         try:
