@@ -3,8 +3,8 @@
 Why: sent at once, it sits inside that WebUI for up to a whole generation, committed to it. If another
 instance goes idle meanwhile (the queue ran dry: callers between requests, one request's images spread
 unevenly over the instances), the idle one waits for new work while this call waits behind the running
-image; measured once in the refinement benchmark as 0.79 s of one instance's idle time in a 25 s run
-(docs/pool.md). Held back until the running image has `send_ahead_s` left (the WebUI's own
+image (the refinement benchmark once showed one instance idle for 0.79 s of a 25 s run; docs/pool.md).
+Held back until the running image has `send_ahead_s` left (the WebUI's own
 `/sdapi/v1/progress` estimate), it still arrives before that image ends, so the WebUI starts it without
 a round trip in between; until then it moves to an instance that goes idle.
 
