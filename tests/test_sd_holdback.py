@@ -12,7 +12,7 @@ import pytest
 
 from agent.images.sdwebui.holdback import seconds_left
 from agent.images.sdwebui.provider import SDPoolProvider
-from agent.types import ImageResult
+from agent.types import ImageResult, ModelError
 from tests.test_sd_pool import generation_requests as generations
 from tests.test_sd_pool import make_provider, req, wait_until  # noqa: F401 - make_provider is a fixture
 
@@ -76,6 +76,34 @@ def test_a_held_back_call_moves_to_an_instance_that_goes_idle(
     assert all(r.attempts == 1 for r in out.values())
     docs = list(provider.pool.db.sd_instances.find())
     assert all(d["holder"] is None and d.get("holder_1") is None for d in docs)  # every seat freed
+
+
+def test_a_held_back_call_is_not_sent_once_shutdown_began(
+    fake_sd_fleet: Any, request: pytest.FixtureRequest
+) -> None:
+    (fake,) = fake_sd_fleet(1, delay=1.5)
+    provider = providers(request)([fake])
+    out: dict[str, ImageResult] = {}
+    errors: list[ModelError] = []
+    first = start(provider, "first", out)
+    wait_until(lambda: fake.running == 1, what="the first image running")
+
+    def second() -> None:
+        try:
+            provider.generate(req("second"))
+        except ModelError as exc:
+            errors.append(exc)
+
+    held = threading.Thread(target=second)
+    held.start()
+    db = provider.pool.db
+    wait_until(lambda: db.sd_instances.find_one({"holder_1": {"$ne": None}}), what="the seat behind it")
+    provider.pool.interrupt_held()  # shutdown: the running one is ours, so it is stopped too
+    first.join(10)
+    held.join(10)
+    assert [e.status for e in errors] == [503]
+    assert len(generations(fake)) == 1  # the held-back call never reached the WebUI
+    assert db.sd_instances.find_one({"holder_1": {"$ne": None}}) is None  # and its seat was freed
 
 
 def test_seconds_left_reads_the_webui_progress() -> None:

@@ -194,6 +194,7 @@ class SDInstancePool(PoolStatus):
         seat is ours to stop its generation (the WebUI returns what it has; the caller records and releases).
         Never another process's generation. Called again while jobs run (the queued one starts next)."""
         self._stopping.set()
+        self.freed.pulse()  # held-back calls look now: they are not sent any more
         with self._lock:
             urls = {lease.url for lease in self._leases.values() if lease.url}
         for slot in self.queue.slots():

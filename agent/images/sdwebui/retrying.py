@@ -80,11 +80,11 @@ def run(
             held, given = given, None
         else:
             held = _acquire(pool, checkpoint, exclude, errors, attempts)
+        held = pool.hold_back(held, exclude, checkpoint)  # queued behind a running image: send near its end
         stopping = pool.stopping_error()
-        if stopping is not None:  # handed to us after shutdown began: free it, start nothing new
+        if stopping is not None:  # handed to us (or held back) after shutdown began: free it, start nothing
             pool.release(held, ok=False)
             raise stopping
-        held = pool.hold_back(held, exclude, checkpoint)  # queued behind a running image: send near its end
         attempts += 1
         wait_ms += held.wait_ms
         try:
