@@ -169,11 +169,6 @@ def _log(tmp_path: Path, base: str) -> str:
     return (tmp_path / f"gunicorn-{base.rsplit(':', 1)[1]}.log").read_text()
 
 
-def _drawn(fake_sd: Any) -> list[dict[str, Any]]:
-    """The generations the fake WebUI was asked for (answered or interrupted)."""
-    return [r for r in fake_sd.requests if r["path"] in ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")]
-
-
 @pytest.mark.timeout(180)
 def test_sigterm_mid_book_loses_nothing(
     gunicorn_server: Any,
@@ -209,7 +204,7 @@ def test_sigterm_mid_book_loses_nothing(
     assert "shut down" in doc["error"]["message"]
     assert db.storybooks.find_one({"_id": book})["status"] == "failed"
     records = list(db.generations.find({"job": book, "kind": "image"}))
-    asked = [(r["path"], r["status"], r.get("interrupted"), r["time"]) for r in _drawn(fake_sd)]
+    asked = [(r["path"], r["status"], r.get("interrupted"), r["time"]) for r in fake_sd.generation_requests()]
     recorded = [(r.get("ok"), r.get("error"), r.get("step"), r["created_at"]) for r in records]
     drawn = [r for r in records if r.get("ok")]
     assert len(drawn) == len(asked) >= 1, (recorded, asked, _log(tmp_path, base)[-3000:])
@@ -249,7 +244,11 @@ def test_sigterm_lets_a_short_book_finish(
     until(lambda: not alive(master), 40, "gunicorn to exit")
     doc = db.jobs.find_one({"_id": book})
     assert doc["status"] == "done", doc.get("error")
-    assert db.generations.count_documents({"job": book, "kind": "image"}) == len(_drawn(fake_sd)) == 3
+    assert (
+        db.generations.count_documents({"job": book, "kind": "image"})
+        == len(fake_sd.generation_requests())
+        == 3
+    )
     assert db.sd_instances.count_documents({"holder": {"$ne": None}}) == 0
     log = _log(tmp_path, base)
     assert "Traceback" not in log, log[-5000:]

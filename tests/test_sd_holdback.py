@@ -13,7 +13,6 @@ import pytest
 from agent.images.sdwebui.holdback import seconds_left
 from agent.images.sdwebui.provider import SDPoolProvider
 from agent.types import ImageResult, ModelError
-from tests.test_sd_pool import generation_requests as generations
 from tests.test_sd_pool import make_provider, req, wait_until  # noqa: F401 - make_provider is a fixture
 
 
@@ -40,7 +39,7 @@ def test_a_call_queued_behind_a_running_image_is_sent_shortly_before_it_ends(
     second = start(provider, "second", out)
     first.join(10)
     second.join(10)
-    a, b = generations(fake)
+    a, b = fake.generation_requests()
     assert b["start"] < a["gen_end"]  # either way it was inside before the running one ended: no gap
     assert b["gen_start"] - a["gen_end"] < 0.2
     if send_ahead_s:
@@ -68,8 +67,10 @@ def test_a_held_back_call_moves_to_an_instance_that_goes_idle(
         thread.join(10)
     if send_ahead_s:
         assert out["queued"].instance == y.url  # it moved when the short one's instance went idle
-        assert len(generations(x)) == 1 and x.max_concurrent_seen == 1
-        assert generations(y)[1]["end"] < generations(x)[0]["gen_end"]  # done before the long one
+        assert len(x.generation_requests()) == 1 and x.max_concurrent_seen == 1
+        assert (
+            y.generation_requests()[1]["end"] < x.generation_requests()[0]["gen_end"]
+        )  # done before the long one
     else:
         assert out["queued"].instance == x.url  # sent at once: it waited behind the long one
         assert x.max_concurrent_seen == 2
@@ -102,7 +103,7 @@ def test_a_held_back_call_is_not_sent_once_shutdown_began(
     first.join(10)
     held.join(10)
     assert [e.status for e in errors] == [503]
-    assert len(generations(fake)) == 1  # the held-back call never reached the WebUI
+    assert len(fake.generation_requests()) == 1  # the held-back call never reached the WebUI
     assert db.sd_instances.find_one({"holder_1": {"$ne": None}}) is None  # and its seat was freed
 
 

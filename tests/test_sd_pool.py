@@ -57,11 +57,6 @@ def wait_until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "cond
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def generation_requests(fake: FakeSD) -> list[dict[str, Any]]:
-    """The generation requests a fake received, in order (not the /progress looks of held-back calls)."""
-    return [r for r in fake.requests if r["path"] in ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")]
-
-
 def a_png(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (64, 64)) -> bytes:
     return png_bytes(Image.new("RGB", size, color))
 
@@ -670,11 +665,11 @@ def test_depth_two_fifo_across_two_processes(
         threads.append(t)
         wait_until(lambda i=i: db.sd_waiters.count_documents({}) == i + 1, what=f"waiter {i} registered")
     workers[0].pool.release(blockers[0], ok=True)
-    wait_until(lambda: generation_requests(fake_sd), what="the first caller's request")
+    wait_until(lambda: fake_sd.generation_requests(), what="the first caller's request")
     workers[1].pool.release(blockers[1], ok=True)
     for t in threads:
         t.join(15)
-    assert [r["json"]["prompt"] for r in generation_requests(fake_sd)] == [f"q{i}" for i in range(6)]
+    assert [r["json"]["prompt"] for r in fake_sd.generation_requests()] == [f"q{i}" for i in range(6)]
     assert fake_sd.max_running == 1 and fake_sd.max_concurrent_seen == 2
 
 

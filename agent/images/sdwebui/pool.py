@@ -338,7 +338,8 @@ class SDInstancePool(PoolStatus):
         claim, batched: `claims.claim_idle_many`). The caller runs one call on each (`run(lease=...)`) and
         gets the rest the ordinary way; [] when the queue is not empty or nothing is idle. Also how a
         held-back call moves to an idle instance (`holdback.py`)."""
-        candidates = [u for u in self.urls if u not in set(exclude)]
+        skip = set(exclude)
+        candidates = [u for u in self.urls if u not in skip]
         if n < 1 or not candidates or self._closed.is_set() or self._stopping.is_set():
             return []
         start = time.monotonic()
